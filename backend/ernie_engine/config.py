@@ -1,0 +1,189 @@
+"""Configuration: the checkpoint's architecture (`ModelConfig`) and the serving settings (`EngineConfig`).
+
+`EngineConfig` field names are the seed's FastDeploy flags with dashes as underscores, so that a Triton
+`config.pbtxt` parameter, a keyword argument of the offline `LLM` and a flag all mean the same thing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class ModelConfig:
+    """Architecture hyper-parameters read from a checkpoint's config.json (both key styles)."""
+
+    architecture: str = "Ernie4_5ForCausalLM"
+    vocab_size: int = 103424
+    hidden_size: int = 1024
+    intermediate_size: int = 3072
+    num_hidden_layers: int = 18
+    num_attention_heads: int = 16
+    num_key_value_heads: int = 2
+    head_dim: int = 128
+    max_position_embeddings: int = 131072
+    rope_theta: float = 500000.0
+    rms_norm_eps: float = 1e-5
+    tie_word_embeddings: bool = True
+    use_bias: bool = False
+    hidden_act: str = "silu"
+    torch_dtype: str = "bfloat16"
+    bos_token_id: int = 1
+    eos_token_id: int | list[int] = 2
+    pad_token_id: int = 0
+    # Mixture of experts (Ernie4_5_MoeForCausalLM); moe_num_experts == 0 means dense.
+    moe_num_experts: int = 0
+    moe_k: int = 0
+    moe_intermediate_size: int = 0
+    moe_num_shared_experts: int = 0
+    moe_layer_start_index: int = 0
+    moe_layer_end_index: int = -1
+    moe_layer_interval: int = 1
+    moe_norm_min: float = 1e-12
+    moe_use_aux_free: bool = False
+    # Everything else from config.json (vision_config, mrope settings, ...) for the architectures that need it.
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> ModelConfig:
+        raw = dict(raw)
+        rope = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
+        if "rope_theta" not in raw and "rope_theta" in rope:
+            raw["rope_theta"] = rope["rope_theta"]
+        archs = raw.get("architectures") or [cls.architecture]
+        raw["architecture"] = archs[0]
+        if raw.get("head_dim") is None:
+            raw["head_dim"] = raw["hidden_size"] // raw["num_attention_heads"]
+        if raw.get("num_key_value_heads") is None:
+            raw["num_key_value_heads"] = raw["num_attention_heads"]
+        # transformers spells a few MoE keys differently from the -Paddle configs.
+        aliases = {
+            "num_experts": "moe_num_experts",
+            "num_experts_per_tok": "moe_k",
+            "moe_num_shared_experts": "moe_num_shared_experts",
+        }
+        for src, dst in aliases.items():
+            if src in raw and dst not in raw:
+                raw[dst] = raw[src]
+        if isinstance(raw.get("moe_intermediate_size"), list):  # VL: [text, vision]
+            raw.setdefault("extra", {})
+        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        known = {k: v for k, v in raw.items() if k in names and v is not None}
+        extra = {k: v for k, v in raw.items() if k not in names}
+        config = cls(**known, extra=extra)
+        if config.moe_layer_end_index == -1:
+            config.moe_layer_end_index = config.num_hidden_layers - 1
+        return config
+
+    @classmethod
+    def from_dir(cls, model_dir: str | Path) -> ModelConfig:
+        path = Path(model_dir) / "config.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"no config.json in checkpoint folder {model_dir}")
+        return cls.from_dict(json.loads(path.read_text()))
+
+    @property
+    def is_moe(self) -> bool:
+        return self.moe_num_experts > 0
+
+    def is_moe_layer(self, layer_idx: int) -> bool:
+        return (
+            self.is_moe
+            and self.moe_layer_start_index <= layer_idx <= self.moe_layer_end_index
+            and (layer_idx - self.moe_layer_start_index) % self.moe_layer_interval == 0
+        )
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        eos = self.eos_token_id
+        return list(eos) if isinstance(eos, list) else [eos]
+
+
+def _parse_value(text: str, kind: type) -> Any:
+    """Parse one config.pbtxt string parameter into the field's type."""
+    text = text.strip()
+    if kind is bool:
+        if text.lower() in ("1", "true", "yes", "on"):
+            return True
+        if text.lower() in ("0", "false", "no", "off", ""):
+            return False
+        raise ValueError(f"expected a boolean, got {text!r}")
+    if kind is int:
+        return int(text)
+    if kind is float:
+        return float(text)
+    if kind is dict:
+        value = json.loads(text) if text else {}
+        if not isinstance(value, dict):
+            raise ValueError(f"expected a JSON object, got {text!r}")
+        return value
+    return text
+
+
+@dataclass
+class EngineConfig:
+    """Serving settings; names follow the seed's FastDeploy flags (dashes as underscores)."""
+
+    model: str = ""
+    tensor_parallel_size: int = 1
+    max_model_len: int = 0  # 0: the checkpoint's max_position_embeddings
+    max_num_seqs: int = 128
+    max_num_batched_tokens: int = 0  # 0: max(2048, max_model_len) when chunked prefill is off, else 2048
+    block_size: int = 64
+    gpu_memory_utilization: float = 0.9
+    kv_cache_memory_bytes: int = 0  # CPU budget for the KV cache; 0: a fraction of free host memory
+    num_gpu_blocks_override: int = 0  # tests: an exact number of KV blocks
+    quantization: str = ""  # "", "wint8", "wint4", "w4a8"
+    kv_cache_dtype: str = ""  # "", "int8" (C8)
+    enable_prefix_caching: bool = True
+    enable_chunked_prefill: bool = True
+    enable_max_prefill: bool = False  # FastDeploy's FD_ENABLE_MAX_PREFILL
+    devices: str = ""  # XPU_VISIBLE_DEVICES of the row, e.g. "0,1,2,3"
+    load_choices: str = "default"
+    reasoning_parser: str = ""
+    tool_call_parser: str = ""
+    enable_mm: bool = False
+    mm_processor_kwargs: dict = field(default_factory=dict)
+    limit_mm_per_prompt: dict = field(default_factory=dict)
+    media_root: str = ""  # local image/video files are read only under this folder
+    allowed_media_hosts: str = ""  # comma-separated hosts for http(s) media downloads; empty: downloads off
+    seed: int = 0
+    dtype: str = "auto"  # "auto": fp32 on CPU, bf16 on XPU
+
+    @classmethod
+    def from_parameters(cls, params: dict[str, str], **overrides: Any) -> EngineConfig:
+        """Build from config.pbtxt `parameters` (string values); unknown keys are an error."""
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        kwargs: dict[str, Any] = {}
+        for key, text in params.items():
+            name = key.replace("-", "_")
+            if name not in fields:
+                raise ValueError(f"unknown model parameter {key!r}; known: {', '.join(sorted(fields))}")
+            kind = {"int": int, "float": float, "bool": bool, "dict": dict}.get(str(fields[name].type), str)
+            try:
+                kwargs[name] = _parse_value(text, kind)
+            except ValueError as err:
+                raise ValueError(f"model parameter {key!r}: {err}") from None
+        kwargs.update(overrides)
+        return cls(**kwargs)
+
+    def resolve_model_path(self) -> Path:
+        """`model` is a path, or a hub id looked up under ERNIE_MODEL_ROOT."""
+        candidate = Path(os.path.expandvars(os.path.expanduser(self.model)))
+        if candidate.is_dir():
+            return candidate
+        root = os.environ.get("ERNIE_MODEL_ROOT", "")
+        if root and not candidate.is_absolute():
+            under_root = Path(root) / self.model
+            if under_root.is_dir():
+                return under_root
+        looked = [str(candidate)] + ([str(Path(root) / self.model)] if root else [])
+        raise FileNotFoundError(
+            f"checkpoint {self.model!r} not found (looked in: {', '.join(looked)}; set ERNIE_MODEL_ROOT to the "
+            "folder holding hub ids). It must hold config.json, model*.safetensors and tokenizer.model."
+        )

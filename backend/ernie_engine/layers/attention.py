@@ -1,0 +1,123 @@
+"""Attention over a paged KV cache for a mixed batch of prefill chunks and decode tokens, in one call.
+
+The batch is flat: T new tokens from B sequences, sequence after sequence. Each sequence b brings
+`query_lens[b]` new tokens and, after this step, has `context_lens[b]` tokens of keys/values (cached + new).
+New keys/values are written into the cache at `slot_mapping` (slot = block * block_size + offset); every
+query then attends causally to its sequence's context, gathered through the block table.
+
+Without a cache (`slot_mapping is None`) the context is the new tokens themselves: plain causal attention
+over packed sequences, which is what reference tests and one-shot scoring use.
+
+This is the portable Paddle path. Faster kernels (a CPU custom op, XPU's block attention) plug in behind
+`paged_attention` with the same metadata.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import paddle
+import paddle.nn.functional as F
+
+KVCache = tuple[paddle.Tensor, paddle.Tensor]  # (keys, values), each [num_slots, num_kv_heads, head_dim]
+
+
+@dataclass
+class AttentionMetadata:
+    query_lens: list[int]
+    context_lens: list[int]
+    slot_mapping: paddle.Tensor | None  # [T] int64, or None for no cache
+    query_index: paddle.Tensor  # [B * max_q] int64: flat token behind each padded query (pads -> 0)
+    kv_index: paddle.Tensor  # [B * max_kv] int64: cache slot (or flat token) behind each padded key
+    output_index: paddle.Tensor  # [T] int64: padded position (b * max_q + i) of each flat token
+    mask: paddle.Tensor  # [B, 1, max_q, max_kv] additive float mask (0 or -inf)
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.query_lens)
+
+    @property
+    def max_query_len(self) -> int:
+        return max(self.query_lens)
+
+    @property
+    def max_context_len(self) -> int:
+        return max(self.context_lens)
+
+    @classmethod
+    def build(
+        cls,
+        query_lens: list[int],
+        context_lens: list[int] | None = None,
+        block_tables: list[list[int]] | None = None,
+        block_size: int = 0,
+    ) -> AttentionMetadata:
+        """Metadata for one step. `block_tables=None` means no cache (context_lens must equal query_lens)."""
+        context_lens = list(query_lens) if context_lens is None else list(context_lens)
+        if len(context_lens) != len(query_lens):
+            raise ValueError("query_lens and context_lens differ in length")
+        num_seqs, max_q, max_kv = len(query_lens), max(query_lens), max(context_lens)
+        query_index = np.zeros((num_seqs, max_q), dtype=np.int64)
+        kv_index = np.zeros((num_seqs, max_kv), dtype=np.int64)
+        mask = np.full((num_seqs, 1, max_q, max_kv), -np.inf, dtype=np.float32)
+        output_index, slots = [], []
+        start = 0
+        for b, (q_len, ctx_len) in enumerate(zip(query_lens, context_lens)):
+            if q_len > ctx_len or q_len <= 0:
+                raise ValueError(f"sequence {b}: query_len {q_len} must be in 1..context_len {ctx_len}")
+            query_index[b, :q_len] = np.arange(start, start + q_len)
+            output_index.extend(b * max_q + i for i in range(q_len))
+            if block_tables is None:
+                if ctx_len != q_len:
+                    raise ValueError("without a cache every sequence's context is its query")
+                kv_index[b, :ctx_len] = np.arange(start, start + ctx_len)
+            else:
+                positions = np.arange(ctx_len)
+                table = np.asarray(block_tables[b], dtype=np.int64)
+                ctx_slots = table[positions // block_size] * block_size + positions % block_size
+                kv_index[b, :ctx_len] = ctx_slots
+                slots.append(ctx_slots[ctx_len - q_len :])
+            # Query i sits at position ctx_len - q_len + i and sees keys 0..that position.
+            visible = np.arange(max_kv)[None, :] <= (ctx_len - q_len + np.arange(q_len))[:, None]
+            mask[b, 0, :q_len][visible] = 0.0
+            mask[b, 0, q_len:, 0] = 0.0  # padded query rows see one key so softmax stays finite
+            start += q_len
+        slot_mapping = None if block_tables is None else paddle.to_tensor(np.concatenate(slots))
+        return cls(
+            query_lens=list(query_lens),
+            context_lens=context_lens,
+            slot_mapping=slot_mapping,
+            query_index=paddle.to_tensor(query_index.reshape(-1)),
+            kv_index=paddle.to_tensor(kv_index.reshape(-1)),
+            output_index=paddle.to_tensor(np.asarray(output_index, dtype=np.int64)),
+            mask=paddle.to_tensor(mask),
+        )
+
+
+def paged_attention(
+    q: paddle.Tensor,
+    k: paddle.Tensor,
+    v: paddle.Tensor,
+    meta: AttentionMetadata,
+    kv_cache: KVCache | None,
+    scale: float,
+) -> paddle.Tensor:
+    """q [T, H, D], k/v [T, KVH, D] for the new tokens -> attention output [T, H, D]."""
+    if meta.slot_mapping is not None:
+        key_cache, value_cache = kv_cache
+        paddle.scatter_(key_cache, meta.slot_mapping, k.astype(key_cache.dtype), overwrite=True)
+        paddle.scatter_(value_cache, meta.slot_mapping, v.astype(value_cache.dtype), overwrite=True)
+        k_src, v_src = key_cache, value_cache
+    else:
+        k_src, v_src = k, v
+    num_seqs, max_q, max_kv = meta.num_seqs, meta.max_query_len, meta.max_context_len
+    num_heads, head_dim = q.shape[1], q.shape[2]
+    num_kv_heads = k.shape[1]
+    q_pad = paddle.gather(q, meta.query_index).reshape([num_seqs, max_q, num_heads, head_dim])
+    k_pad = paddle.gather(k_src, meta.kv_index).reshape([num_seqs, max_kv, num_kv_heads, head_dim])
+    v_pad = paddle.gather(v_src, meta.kv_index).reshape([num_seqs, max_kv, num_kv_heads, head_dim])
+    out = F.scaled_dot_product_attention(
+        q_pad, k_pad.astype(q.dtype), v_pad.astype(q.dtype), attn_mask=meta.mask, scale=scale
+    )
+    return paddle.gather(out.reshape([num_seqs * max_q, num_heads, head_dim]), meta.output_index)

@@ -1,0 +1,119 @@
+"""Per-request sampling settings: the keys of Triton's `sampling_parameters` JSON and of OpenAI requests."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class SamplingParams:
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 or -1: off
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    max_tokens: int | None = None  # None: up to max_model_len
+    min_tokens: int = 0
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    include_stop_str_in_output: bool = False
+    ignore_eos: bool = False
+    bad_words: list[str] = field(default_factory=list)
+    logprobs: int | None = None  # None: off; k >= 0: the sampled token's logprob plus the top k
+    skip_special_tokens: bool = True
+    reasoning_max_tokens: int | None = None
+    # Structured output (one at most): a JSON schema, "json_object", a regex, a choice list or a grammar.
+    guided_json: dict | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    guided_json_object: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        if isinstance(self.bad_words, str):
+            self.bad_words = [self.bad_words]
+        self._validate()
+
+    def _validate(self) -> None:
+        checks = [
+            (self.n >= 1, "n must be >= 1"),
+            (self.temperature >= 0, "temperature must be >= 0"),
+            (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
+            (self.top_k >= -1, "top_k must be -1, 0 (off) or positive"),
+            (0 <= self.min_p <= 1, "min_p must be in [0, 1]"),
+            (self.repetition_penalty > 0, "repetition_penalty must be > 0"),
+            (-2 <= self.presence_penalty <= 2, "presence_penalty must be in [-2, 2]"),
+            (-2 <= self.frequency_penalty <= 2, "frequency_penalty must be in [-2, 2]"),
+            (self.max_tokens is None or self.max_tokens >= 1, "max_tokens must be >= 1"),
+            (self.min_tokens >= 0, "min_tokens must be >= 0"),
+            (
+                self.max_tokens is None or self.min_tokens <= self.max_tokens,
+                "min_tokens must not exceed max_tokens",
+            ),
+            (self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs must be in [0, 20]"),
+            (
+                self.reasoning_max_tokens is None or self.reasoning_max_tokens >= 1,
+                "reasoning_max_tokens must be >= 1",
+            ),
+            (
+                sum(x is not None for x in (self.guided_json, self.guided_regex, self.guided_choice,
+                                             self.guided_grammar)) + self.guided_json_object <= 1,
+                "at most one of guided_json, guided_regex, guided_choice, guided_grammar, json_object",
+            ),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < 1e-5 or self.top_k == 1
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> SamplingParams:
+        """From Triton's `sampling_parameters` JSON; an unknown key is an error naming it."""
+        if not isinstance(raw, dict):
+            raise ValueError("sampling_parameters must be a JSON object")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(raw) - names)
+        if unknown:
+            raise ValueError(f"unknown sampling parameter(s): {', '.join(unknown)}")
+        types = {f.name: f.type for f in dataclasses.fields(cls)}
+        kwargs = {}
+        for key, value in raw.items():
+            kwargs[key] = _coerce(key, value, str(types[key]))
+        return cls(**kwargs)
+
+
+def _coerce(key: str, value: Any, kind: str) -> Any:
+    """Accept JSON numbers/bools and their string forms (Triton parameters arrive as strings)."""
+    if value is None:
+        return None
+    try:
+        if kind.startswith("int"):
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value)
+        if kind.startswith("float"):
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if kind == "bool":
+            if isinstance(value, str):
+                if value.lower() not in ("true", "false", "1", "0"):
+                    raise ValueError
+                return value.lower() in ("true", "1")
+            if not isinstance(value, bool | int):
+                raise ValueError
+            return bool(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"sampling parameter {key!r} has an invalid value {value!r} (expected {kind})") from None
+    return value
