@@ -46,12 +46,16 @@ class ModelConfig:
     moe_layer_interval: int = 1
     moe_norm_min: float = 1e-12
     moe_use_aux_free: bool = False
-    # Everything else from config.json (vision_config, mrope settings, ...) for the architectures that need it.
+    # Everything else in config.json (vision_config, mrope settings, ...) for the architectures needing it.
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> ModelConfig:
         raw = dict(raw)
+        # Multimodal configs saved by transformers nest the language model's keys under text_config
+        # (checkpoints as shipped keep them flat); outer keys (architectures, tie_word_embeddings) win.
+        if isinstance(raw.get("text_config"), dict):
+            raw = {**raw.pop("text_config"), **raw}
         rope = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
         if "rope_theta" not in raw and "rope_theta" in rope:
             raw["rope_theta"] = rope["rope_theta"]
@@ -61,12 +65,9 @@ class ModelConfig:
             raw["head_dim"] = raw["hidden_size"] // raw["num_attention_heads"]
         if raw.get("num_key_value_heads") is None:
             raw["num_key_value_heads"] = raw["num_attention_heads"]
-        # transformers spells a few MoE keys differently from the -Paddle configs.
-        aliases = {
-            "num_experts": "moe_num_experts",
-            "num_experts_per_tok": "moe_k",
-            "moe_num_shared_experts": "moe_num_shared_experts",
-        }
+        # transformers' Ernie4_5_MoeConfig saves the -Paddle keys (moe_num_experts, moe_k, ...) but exposes
+        # num_experts / num_experts_per_tok as aliases; accept those spellings too.
+        aliases = {"num_experts": "moe_num_experts", "num_experts_per_tok": "moe_k"}
         for src, dst in aliases.items():
             if src in raw and dst not in raw:
                 raw[dst] = raw[src]
@@ -92,10 +93,12 @@ class ModelConfig:
         return self.moe_num_experts > 0
 
     def is_moe_layer(self, layer_idx: int) -> bool:
+        # As ERNIE's own code and transformers place them: the interval counts from layer 0, not from the
+        # start index (start 1, interval 2 -> layers 1, 3, 5, ...; start 2, interval 2 -> 3, 5, ...).
         return (
             self.is_moe
             and self.moe_layer_start_index <= layer_idx <= self.moe_layer_end_index
-            and (layer_idx - self.moe_layer_start_index) % self.moe_layer_interval == 0
+            and (layer_idx + 1) % self.moe_layer_interval == 0
         )
 
     @property
@@ -138,6 +141,10 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.9
     kv_cache_memory_bytes: int = 0  # CPU budget for the KV cache; 0: a fraction of free host memory
     num_gpu_blocks_override: int = 0  # tests: an exact number of KV blocks
+    # CPU KV sizing without kv_cache_memory_bytes: gpu_memory_utilization of this share of MemAvailable
+    # (read after the weights are loaded), capped at kv_cache_max_host_bytes.
+    kv_cache_host_fraction: float = 0.5
+    kv_cache_max_host_bytes: int = 1 << 30
     quantization: str = ""  # "", "wint8", "wint4", "w4a8"
     kv_cache_dtype: str = ""  # "", "int8" (C8)
     enable_prefix_caching: bool = True
@@ -184,6 +191,6 @@ class EngineConfig:
                 return under_root
         looked = [str(candidate)] + ([str(Path(root) / self.model)] if root else [])
         raise FileNotFoundError(
-            f"checkpoint {self.model!r} not found (looked in: {', '.join(looked)}; set ERNIE_MODEL_ROOT to the "
-            "folder holding hub ids). It must hold config.json, model*.safetensors and tokenizer.model."
+            f"checkpoint {self.model!r} not found (looked in: {', '.join(looked)}; set ERNIE_MODEL_ROOT to "
+            "the folder holding hub ids). It must hold config.json, model*.safetensors and tokenizer.model."
         )

@@ -40,3 +40,32 @@ class RequestOutput:
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
     finished: bool = False  # every completion of the request has finished
     error: str | None = None  # set when the request failed inside the engine
+
+
+def merge_outputs(deltas: list[RequestOutput]) -> RequestOutput:
+    """Concatenate a request's streamed deltas into one output per completion (non-streaming consumers)."""
+    if not deltas:
+        raise ValueError("no outputs to merge")
+    merged: dict[int, CompletionOutput] = {}
+    for delta in deltas:
+        for out in delta.outputs:
+            acc = merged.setdefault(out.index, CompletionOutput(out.index))
+            acc.text += out.text
+            acc.token_ids += out.token_ids
+            acc.reasoning_text += out.reasoning_text
+            acc.tool_calls += out.tool_calls
+            if out.logprobs is not None:
+                acc.logprobs = (acc.logprobs or []) + out.logprobs
+            acc.finish_reason = out.finish_reason or acc.finish_reason
+            acc.stop_reason = out.stop_reason if out.stop_reason is not None else acc.stop_reason
+            acc.num_output_tokens = max(acc.num_output_tokens, out.num_output_tokens)
+    first, last = deltas[0], deltas[-1]
+    return RequestOutput(
+        request_id=first.request_id,
+        outputs=[merged[i] for i in sorted(merged)],
+        num_prompt_tokens=first.num_prompt_tokens,
+        prompt_token_ids=first.prompt_token_ids,
+        num_cached_tokens=first.num_cached_tokens,
+        finished=last.finished,
+        error=next((d.error for d in deltas if d.error), None),
+    )

@@ -3,20 +3,33 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+
+# What an unset model-defaultable field means when the checkpoint has no generation_config.json value.
+NEUTRAL_DEFAULTS: dict[str, Any] = {
+    "temperature": 1.0,
+    "top_p": 1.0,
+    "top_k": 0,
+    "min_p": 0.0,
+    "repetition_penalty": 1.0,
+    "presence_penalty": 0.0,
+    "frequency_penalty": 0.0,
+}
 
 
 @dataclass
 class SamplingParams:
     n: int = 1
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0  # 0 or -1: off
-    min_p: float = 0.0
-    repetition_penalty: float = 1.0
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
+    # None: the checkpoint's generation_config.json value, else the neutral value in NEUTRAL_DEFAULTS.
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None  # 0 or -1: off
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
     seed: int | None = None
     max_tokens: int | None = None  # None: up to max_model_len
     min_tokens: int = 0
@@ -43,15 +56,20 @@ class SamplingParams:
         self._validate()
 
     def _validate(self) -> None:
+        def unset_or(value: Any, ok: Callable[[Any], bool]) -> bool:
+            return value is None or ok(value)
+
         checks = [
             (self.n >= 1, "n must be >= 1"),
-            (self.temperature >= 0, "temperature must be >= 0"),
-            (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
-            (self.top_k >= -1, "top_k must be -1, 0 (off) or positive"),
-            (0 <= self.min_p <= 1, "min_p must be in [0, 1]"),
-            (self.repetition_penalty > 0, "repetition_penalty must be > 0"),
-            (-2 <= self.presence_penalty <= 2, "presence_penalty must be in [-2, 2]"),
-            (-2 <= self.frequency_penalty <= 2, "frequency_penalty must be in [-2, 2]"),
+            (unset_or(self.temperature, lambda v: v >= 0), "temperature must be >= 0"),
+            (unset_or(self.top_p, lambda v: 0 < v <= 1), "top_p must be in (0, 1]"),
+            (unset_or(self.top_k, lambda v: v >= -1), "top_k must be -1, 0 (off) or positive"),
+            (unset_or(self.min_p, lambda v: 0 <= v <= 1), "min_p must be in [0, 1]"),
+            (unset_or(self.repetition_penalty, lambda v: v > 0), "repetition_penalty must be > 0"),
+            (unset_or(self.presence_penalty, lambda v: -2 <= v <= 2), "presence_penalty must be in [-2, 2]"),
+            (unset_or(self.frequency_penalty, lambda v: -2 <= v <= 2), "frequency_penalty must be in [-2,2]"),
+            (all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids), "stop_token_ids must be >= 0"),
+            (all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty"),
             (self.max_tokens is None or self.max_tokens >= 1, "max_tokens must be >= 1"),
             (self.min_tokens >= 0, "min_tokens must be >= 0"),
             (
@@ -75,7 +93,16 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature < 1e-5 or self.top_k == 1
+        temperature = NEUTRAL_DEFAULTS["temperature"] if self.temperature is None else self.temperature
+        return temperature < 1e-5 or self.top_k == 1
+
+    def with_defaults(self, defaults: dict[str, Any]) -> SamplingParams:
+        """A copy with every unset model-defaultable field filled from `defaults`, then NEUTRAL_DEFAULTS."""
+        filled = {
+            name: (defaults.get(name, neutral) if getattr(self, name) is None else getattr(self, name))
+            for name, neutral in NEUTRAL_DEFAULTS.items()
+        }
+        return dataclasses.replace(self, **filled)
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> SamplingParams:
@@ -115,5 +142,7 @@ def _coerce(key: str, value: Any, kind: str) -> Any:
                 raise ValueError
             return bool(value)
     except (TypeError, ValueError):
-        raise ValueError(f"sampling parameter {key!r} has an invalid value {value!r} (expected {kind})") from None
+        raise ValueError(
+            f"sampling parameter {key!r} has an invalid value {value!r} (expected {kind})"
+        ) from None
     return value

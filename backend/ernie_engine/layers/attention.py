@@ -15,12 +15,17 @@ This is the portable Paddle path. Faster kernels (a CPU custom op, XPU's block a
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import paddle
 import paddle.nn.functional as F
 
-KVCache = tuple[paddle.Tensor, paddle.Tensor]  # (keys, values), each [num_slots, num_kv_heads, head_dim]
+from . import cpu_kernels
+from .quant.kv_cache import Int8KVCache
+
+# (keys, values), each [num_slots, num_kv_heads, head_dim]; or int8 with scales (C8, layers/quant/kv_cache.py)
+KVCache = tuple[paddle.Tensor, paddle.Tensor] | Int8KVCache
 
 
 @dataclass
@@ -45,6 +50,11 @@ class AttentionMetadata:
     def max_context_len(self) -> int:
         return max(self.context_lens)
 
+    @cached_property
+    def lens(self) -> paddle.Tensor:
+        """[2, B] int64: query_lens then context_lens (built once per step, shared by every layer)."""
+        return paddle.to_tensor(np.asarray([self.query_lens, self.context_lens], dtype=np.int64))
+
     @classmethod
     def build(
         cls,
@@ -63,7 +73,7 @@ class AttentionMetadata:
         mask = np.full((num_seqs, 1, max_q, max_kv), -np.inf, dtype=np.float32)
         output_index, slots = [], []
         start = 0
-        for b, (q_len, ctx_len) in enumerate(zip(query_lens, context_lens)):
+        for b, (q_len, ctx_len) in enumerate(zip(query_lens, context_lens, strict=True)):
             if q_len > ctx_len or q_len <= 0:
                 raise ValueError(f"sequence {b}: query_len {q_len} must be in 1..context_len {ctx_len}")
             query_index[b, :q_len] = np.arange(start, start + q_len)
@@ -103,20 +113,28 @@ def paged_attention(
     kv_cache: KVCache | None,
     scale: float,
 ) -> paddle.Tensor:
-    """q [T, H, D], k/v [T, KVH, D] for the new tokens -> attention output [T, H, D]."""
-    if meta.slot_mapping is not None:
-        key_cache, value_cache = kv_cache
-        paddle.scatter_(key_cache, meta.slot_mapping, k.astype(key_cache.dtype), overwrite=True)
-        paddle.scatter_(value_cache, meta.slot_mapping, v.astype(value_cache.dtype), overwrite=True)
-        k_src, v_src = key_cache, value_cache
+    """q [T, H, D], k/v [T, KVH, D] for the new tokens -> attention output [T, H, D].
+
+    An `Int8KVCache` (C8) quantizes on write and dequantizes only the gathered keys/values.
+    """
+    if isinstance(kv_cache, Int8KVCache) and meta.slot_mapping is not None:
+        kv_cache.write(meta.slot_mapping, k, v)
+        k_ctx, v_ctx = kv_cache.gather(meta.kv_index)
     else:
-        k_src, v_src = k, v
+        if meta.slot_mapping is not None:
+            key_cache, value_cache = kv_cache
+            paddle.scatter_(key_cache, meta.slot_mapping, k.astype(key_cache.dtype), overwrite=True)
+            paddle.scatter_(value_cache, meta.slot_mapping, v.astype(value_cache.dtype), overwrite=True)
+            k, v = key_cache, value_cache
+        if cpu_kernels.attention_supported(q, k):  # reads k/v at kv_index in place: no padded copies
+            return cpu_kernels.paged_attention(q, k, v, meta, scale)
+        k_ctx, v_ctx = paddle.gather(k, meta.kv_index), paddle.gather(v, meta.kv_index)
     num_seqs, max_q, max_kv = meta.num_seqs, meta.max_query_len, meta.max_context_len
     num_heads, head_dim = q.shape[1], q.shape[2]
-    num_kv_heads = k.shape[1]
+    num_kv_heads = k_ctx.shape[1]
     q_pad = paddle.gather(q, meta.query_index).reshape([num_seqs, max_q, num_heads, head_dim])
-    k_pad = paddle.gather(k_src, meta.kv_index).reshape([num_seqs, max_kv, num_kv_heads, head_dim])
-    v_pad = paddle.gather(v_src, meta.kv_index).reshape([num_seqs, max_kv, num_kv_heads, head_dim])
+    k_pad = k_ctx.reshape([num_seqs, max_kv, num_kv_heads, head_dim])
+    v_pad = v_ctx.reshape([num_seqs, max_kv, num_kv_heads, head_dim])
     out = F.scaled_dot_product_attention(
         q_pad, k_pad.astype(q.dtype), v_pad.astype(q.dtype), attn_mask=meta.mask, scale=scale
     )

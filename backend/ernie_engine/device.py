@@ -1,0 +1,87 @@
+"""The one place that picks the compute device and the default dtype.
+
+Kunlunxin XPU when this Paddle build has XPU support and sees a device (Paddle itself honours
+`XPU_VISIBLE_DEVICES`); CPU otherwise. CPU computes in float32 because Paddle has no bf16 CPU kernels for
+matmul/softmax/silu (bf16 is storage only there); XPU computes in bfloat16. On CPU, bfloat16 is a storage
+choice for Linear weights that the custom kernels (layers/cpu_kernels.py) multiply directly: see
+`cpu_weight_dtype`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import paddle
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"float32", "bfloat16", "float16"}
+_CPU_DTYPES = {"float32"}
+
+
+def xpu_available() -> bool:
+    """True when Paddle was built with XPU support and at least one XPU is visible."""
+    if not paddle.is_compiled_with_xpu():
+        return False
+    if os.environ.get("XPU_VISIBLE_DEVICES", None) == "":
+        return False  # explicitly hidden
+    return paddle.device.xpu.device_count() > 0
+
+
+def default_device() -> str:
+    return "xpu" if xpu_available() else "cpu"
+
+
+def device_type(device: str) -> str:
+    """The device kind: "xpu:1" -> "xpu"."""
+    return device.split(":", 1)[0]
+
+
+def default_dtype(device: str) -> str:
+    return "bfloat16" if device_type(device) == "xpu" else "float32"
+
+
+def resolve_dtype(dtype: str | None, device: str) -> str:
+    """`None`/"auto" -> the device's default; otherwise check the dtype can compute on the device."""
+    if dtype in (None, "", "auto"):
+        return default_dtype(device)
+    if dtype not in _DTYPES:
+        raise ValueError(f"unsupported dtype {dtype!r}; choose one of {sorted(_DTYPES)} or 'auto'")
+    if device_type(device) == "cpu" and dtype == "bfloat16":
+        return "float32"  # bf16 weights, fp32 compute: cpu_weight_dtype decides whether weights stay bf16
+    if device_type(device) == "cpu" and dtype not in _CPU_DTYPES:
+        raise ValueError(f"dtype {dtype!r} cannot compute on CPU (Paddle lacks CPU kernels); use float32")
+    return dtype
+
+
+def cpu_weight_dtype(dtype: str | None, checkpoint_dtype: str) -> str:
+    """Storage dtype of float Linear weights on CPU (compute stays float32): "bfloat16" or "float32".
+
+    bf16 halves what every decode step streams, but only the custom kernels can multiply by it.
+    "bfloat16" asks for it (float32 with a warning when the kernels are unavailable); "auto" picks it when
+    the kernels run and the checkpoint is bf16, so that keeping bf16 loses nothing; "float32" never does.
+    """
+    from .layers import cpu_kernels
+
+    if dtype not in (None, "", "auto", "bfloat16"):
+        return "float32"
+    if not cpu_kernels.available():
+        if dtype == "bfloat16":
+            logger.warning("dtype bfloat16 on CPU needs the custom CPU kernels; keeping float32 weights")
+        return "float32"
+    if dtype == "bfloat16" or str(checkpoint_dtype).removeprefix("paddle.") == "bfloat16":
+        return "bfloat16"
+    return "float32"
+
+
+def set_device(device: str | None = None) -> str:
+    """Make `device` (default: `default_device()`) Paddle's current device and return its name."""
+    device = device or default_device()
+    if device_type(device) not in ("cpu", "xpu"):
+        raise ValueError(f"unsupported device {device!r}; expected 'cpu' or 'xpu[:N]'")
+    if device_type(device) == "xpu" and not xpu_available():
+        raise ValueError(f"device {device!r} requested but no XPU is visible to this Paddle build")
+    paddle.set_device(device)
+    logger.info("paddle device: %s", device)
+    return device

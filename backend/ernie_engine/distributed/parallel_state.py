@@ -1,0 +1,60 @@
+"""This process's place in the tensor-parallel group, and the collectives the sharded layers use.
+
+The group is all ranks (one TP group per engine). Until `init_process_group` runs, the world is one rank
+and every collective is the identity, so sharded layers also run in a plain single process.
+
+Backends: gloo on CPU (PADDLE_DISTRI_BACKEND=gloo), BKCL on XPU (Paddle picks it from FLAGS_selected_xpus);
+the launcher (executor.py) sets the PADDLE_* variables `paddle.distributed.init_parallel_env` reads.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import paddle
+import paddle.distributed as dist
+
+logger = logging.getLogger(__name__)
+
+_rank = 0
+_world_size = 1
+
+
+def init_process_group(rank: int, world_size: int) -> None:
+    """Join the group described by the PADDLE_* environment (rank and size are checked against it)."""
+    global _rank, _world_size
+    started = time.monotonic()
+    dist.init_parallel_env()
+    if (dist.get_rank(), dist.get_world_size()) != (rank, world_size):
+        raise RuntimeError(
+            f"process group says rank {dist.get_rank()} of {dist.get_world_size()}, "
+            f"expected {rank} of {world_size}"
+        )
+    _rank, _world_size = rank, world_size
+    logger.info("rank %d of %d joined the process group in %.1f s", rank, world_size,
+                time.monotonic() - started)
+
+
+def rank() -> int:
+    return _rank
+
+
+def world_size() -> int:
+    return _world_size
+
+
+def all_reduce(x: paddle.Tensor) -> paddle.Tensor:
+    """Sum over ranks, in place; returns `x`."""
+    if _world_size > 1:
+        dist.all_reduce(x)
+    return x
+
+
+def all_gather_last_axis(x: paddle.Tensor) -> paddle.Tensor:
+    """Every rank's `x` [..., n] concatenated along the last axis in rank order ([..., world * n])."""
+    if _world_size == 1:
+        return x
+    parts: list[paddle.Tensor] = []
+    dist.all_gather(parts, x)
+    return paddle.concat(parts, axis=-1)

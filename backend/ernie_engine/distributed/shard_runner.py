@@ -1,0 +1,118 @@
+"""One rank's model shard, KV cache and forward step (what ModelRunner is to a single device).
+
+The shard is built at rank-local sizes and filled slice by slice through the loader's shard hook: no rank
+ever holds a full weight. Its KV cache holds only its KV heads. Every rank runs every step (the layers'
+collectives pair them up); logits are gathered over the vocabulary and rank 0 alone answers the engine.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import paddle
+from paddle import nn
+
+from ..config import EngineConfig, ModelConfig
+from ..device import cpu_weight_dtype, device_type, resolve_dtype
+from ..layers import cpu_kernels
+from ..layers.attention import AttentionMetadata, KVCache
+from ..layers.parallel import gather_vocab_logits
+from ..layers.quant.apply import quantize_model
+from ..layers.quant.config import QuantConfig
+from ..layers.quant.kv_cache import read_static_kv_scales
+from ..loader import build_model, checkpoint_dtype, load_weights
+from ..model_runner import ModelRunner
+from .messages import StepBatch, StepResult
+from .sharding import ShardPlan
+
+logger = logging.getLogger(__name__)
+
+
+def full_parameter_shapes(config: ModelConfig, dtype: str) -> dict[str, tuple[int, ...]]:
+    """Parameter names and unsharded shapes, from a model built lazily (no memory is allocated)."""
+    with paddle.LazyGuard():
+        full = build_model(config, dtype)
+    return {name: tuple(param.shape) for name, param in full.named_parameters()}
+
+
+def load_shard(model_dir: Path, plan: ShardPlan, dtype: str | None, quant: QuantConfig) -> nn.Layer:
+    """This rank's model with its slices of the checkpoint (the sharded counterpart of loader.load_model)."""
+    if quant.prequantized:
+        raise ValueError("pre-quantized checkpoints cannot be loaded with tensor_parallel_size > 1 yet")
+    device = paddle.get_device()
+    compute_dtype = resolve_dtype(dtype, device)
+    shapes = full_parameter_shapes(plan.config, compute_dtype)
+    model = build_model(plan.local_config(), compute_dtype)
+    plan.parallelize(model)
+    load_weights(model, model_dir, plan.config, shard=plan.shard, full_shapes=shapes)
+    plan.drop_partial_biases(model)
+    quantize_model(model, quant)
+    if device_type(device) == "cpu":
+        bf16 = cpu_weight_dtype(dtype, checkpoint_dtype(model_dir)) == "bfloat16"
+        cpu_kernels.prepare_model(model, bf16_weights=bf16)
+    model.eval()
+    return model
+
+
+def resident_bytes(model: nn.Layer) -> int:
+    """Bytes of every parameter and buffer this rank holds (weights, scales, repacked kernel copies)."""
+    tensors = {id(t): t for t in [*model.parameters(), *model.buffers()] if t is not None}
+    return sum(int(np.prod(t.shape)) * t.element_size() for t in tensors.values())
+
+
+class ShardRunner(ModelRunner):
+    """ModelRunner's KV sizing and allocation over this rank's heads; its own load and step.
+
+    `model_config` is the rank-local config (local KV heads size the cache); the full one is `plan.config`.
+    """
+
+    def __init__(self, config: EngineConfig, model_dir: Path, plan: ShardPlan, vocab_limit: int) -> None:
+        # Not ModelRunner.__init__, which would load the whole model; these are what its KV methods use.
+        self.config = config
+        self.plan = plan
+        dtype = None if config.dtype == "auto" else config.dtype
+        self.quant = QuantConfig.build(
+            config.quantization, config.kv_cache_dtype, plan.config.extra.get("quantization_config")
+        )
+        self.model = load_shard(model_dir, plan, dtype, self.quant)
+        self.model_config = plan.local_config()
+        self.kv_static_scales = None
+        if self.quant.kv_cache_int8:
+            scales = read_static_kv_scales(model_dir, plan.config.num_hidden_layers)
+            self.kv_static_scales = scales and [(self._own_heads(k), self._own_heads(v)) for k, v in scales]
+        self.dtype = self.model.embed_tokens.weight.dtype
+        self.block_size = config.block_size
+        self.vocab_limit = vocab_limit
+        self.kv_caches: list[KVCache] = []
+
+    def _own_heads(self, absmax: paddle.Tensor) -> paddle.Tensor:
+        """A C8 per-head scale narrowed to this rank's KV heads (a single scalar serves every head)."""
+        absmax = absmax.reshape([-1])
+        if absmax.shape[0] == 1:
+            return absmax
+        start, stop = self.plan.kv_heads
+        return absmax[start:stop]
+
+    def kv_bytes_per_token(self) -> int:
+        own = super().kv_bytes_per_token()
+        # On CPU every rank's cache lives in the same host memory, which is what the block budget is sized on.
+        return own * self.plan.world_size if device_type(paddle.get_device()) == "cpu" else own
+
+    @paddle.no_grad()
+    def run(self, batch: StepBatch) -> StepResult | None:
+        """Forward the batch through this shard; rank 0 returns the sampled rows' result, the others None."""
+        meta = AttentionMetadata.build(
+            batch.query_lens, batch.context_lens, batch.block_tables, self.block_size
+        )
+        ids, positions = paddle.to_tensor(batch.input_ids), paddle.to_tensor(batch.positions)
+        hidden = self.model(ids, positions, meta, self.kv_caches)
+        logits = np.zeros((0, self.vocab_limit), np.float32)
+        if batch.sample_rows.size:  # every rank takes part in the gather
+            local = self.model.compute_logits(paddle.gather(hidden, paddle.to_tensor(batch.sample_rows)))
+            full = gather_vocab_logits(local, self.plan.vocab_shard_size, self.plan.config.vocab_size)
+            logits = full[:, : self.vocab_limit].numpy()
+        if self.plan.rank != 0:
+            return None
+        return StepResult(logits[batch.greedy].argmax(axis=1).astype(np.int64), logits[~batch.greedy])

@@ -1,0 +1,22 @@
+"""RMSNorm. Plain Paddle ops: `F.rms_norm` has no CPU kernel in Paddle 3.3."""
+
+from __future__ import annotations
+
+import paddle
+from paddle import nn
+
+
+class RMSNorm(nn.Layer):
+    def __init__(self, hidden_size: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = self.create_parameter([hidden_size], default_initializer=nn.initializer.Constant(1.0))
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        # Statistics in float32 whatever the compute dtype (as the reference does for bf16).
+        x32 = x.astype("float32")
+        normed = x32 * paddle.rsqrt(x32.pow(2).mean(axis=-1, keepdim=True) + self.eps)
+        return self.weight * normed.astype(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, eps={self.eps}"

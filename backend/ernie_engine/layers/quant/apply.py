@@ -1,0 +1,138 @@
+"""Putting quantized weights into a model: Linears and stacked MoE experts.
+
+A quantized Linear keeps its parameter names so the state dict matches a pre-quantized checkpoint:
+`weight` becomes an int8 buffer ([in, out], or [in/2, out] packed int4) and `weight_scale` an fp32 buffer
+[G, out]; `quant_method` tells `Linear.forward` to call `quantized_linear`. Stacked experts get
+`up_gate_proj` / `down_proj` as int8 buffers [E, ...] plus `up_gate_proj_scale` / `down_proj_scale`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import paddle
+from paddle import nn
+
+from ..linear import Linear
+from ..moe import GroupedExperts
+from .config import QuantConfig
+from .weights import (
+    QuantizedWeight,
+    load_prequantized,
+    method_bits,
+    quantize_for_method,
+    tensor_nbytes,
+    to_device_layout,
+)
+
+logger = logging.getLogger(__name__)
+
+EXPERT_WEIGHTS = ("up_gate_proj", "down_proj")
+
+
+def _replace_with_buffers(layer: nn.Layer, name: str, qw: QuantizedWeight, scale_name: str) -> None:
+    """Drop the float parameter `name`; keep the int weight and its scale resident as buffers."""
+    if name in layer._parameters:
+        delattr(layer, name)
+    layer.register_buffer(name, qw.qweight)
+    layer.register_buffer(scale_name, qw.scale)
+
+
+def quantize_linear(layer: Linear, method: str, group_size: int) -> None:
+    qw = to_device_layout(quantize_for_method(layer.weight, method, group_size), method, group_size)
+    _replace_with_buffers(layer, "weight", qw, "weight_scale")
+    layer.quant_method = method
+    layer.quant_device_layout = qw.device_layout
+
+
+def quantize_experts(layer: GroupedExperts, method: str, group_size: int) -> None:
+    """Expert by expert, so only one expert's float weight is converted at a time."""
+    for name in EXPERT_WEIGHTS:
+        stacked = getattr(layer, name)
+        parts = [quantize_for_method(stacked[e], method, group_size) for e in range(layer.num_experts)]
+        qw = QuantizedWeight(
+            paddle.stack([p.qweight for p in parts]),
+            paddle.stack([p.scale for p in parts]),
+            parts[0].bits,
+            parts[0].in_features,
+        )
+        _replace_with_buffers(layer, name, qw, f"{name}_scale")
+    layer.quant_method = method
+
+
+def quantize_model(model: nn.Layer, config: QuantConfig) -> None:
+    """After loading: quantize the targeted float weights in place; finish pre-quantized ones."""
+    if not config.enabled:
+        return
+    count = 0
+    for name, layer in model.named_sublayers():
+        if isinstance(layer, Linear):
+            method = layer.quant_method or config.method_for(name)
+            if layer.quant_method:
+                _finish_prequantized(layer, config.group_size)
+            elif method:
+                quantize_linear(layer, method, config.group_size)
+            count += bool(method)
+        elif isinstance(layer, GroupedExperts) and config.moe_method and not layer.quant_method:
+            quantize_experts(layer, config.moe_method, config.group_size)
+            count += 1
+    logger.info(
+        "quantized %d layers; resident quantized weights %.1f MB", count, quantized_bytes(model) / 2**20
+    )
+
+
+def prepare_prequantized(
+    model: nn.Layer, config: QuantConfig, shape_of: Callable[[str], tuple[int, ...] | None]
+) -> None:
+    """Before loading a pre-quantized checkpoint: int8 buffers shaped as its `.weight` / `.weight_scale`.
+
+    `shape_of(name)` gives a checkpoint tensor's shape by parameter name (None: absent, stays float).
+    """
+    for name, layer in model.named_sublayers():
+        method = config.method_for(name) if isinstance(layer, Linear) else ""
+        weight_shape, scale_shape = shape_of(f"{name}.weight"), shape_of(f"{name}.weight_scale")
+        if not method or weight_shape is None or scale_shape is None:
+            continue
+        placeholder = QuantizedWeight(
+            paddle.zeros(weight_shape, dtype="int8"), paddle.zeros(scale_shape), method_bits(method), 0
+        )
+        _replace_with_buffers(layer, "weight", placeholder, "weight_scale")
+        layer.quant_method = method
+
+
+def _finish_prequantized(layer: Linear, group_size: int) -> None:
+    """Check the loaded int weight against the layer, normalise the scale to [G, out], repack for XPU."""
+    if layer.quant_device_layout:
+        return
+    qw = load_prequantized(layer.weight, layer.weight_scale, method_bits(layer.quant_method))
+    expected = [layer.in_features, layer.out_features]
+    if [qw.in_features, qw.qweight.shape[-1]] != expected:
+        raise ValueError(f"pre-quantized weight {list(layer.weight.shape)} does not fit a Linear {expected}")
+    qw = to_device_layout(qw, layer.quant_method, group_size)
+    _replace_with_buffers(layer, "weight", qw, "weight_scale")
+    layer.quant_device_layout = qw.device_layout
+
+
+def quantized_buffers(model: nn.Layer) -> dict[str, paddle.Tensor]:
+    """Named int weights and scales of quantized Linears (the loader fills them like parameters)."""
+    found = {}
+    for name, layer in model.named_sublayers():
+        if isinstance(layer, Linear) and layer.quant_method:
+            found[f"{name}.weight"], found[f"{name}.weight_scale"] = layer.weight, layer.weight_scale
+    return found
+
+
+def quantized_bytes(model: nn.Layer) -> int:
+    """Bytes of the int weights and their scales held by quantized layers."""
+    total = 0
+    for layer in model.sublayers():
+        if getattr(layer, "quant_method", ""):
+            total += sum(tensor_nbytes(b) for b in layer.buffers(include_sublayers=False))
+    return total
+
+
+def resident_bytes(model: nn.Layer) -> int:
+    """All parameters and buffers of the model (float and int)."""
+    tensors = list(model.parameters()) + list(model.buffers())
+    return sum(tensor_nbytes(t) for t in tensors)

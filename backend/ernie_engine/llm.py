@@ -1,0 +1,62 @@
+"""Offline batch inference, nano-vllm style: `LLM(model_dir).generate(prompts, sampling_params)`."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from .config import EngineConfig
+from .llm_engine import LLMEngine
+from .outputs import RequestOutput, merge_outputs
+from .sampling_params import SamplingParams
+
+Prompt = str | list[int]
+
+
+class LLM:
+    def __init__(self, model: str | Path, **engine_kwargs: Any):
+        self.engine = LLMEngine(EngineConfig(model=str(model), **engine_kwargs))
+        self._ids = itertools.count()
+
+    def generate(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+    ) -> list[RequestOutput]:
+        """Text prompts or token-id lists; one merged output per prompt, in order."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        requests = [{"prompt": p} if isinstance(p, str) else {"prompt_token_ids": list(p)} for p in prompts]
+        return self._run(requests, sampling_params)
+
+    def chat(
+        self,
+        messages: list[dict[str, Any]] | Sequence[list[dict[str, Any]]],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        tools: list[dict[str, Any]] | None = None,
+        chat_template_kwargs: dict[str, Any] | None = None,
+    ) -> list[RequestOutput]:
+        """One conversation (a list of messages) or several; the checkpoint's chat template applies."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        requests = [{"messages": m, "tools": tools, "chat_template_kwargs": chat_template_kwargs}
+                    for m in conversations]
+        return self._run(requests, sampling_params)
+
+    def _run(self, requests: list[dict[str, Any]],
+             sampling_params: SamplingParams | Sequence[SamplingParams] | None) -> list[RequestOutput]:
+        if sampling_params is None or isinstance(sampling_params, SamplingParams):
+            sampling_params = [sampling_params or SamplingParams()] * len(requests)
+        if len(sampling_params) != len(requests):
+            raise ValueError("give one SamplingParams, or one per prompt")
+        ids = [f"offline-{next(self._ids)}" for _ in requests]
+        built = [self.engine.make_request(rid, sampling_params=sp, **kw)
+                 for rid, kw, sp in zip(ids, requests, sampling_params, strict=True)]
+        for request in built:
+            self.engine.add(request)
+        deltas: dict[str, list[RequestOutput]] = {rid: [] for rid in ids}
+        while self.engine.has_unfinished():
+            for out in self.engine.step():
+                deltas[out.request_id].append(out)
+        return [merge_outputs(deltas[rid]) for rid in ids]

@@ -1,0 +1,315 @@
+"""The synchronous engine: requests in, one `step()` at a time, `RequestOutput` deltas out.
+
+`make_request` validates and tokenizes without touching engine state (callers on other threads may use
+it); `add`, `step` and `abort` belong to one thread (the async engine's step loop, or the offline `LLM`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from .block_manager import BlockManager
+from .chat_template import ChatTemplate
+from .config import EngineConfig
+from .distributed.executor import TensorParallelExecutor
+from .metrics import EngineMetrics
+from .model_runner import ModelRunner
+from .output_processor import OutputProcessor
+from .outputs import RequestOutput
+from .parsers.reasoning import THINK_END, THINK_START
+from .sampler import SampledToken
+from .sampling_params import NEUTRAL_DEFAULTS, SamplingParams
+from .scheduler import Scheduler, SchedulerOutput
+from .sequence import Request, Sequence
+from .structured_output import StructuredOutput
+from .tokenizer import Tokenizer
+
+logger = logging.getLogger(__name__)
+
+
+def generation_defaults(model_dir: Path) -> dict[str, Any]:
+    """Sampling defaults from generation_config.json (do_sample false means greedy)."""
+    path = model_dir / "generation_config.json"
+    raw = json.loads(path.read_text()) if path.is_file() else {}
+    defaults = {k: raw[k] for k in NEUTRAL_DEFAULTS if raw.get(k) is not None}
+    if raw.get("do_sample") is False:
+        defaults["temperature"] = 0.0
+    return defaults
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        model_dir = config.resolve_model_path()
+        self.tokenizer = Tokenizer.from_dir(model_dir)
+        self.chat_template = ChatTemplate.from_dir(model_dir)
+        runner_class = TensorParallelExecutor if config.tensor_parallel_size > 1 else ModelRunner
+        self.runner = runner_class(config, model_dir, vocab_limit=self.tokenizer.vocab_size)
+        model_config = self.runner.model_config
+        self.vocab_size = self.runner.vocab_limit
+        self.sampling_defaults = generation_defaults(model_dir)
+        eos = set(self.tokenizer.eos_token_ids) | set(model_config.eos_token_ids)
+        self.eos_token_ids = frozenset(t for t in eos if 0 <= t < self.vocab_size)
+        self.max_model_len = self._resolve_max_model_len()
+        self.max_num_batched_tokens = self._resolve_batched_tokens()
+        self.block_manager = BlockManager(self.num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, self.max_num_batched_tokens,
+                                   config.enable_chunked_prefill, config.enable_max_prefill)
+        self.output_processor = OutputProcessor(self.tokenizer, self.max_model_len, config.reasoning_parser,
+                                                config.tool_call_parser)
+        # Grammars see the whole model vocab (padded past the tokenizer) but mask only sampled ids.
+        self.structured_output = StructuredOutput(
+            self.tokenizer, model_config.vocab_size, self.vocab_size, self.eos_token_ids,
+            think_end_id=self.tokenizer.added_tokens.get(THINK_END) if config.reasoning_parser else None,
+        )
+        self.metrics = EngineMetrics()
+        self.requests: dict[str, Request] = {}
+        self._update_gauges()
+
+    def _resolve_max_model_len(self) -> int:
+        """max_model_len, then allocate the KV cache and cap the length at what it can hold."""
+        limit = self.runner.model_config.max_position_embeddings
+        max_len = self.config.max_model_len or limit
+        if max_len > limit:
+            raise ValueError(f"max_model_len {max_len} exceeds the model's max_position_embeddings {limit}")
+        self.num_blocks = self.runner.num_kv_blocks(max_len)
+        self.runner.allocate_kv_cache(self.num_blocks)
+        capacity = self.num_blocks * self.config.block_size
+        if capacity < max_len:
+            logger.warning("max_model_len lowered from %d to %d (the KV cache capacity)", max_len, capacity)
+            max_len = capacity
+        return max_len
+
+    def _resolve_batched_tokens(self) -> int:
+        chunked = self.config.enable_chunked_prefill
+        batched = self.config.max_num_batched_tokens or (2048 if chunked else max(2048, self.max_model_len))
+        if not chunked and batched < self.max_model_len:
+            raise ValueError(f"max_num_batched_tokens {batched} < max_model_len {self.max_model_len} needs "
+                             "enable_chunked_prefill (a whole prompt must fit in one step)")
+        return batched
+
+    # Requests ---------------------------------------------------------------------------------------
+
+    def make_request(
+        self,
+        request_id: str,
+        prompt: str | None = None,
+        prompt_token_ids: list[int] | None = None,
+        messages: list[dict[str, Any]] | None = None,
+        tools: list[dict[str, Any]] | None = None,
+        chat_template_kwargs: dict[str, Any] | None = None,
+        sampling_params: SamplingParams | None = None,
+    ) -> Request:
+        """Validate and tokenize; ValueError names what is wrong. Touches no engine state."""
+        if not isinstance(request_id, str) or not request_id:
+            raise ValueError("request_id must be a non-empty string")
+        if sum(x is not None for x in (prompt, prompt_token_ids, messages)) != 1:
+            raise ValueError("give exactly one of prompt, prompt_token_ids or messages")
+        params = sampling_params or SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise ValueError("sampling_params must be a SamplingParams")
+        template_kwargs = chat_template_kwargs or {}
+        if not isinstance(template_kwargs, dict):
+            raise ValueError("chat_template_kwargs must be an object")
+        thinking = False
+        if messages is not None:
+            prompt = self.chat_template.render(messages, tools, add_generation_prompt=True, **template_kwargs)
+            thinking = self.chat_template.thinking_enabled(template_kwargs)
+        if prompt is not None:
+            if not isinstance(prompt, str) or not prompt:
+                raise ValueError("prompt is empty")
+            prompt_token_ids = self.tokenizer.encode(prompt)
+            thinking = thinking or (messages is None and prompt.rstrip().endswith(THINK_START))
+        else:
+            prompt_token_ids = self._check_token_ids(prompt_token_ids)
+            tail = self.tokenizer.decode(prompt_token_ids[-4:], skip_special_tokens=False)
+            thinking = tail.rstrip().endswith(THINK_START)
+        return self._build_request(request_id, prompt, prompt_token_ids, params, thinking, bool(tools))
+
+    def _check_token_ids(self, ids: Any) -> list[int]:
+        if not isinstance(ids, list | tuple) or not ids:
+            raise ValueError("prompt_token_ids is empty")
+        try:
+            ids = [int(t) for t in ids]
+        except (TypeError, ValueError):
+            raise ValueError("prompt_token_ids must be integers") from None
+        bad = [t for t in ids if not 0 <= t < self.runner.model_config.vocab_size]
+        if bad:
+            raise ValueError(f"prompt_token_ids holds ids outside the vocabulary: {bad[:5]}")
+        return ids
+
+    def _build_request(self, request_id: str, prompt: str | None, ids: list[int], params: SamplingParams,
+                       thinking: bool, has_tools: bool) -> Request:
+        n = len(ids)
+        if n == 0:
+            raise ValueError("prompt is empty (it tokenizes to no tokens)")
+        if n >= self.max_model_len:
+            raise ValueError(f"prompt has {n} tokens but max_model_len is {self.max_model_len} "
+                             "(one more token must fit; prompts are never truncated)")
+        if params.max_tokens is not None and n + params.max_tokens > self.max_model_len:
+            raise ValueError(f"prompt ({n} tokens) + max_tokens ({params.max_tokens}) exceeds max_model_len "
+                             f"{self.max_model_len}")
+        if params.n > self.config.max_num_seqs:
+            raise ValueError(f"n={params.n} exceeds max_num_seqs {self.config.max_num_seqs}")
+        if any(t >= self.vocab_size for t in params.stop_token_ids):
+            raise ValueError(f"stop_token_ids must be below the vocabulary size {self.vocab_size}")
+        grammar = self.structured_output.matcher_for(params, thinking)  # ValueError names a bad constraint
+        params = params.with_defaults(self.sampling_defaults)
+        eos = self.eos_token_ids
+        request = Request(
+            request_id=request_id,
+            prompt_token_ids=ids,
+            params=params,
+            max_tokens=params.max_tokens or self.max_model_len - n,
+            stop_token_ids=frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else eos),
+            eos_token_ids=eos,
+            bad_words_ids=self._bad_words_ids(params.bad_words),
+            prompt=prompt,
+            thinking=thinking,
+            has_tools=has_tools,
+        )
+        request.sequences = [Sequence.create(request, i) for i in range(params.n)]
+        for seq in request.sequences if grammar is not None else ():
+            seq.grammar = grammar.copy()
+        return request
+
+    def _bad_words_ids(self, words: list[str]) -> list[list[int]]:
+        """Each word as tokenized alone and after a space (vLLM's two spellings), without duplicates."""
+        found: dict[tuple[int, ...], None] = {}
+        for word in words:
+            for spelling in {word, " " + word.lstrip()}:
+                ids = tuple(t for t in self.tokenizer.encode(spelling) if t < self.vocab_size)
+                if ids:
+                    found[ids] = None
+        return [list(ids) for ids in found]
+
+    def add(self, request: Request) -> None:
+        if request.request_id in self.requests:
+            raise ValueError(f"duplicate request id {request.request_id!r}")
+        self.requests[request.request_id] = request
+        self.output_processor.add(request)
+        for seq in request.sequences:
+            self.scheduler.add(seq)
+
+    def add_request(self, request_id: str, **kwargs: Any) -> None:
+        self.add(self.make_request(request_id, **kwargs))
+
+    def abort(self, request_id: str, error: str | None = None) -> RequestOutput | None:
+        """End a request (its blocks are freed); the final output, or None if it is unknown or done."""
+        request = self.requests.pop(request_id, None)
+        if request is None:
+            return None
+        for seq in request.sequences:  # all of them: a failed step may leave a finished one holding blocks
+            self.scheduler.finish(seq)
+        self.metrics.inc("request_failure_total" if error else "request_abort_total")
+        out = self.output_processor.abort(request, error)
+        self._update_gauges()
+        return out
+
+    def abort_all(self, error: str | None = None) -> list[RequestOutput]:
+        return [out for rid in list(self.requests) if (out := self.abort(rid, error))]
+
+    def has_unfinished(self) -> bool:
+        return bool(self.requests)
+
+    def check_health(self) -> None:
+        """Raise, naming the cause, once the model can no longer run (a tensor-parallel worker died)."""
+        if isinstance(self.runner, TensorParallelExecutor):
+            self.runner.check_health()
+
+    def shutdown(self) -> None:
+        """Stop the tensor-parallel workers (the in-process runner holds nothing to release)."""
+        if isinstance(self.runner, TensorParallelExecutor):
+            self.runner.shutdown()
+
+    # Step -------------------------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        out = self.scheduler.schedule()
+        self._note_scheduled(out)
+        if not out.scheduled:
+            return []
+        try:
+            sampled = self.runner.execute(out)
+        except Exception as err:  # the batch is lost; its requests fail, the engine keeps serving
+            logger.exception("engine step failed")
+            failed = dict.fromkeys(seq.request.request_id for seq in out.scheduled)
+            return [o for rid in failed if (o := self.abort(rid, f"engine step failed: {err!r}"))]
+        self.scheduler.update(out)
+        outputs = []
+        for request, seqs, tokens in _group_by_request(out.sampling, sampled):
+            for seq, token in zip(seqs, tokens, strict=True):
+                seq.token_ids.append(token.token_id)
+            try:
+                outputs.append(self._process(request, seqs, tokens))
+            except Exception as err:  # one request's output handling must not affect the others
+                logger.exception("output processing failed for request %s", request.request_id)
+                if failed_out := self.abort(request.request_id, f"output processing failed: {err!r}"):
+                    outputs.append(failed_out)
+        self._update_gauges()
+        return outputs
+
+    def _process(self, request: Request, seqs: list[Sequence], tokens: list[SampledToken]) -> RequestOutput:
+        now = time.monotonic()
+        if request.first_token_time is None:
+            request.first_token_time = now
+            self.metrics.observe("time_to_first_token_seconds", now - request.arrival_time)
+        self.metrics.inc("generation_tokens_total", len(seqs))
+        output = self.output_processor.process(seqs, tokens)[0]
+        for seq in seqs:
+            if seq.is_finished:
+                self.scheduler.finish(seq)
+        if request.finished:
+            self._note_finished(request, now)
+        return output
+
+    def _note_scheduled(self, out: SchedulerOutput) -> None:
+        self.metrics.inc("num_steps_total")
+        self.metrics.inc("request_preempted_total", len(out.preempted))
+        now = time.monotonic()
+        for seq in out.scheduled:
+            request = seq.request
+            if request.first_scheduled_time is None:
+                request.first_scheduled_time = now
+                self.metrics.observe("request_queue_time_seconds", now - request.arrival_time)
+                self.metrics.inc("prompt_tokens_total", request.num_prompt_tokens)
+
+    def _note_finished(self, request: Request, now: float) -> None:
+        del self.requests[request.request_id]
+        self.metrics.inc("request_success_total")
+        self.metrics.observe("e2e_request_latency_seconds", now - request.arrival_time)
+        num_out = max(seq.num_output_tokens for seq in request.sequences)
+        if num_out > 1 and request.first_token_time is not None:
+            tpot = (now - request.first_token_time) / (num_out - 1)
+            self.metrics.observe("time_per_output_token_seconds", tpot)
+
+    def _update_gauges(self) -> None:
+        bm = self.block_manager
+        running = len({seq.request.request_id for seq in self.scheduler.running})  # at most max_num_seqs
+        self.metrics.set(
+            num_requests_running=running,
+            num_requests_waiting=len(self.requests) - running,
+            num_kv_blocks_total=bm.num_blocks,
+            num_kv_blocks_used=bm.num_used_blocks,
+            num_kv_blocks_free=bm.num_free_blocks,
+            gpu_cache_usage_perc=bm.num_used_blocks / bm.num_blocks,
+            prefix_cache_token_num=bm.prefix_hit_tokens,
+        )
+
+    def get_metrics(self) -> dict[str, Any]:
+        return self.metrics.snapshot()
+
+
+def _group_by_request(
+    seqs: list[Sequence], tokens: list[SampledToken]
+) -> list[tuple[Request, list[Sequence], list[SampledToken]]]:
+    groups: dict[str, tuple[Request, list[Sequence], list[SampledToken]]] = {}
+    for seq, token in zip(seqs, tokens, strict=True):
+        group = groups.setdefault(seq.request.request_id, (seq.request, [], []))
+        group[1].append(seq)
+        group[2].append(token)
+    return list(groups.values())

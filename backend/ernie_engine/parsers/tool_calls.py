@@ -1,0 +1,158 @@
+"""Tool-call parsers: find tool calls in the content stream (after the reasoning parser).
+
+Design choice: a call is emitted when its block closes, as one OpenAI streaming delta carrying index, id,
+type, name and the complete arguments. Streaming argument fragments earlier would commit to a call before
+its JSON is known to be valid; holding the block keeps "malformed JSON degrades to the raw text as content"
+true and makes streamed and whole-text results identical for any split of the text.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+TOOL_CALL_START = "<tool_call>"
+TOOL_CALL_END = "</tool_call>"
+
+
+def make_tool_call_id() -> str:
+    return f"chatcmpl-tool-{uuid.uuid4().hex}"
+
+
+@dataclass
+class ToolCall:
+    name: str
+    arguments: str  # JSON text, json.dumps(arguments, ensure_ascii=False)
+    id: str = field(default_factory=make_tool_call_id)
+
+    def to_openai(self) -> dict[str, Any]:
+        """Non-streaming shape (`message.tool_calls[i]`)."""
+        return {
+            "id": self.id,
+            "type": "function",
+            "function": {"name": self.name, "arguments": self.arguments},
+        }
+
+    def to_delta(self, index: int) -> dict[str, Any]:
+        """Streaming shape (`delta.tool_calls[i]`)."""
+        return {"index": index, **self.to_openai()}
+
+
+@dataclass
+class ToolDelta:
+    content: str = ""
+    tool_calls: list[dict[str, Any]] = field(default_factory=list)  # OpenAI streaming deltas
+
+
+class ToolParser(ABC):
+    """Per-request extractor of tool calls from content text deltas."""
+
+    name: ClassVar[str]
+
+    def __init__(self) -> None:
+        self.calls: list[ToolCall] = []
+
+    @abstractmethod
+    def feed(self, text: str) -> ToolDelta:
+        """Consume a content delta; return content decided so far and completed calls."""
+
+    @abstractmethod
+    def finish(self) -> ToolDelta:
+        """End of generation: flush held-back text (an unclosed block is a call if its JSON is complete)."""
+
+
+def parse_tool_json(body: str) -> ToolCall | None:
+    """`{"name": ..., "arguments": {...}}` (arguments may also be a JSON string of an object) or None."""
+    try:
+        data = json.loads(body)
+    except json.JSONDecodeError:
+        return None
+    if not isinstance(data, dict) or not isinstance(data.get("name"), str) or not data["name"]:
+        return None
+    arguments = data.get("arguments", {})
+    if isinstance(arguments, str):
+        try:
+            arguments = json.loads(arguments)
+        except json.JSONDecodeError:
+            return None
+    if not isinstance(arguments, dict):
+        return None
+    return ToolCall(data["name"], json.dumps(arguments, ensure_ascii=False))
+
+
+class ErnieToolParser(ToolParser):
+    """`<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>` blocks, one per (parallel) call.
+
+    Blocks count only when nothing but whitespace precedes the first one in the content (i.e. right after
+    `</think>`, or from the start without reasoning); whitespace between and after blocks is dropped. Once
+    other text appears, the rest is plain content. A block that is not a valid call becomes content verbatim.
+    """
+
+    name = "ernie-45-vl-thinking"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._state = "lead"  # lead -> block <-> between; lead/between -> text
+        self._held = ""
+        self._gap = ""  # whitespace before the current block: dropped for a call, kept for malformed text
+        self._scanned = 0  # in a block: how far `_held` was already searched for the end tag
+
+    def feed(self, text: str) -> ToolDelta:
+        if self._state == "text":
+            return ToolDelta(content=text)
+        self._held += text
+        delta = ToolDelta()
+        while self._step(delta):
+            pass
+        return delta
+
+    def _step(self, delta: ToolDelta) -> bool:
+        """Advance the state machine once over the held text; True when it should run again."""
+        if self._state == "block":
+            return self._step_block(delta)
+        stripped = self._held.lstrip()
+        if stripped.startswith(TOOL_CALL_START):
+            self._gap = self._held[: len(self._held) - len(stripped)]
+            self._state, self._held, self._scanned = "block", stripped[len(TOOL_CALL_START) :], 0
+            return True
+        if not stripped or TOOL_CALL_START.startswith(stripped):
+            return False  # undecided: whitespace or a partial start tag
+        self._state, held, self._held = "text", self._held, ""
+        delta.content += held
+        return False
+
+    def _step_block(self, delta: ToolDelta) -> bool:
+        end = self._held.find(TOOL_CALL_END, max(0, self._scanned - len(TOOL_CALL_END) + 1))
+        if end < 0:
+            self._scanned = len(self._held)
+            return False
+        body, self._held = self._held[:end], self._held[end + len(TOOL_CALL_END) :]
+        self._state = "between"
+        self._emit_block(body, closed=True, delta=delta)
+        return True
+
+    def _emit_block(self, body: str, closed: bool, delta: ToolDelta) -> None:
+        call = parse_tool_json(body)
+        if call is None:
+            delta.content += self._gap + TOOL_CALL_START + body + (TOOL_CALL_END if closed else "")
+            return
+        delta.tool_calls.append(call.to_delta(len(self.calls)))
+        self.calls.append(call)
+
+    def finish(self) -> ToolDelta:
+        delta = ToolDelta()
+        held, self._held = self._held, ""
+        if self._state == "block":
+            self._emit_block(held, closed=False, delta=delta)
+        elif self._state == "lead" or held.strip():
+            delta.content += held  # leading whitespace or a partial tag is text; trailing whitespace is not
+        self._state = "text"
+        return delta
+
+
+TOOL_PARSERS: dict[str, type[ToolParser]] = {
+    "ernie-45-vl-thinking": ErnieToolParser,
+}

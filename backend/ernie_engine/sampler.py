@@ -1,0 +1,122 @@
+"""Batched sampling on the host: logits [B, V] -> one token (and optional logprobs) per sequence.
+
+Order, as vLLM: forced token / min_tokens / bad words masks, then repetition, frequency and presence
+penalties; greedy rows take the argmax there, sampled rows go on through temperature, top-k, top-p and
+min-p before an inverse-CDF draw. Each sequence draws from its own generator (one number per token), so
+a seeded request gives the same tokens whatever else is in the batch. Logprobs are the log-softmax of
+these processed logits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .sequence import Sequence
+from .structured_output import apply_grammar_masks
+
+
+@dataclass
+class SampledToken:
+    token_id: int
+    logprob: float | None = None  # set when the request asked for logprobs
+    top_logprobs: list[tuple[int, float]] = field(default_factory=list)
+
+
+class Sampler:
+    def __call__(self, logits: np.ndarray, seqs: list[Sequence]) -> list[SampledToken]:
+        """`logits` is modified in place (it becomes the processed logits)."""
+        for row, seq in zip(logits, seqs, strict=True):
+            _constrain(row, seq)
+        apply_grammar_masks(logits, seqs)  # constrained rows only, one bitmask call
+        greedy = np.array([seq.params.greedy for seq in seqs])
+        token_ids = np.zeros(len(seqs), dtype=np.int64)
+        if greedy.any():
+            token_ids[greedy] = logits[greedy].argmax(axis=1)
+        sampled = np.flatnonzero(~greedy)
+        if sampled.size:
+            token_ids[sampled] = _draw(logits, sampled, seqs)
+        return [
+            _result(row, int(tok), seq.params.logprobs)
+            for row, tok, seq in zip(logits, token_ids, seqs, strict=True)
+        ]
+
+
+def _constrain(row: np.ndarray, seq: Sequence) -> None:
+    """Masks and penalties that apply to greedy and sampled rows alike."""
+    if seq.forced_token_id is not None:
+        row[:] = -np.inf
+        row[seq.forced_token_id] = 0.0
+        return
+    request, params = seq.request, seq.params
+    if seq.num_output_tokens < params.min_tokens:
+        row[list(request.stop_token_ids | request.eos_token_ids)] = -np.inf
+    if request.bad_words_ids:
+        _mask_bad_words(row, seq)
+    rep, pres, freq = params.repetition_penalty, params.presence_penalty, params.frequency_penalty
+    if rep == 1.0 and pres == 0.0 and freq == 0.0:
+        return
+    counts = np.bincount(np.asarray(seq.output_token_ids, dtype=np.int64), minlength=row.size)[: row.size]
+    if rep != 1.0:
+        seen = counts > 0
+        seen[request.prompt_token_ids] = True
+        row[seen] = np.where(row[seen] > 0, row[seen] / rep, row[seen] * rep)
+    if freq or pres:
+        row -= freq * counts + pres * (counts > 0)
+
+
+def _mask_bad_words(row: np.ndarray, seq: Sequence) -> None:
+    """Single-token words are always banned; a longer word's last token when the output ends with the rest."""
+    output = seq.output_token_ids
+    for word in seq.request.bad_words_ids:
+        prefix = word[:-1]
+        if not prefix or output[-len(prefix) :] == prefix:
+            row[word[-1]] = -np.inf
+
+
+def _draw(logits: np.ndarray, rows: np.ndarray, seqs: list[Sequence]) -> np.ndarray:
+    for r in rows:
+        params = seqs[r].params
+        logits[r] /= params.temperature
+        _truncate(logits[r], params.top_k, params.top_p, params.min_p)
+    probs = _softmax(logits[rows])
+    cdf = np.cumsum(probs, axis=1, dtype=np.float64)
+    total = cdf[:, -1]
+    u = np.array([seqs[r].rng.random() for r in rows])
+    # The first index whose cdf exceeds u * total always has a positive probability.
+    x = np.minimum(u * total, np.nextafter(total, 0))
+    return (cdf <= x[:, None]).sum(axis=1)
+
+
+def _truncate(row: np.ndarray, top_k: int, top_p: float, min_p: float) -> None:
+    """Top-k, then top-p (the smallest set reaching top_p, at least one token), then min-p, as -inf."""
+    if 0 < top_k < row.size:
+        kth = np.partition(row, row.size - top_k)[row.size - top_k]
+        row[row < kth] = -np.inf
+    if top_p < 1.0 or min_p > 0.0:
+        probs = _softmax(row[None])[0]
+        if top_p < 1.0:
+            desc = np.sort(probs)[::-1]
+            before = np.cumsum(desc) - desc  # mass of strictly more likely tokens
+            threshold = desc[before < top_p][-1]
+            row[probs < threshold] = -np.inf
+        if min_p > 0.0:
+            row[probs < min_p * probs.max()] = -np.inf
+
+
+def _softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def _result(row: np.ndarray, token_id: int, num_logprobs: int | None) -> SampledToken:
+    if num_logprobs is None:
+        return SampledToken(token_id)
+    logprobs = row - (row.max() + np.log(np.exp(row - row.max()).sum()))
+    top: list[tuple[int, float]] = []
+    if num_logprobs:
+        ids = np.argpartition(-logprobs, num_logprobs - 1)[:num_logprobs]
+        ids = ids[np.argsort(-logprobs[ids], kind="stable")]
+        top = [(int(i), float(logprobs[i])) for i in ids]
+    return SampledToken(token_id, float(logprobs[token_id]), top)

@@ -1,0 +1,1 @@
+"""OpenAI-compatible HTTP frontend for tritonserver's generate extension (the `ernie` backend)."""

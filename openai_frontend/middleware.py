@@ -1,0 +1,137 @@
+"""Pure ASGI middleware: they wrap the whole response, streamed bodies included (BaseHTTPMiddleware would
+buffer streams and hide client disconnects)."""
+
+from __future__ import annotations
+
+import hmac
+import time
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from openai_frontend.errors import OpenAIError
+from openai_frontend.metrics import FrontendMetrics
+
+GENERATION_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
+_KNOWN_PATHS = GENERATION_PATHS | {"/v1/models", "/health", "/metrics"}
+
+
+def _endpoint(scope: Scope) -> str:
+    """A bounded label set: unknown paths (scanners, typos) must not grow the metrics."""
+    path = scope.get("path", "")
+    if path.startswith("/v1/models/"):
+        return "/v1/models/{id}"
+    return path if path in _KNOWN_PATHS else "other"
+
+
+class MetricsMiddleware:
+    """Counts every request by endpoint and status and times it to its last byte."""
+
+    def __init__(self, app: ASGIApp, metrics: FrontendMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        endpoint, start, status = _endpoint(scope), time.perf_counter(), 500
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            self.metrics.requests.labels(endpoint, str(status)).inc()
+            self.metrics.latency.labels(endpoint).observe(time.perf_counter() - start)
+            if status >= 400:
+                self.metrics.errors.labels(endpoint, str(status)).inc()
+
+
+class ApiKeyMiddleware:
+    """With --api-key, /v1/* needs `Authorization: Bearer <key>` (health and metrics stay open)."""
+
+    def __init__(self, app: ASGIApp, api_key: str) -> None:
+        self.app = app
+        self.expected = f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"].startswith("/v1/"):
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not hmac.compare_digest(given, self.expected):
+                error = OpenAIError(401, "Invalid or missing API key", code="invalid_api_key")
+                await error.response()(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+class BodyLimitMiddleware:
+    """Reads the body up front, refusing it with 413 once it exceeds the limit, then replays it."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            await self._refuse(scope, receive, send)
+            return
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            more = message.get("more_body", False)
+            if size > self.max_bytes:
+                await self._refuse(scope, receive, send)
+                return
+        body, replayed = b"".join(chunks), False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replay, send)
+
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
+        error = OpenAIError(413, f"Request body exceeds {self.max_bytes} bytes", code="request_too_large")
+        await error.response()(scope, receive, send)
+
+
+class ConcurrencyMiddleware:
+    """Answers 429 when --max-concurrency generation requests (streams until their end) are in flight."""
+
+    def __init__(self, app: ASGIApp, metrics: FrontendMetrics, max_concurrency: int | None) -> None:
+        self.app = app
+        self.metrics = metrics
+        self.limit = max_concurrency
+        self.in_flight = 0  # one event loop: no lock needed
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] not in GENERATION_PATHS:
+            await self.app(scope, receive, send)
+            return
+        if self.limit is not None and self.in_flight >= self.limit:
+            error = OpenAIError(429, f"Too many requests in flight (limit {self.limit}); retry later",
+                                code="rate_limit_exceeded")
+            await error.response()(scope, receive, send)
+            return
+        self.in_flight += 1
+        self.metrics.in_flight.inc()
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.in_flight -= 1
+            self.metrics.in_flight.dec()

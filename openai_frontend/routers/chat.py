@@ -1,0 +1,100 @@
+"""POST /v1/chat/completions."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+
+from fastapi import APIRouter, Request
+from fastapi.responses import StreamingResponse
+
+from openai_frontend.outputs import (
+    GenerateOutput,
+    RequestState,
+    chat_logprobs,
+    chat_response,
+    parse_response,
+    usage,
+)
+from openai_frontend.routers.models import resolve_model
+from openai_frontend.schemas.openai import (
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    DeltaMessage,
+    Usage,
+    new_id,
+)
+from openai_frontend.streaming import ResponseMeta, event_stream, merged, sse
+from openai_frontend.translate import chat_payload, named_tool
+from openai_frontend.triton_client import TritonStream
+
+ENDPOINT = "/v1/chat/completions"
+router = APIRouter()
+
+
+@router.post(ENDPOINT, response_model=None)
+async def create_chat_completion(body: ChatCompletionRequest,
+                                 request: Request) -> ChatCompletionResponse | StreamingResponse:
+    triton = request.app.state.triton
+    model = await resolve_model(triton, body.model)
+    meta = ResponseMeta(ENDPOINT, request.app.state.metrics, new_id("chatcmpl"), model)
+    payload = chat_payload(body)
+    if body.stream:
+        stream = await triton.generate_stream(model, payload)
+        return event_stream(_chunks(body, stream, meta), [stream], meta)
+    state = RequestState(n=body.n)
+    # Non-streaming: /generate's single response holds all n completions.
+    for out in parse_response(await triton.generate(model, payload)):
+        _as_tool_call(out, named_tool(body), state)
+        state.add(out)
+    response = chat_response(state, id=meta.id, created=meta.created, model=model,
+                             return_token_ids=bool(body.return_token_ids))
+    meta.count_usage(response.usage)
+    return response
+
+
+def _as_tool_call(out: GenerateOutput, name: str | None, state: RequestState) -> None:
+    """Named tool_choice: the (schema-constrained) content is the call's arguments; id and name go first."""
+    if name is None or not out.text:
+        return
+    delta: dict = {"index": 0, "function": {"arguments": out.text}}
+    choice = state.choices.get(out.index)
+    if choice is None or not choice.tool_calls:
+        delta.update(id=f"chatcmpl-tool-{uuid.uuid4().hex}", type="function")
+        delta["function"]["name"] = name
+    out.tool_calls, out.text = [delta], ""
+
+
+def _delta_choice(out: GenerateOutput, index: int, return_token_ids: bool) -> ChatChunkChoice:
+    delta = DeltaMessage(
+        # An empty string rather than null, so clients printing `delta.content` print nothing.
+        content=out.text if out.text or not out.tool_calls else None,
+        reasoning_content=out.reasoning or None,
+        tool_calls=out.tool_calls or None,
+        prompt_token_ids=out.prompt_token_ids if return_token_ids else None,
+        completion_token_ids=out.token_ids if return_token_ids else None,
+    )
+    return ChatChunkChoice(index=index, delta=delta, logprobs=chat_logprobs(out.logprobs),
+                           finish_reason=out.finish_reason)
+
+
+async def _chunks(req: ChatCompletionRequest, stream: TritonStream, meta: ResponseMeta) -> AsyncIterator[str]:
+    def chunk(choices: list[ChatChunkChoice], totals: Usage | None = None) -> str:
+        return sse(ChatCompletionChunk(id=meta.id, created=meta.created, model=meta.model, choices=choices,
+                                       usage=totals))
+
+    yield chunk([ChatChunkChoice(index=i, delta=DeltaMessage(role="assistant", content=""))
+                 for i in range(req.n)])
+    state = RequestState(n=req.n)
+    async for _, out in merged([stream]):
+        meta.saw_output(out)
+        _as_tool_call(out, named_tool(req), state)
+        choice = state.add(out)
+        if out.has_delta:
+            yield chunk([_delta_choice(out, choice.index, bool(req.return_token_ids))])
+    totals = usage([state])
+    meta.count_usage(totals)
+    if req.include_usage:
+        yield chunk([], totals)

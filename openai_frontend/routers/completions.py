@@ -1,0 +1,104 @@
+"""POST /v1/completions: one Triton request per prompt; prompt p's choices are indexed p * n + i."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+from fastapi import APIRouter, Request
+from fastapi.responses import StreamingResponse
+
+from openai_frontend.outputs import (
+    GenerateOutput,
+    RequestState,
+    completion_logprobs,
+    completion_response,
+    parse_response,
+    usage,
+)
+from openai_frontend.routers.models import resolve_model
+from openai_frontend.schemas.openai import (
+    CompletionChoice,
+    CompletionRequest,
+    CompletionResponse,
+    Usage,
+    new_id,
+)
+from openai_frontend.streaming import ResponseMeta, event_stream, merged, open_streams, sse
+from openai_frontend.translate import completion_payloads
+from openai_frontend.triton_client import TritonClient, TritonStream
+
+ENDPOINT = "/v1/completions"
+router = APIRouter()
+
+
+@router.post(ENDPOINT, response_model=None)
+async def create_completion(body: CompletionRequest,
+                            request: Request) -> CompletionResponse | StreamingResponse:
+    triton = request.app.state.triton
+    model = await resolve_model(triton, body.model)
+    meta = ResponseMeta(ENDPOINT, request.app.state.metrics, new_id("cmpl"), model)
+    payloads = completion_payloads(body)
+    if body.stream:
+        streams = await open_streams(triton, model, payloads)
+        return event_stream(_chunks(body, streams, meta), streams, meta)
+    states = await _run_all(triton, model, payloads, body.n)
+    response = completion_response(states, body.prompt_list(), id=meta.id, created=meta.created, model=model,
+                                   echo=body.echo, return_token_ids=bool(body.return_token_ids))
+    meta.count_usage(response.usage)
+    return response
+
+
+async def _run_all(triton: TritonClient, model: str, payloads: list[dict], n: int) -> list[RequestState]:
+    states = [RequestState(n=n, offset=p * n) for p in range(len(payloads))]
+
+    async def run(p: int) -> None:
+        # Non-streaming: /generate's single response holds all n completions.
+        for out in parse_response(await triton.generate(model, payloads[p])):
+            states[p].add(out)
+
+    tasks = [asyncio.ensure_future(run(p)) for p in range(len(payloads))]
+    try:
+        await asyncio.gather(*tasks)
+    except BaseException:
+        # One prompt failed (or the request was cancelled): stop the others rather than leave them running.
+        for task in tasks:
+            task.cancel()
+        raise
+    return states
+
+
+def _choice(out: GenerateOutput, index: int, text_offset: int, return_token_ids: bool) -> CompletionChoice:
+    return CompletionChoice(
+        index=index,
+        text=out.text,
+        logprobs=completion_logprobs(out.logprobs, text_offset),
+        finish_reason=out.finish_reason,
+        reasoning_content=out.reasoning or None,
+        prompt_token_ids=out.prompt_token_ids if return_token_ids else None,
+        completion_token_ids=out.token_ids if return_token_ids else None,
+    )
+
+
+async def _chunks(req: CompletionRequest, streams: list[TritonStream],
+                  meta: ResponseMeta) -> AsyncIterator[str]:
+    def chunk(choices: list[CompletionChoice], totals: Usage | None = None) -> str:
+        return sse(CompletionResponse(id=meta.id, created=meta.created, model=meta.model, choices=choices,
+                                      usage=totals))
+
+    prompts = req.prompt_list()
+    states = [RequestState(n=req.n, offset=p * req.n) for p in range(len(streams))]
+    prefix = [prompt if req.echo else "" for prompt in prompts]
+    if req.echo:
+        yield chunk([CompletionChoice(index=p * req.n + i, text=prefix[p])
+                     for p in range(len(prompts)) for i in range(req.n)])
+    async for p, out in merged(streams):
+        meta.saw_output(out)
+        choice = states[p].add(out)
+        if out.has_delta:
+            offset = len(prefix[p]) + len(choice.text) - len(out.text)
+            yield chunk([_choice(out, choice.index, offset, bool(req.return_token_ids))])
+    totals = usage(states)
+    meta.count_usage(totals)
+    if req.include_usage:
+        yield chunk([], totals)

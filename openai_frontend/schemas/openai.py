@@ -1,0 +1,328 @@
+"""OpenAI chat/completions request and response bodies, plus the FastDeploy extras ERNIE users send.
+
+Requests ignore unknown fields, as OpenAI-compatible servers do. Messages keep every key they arrive with
+(content parts, tool_calls with object or string arguments, tool_call_id, ...): the backend renders them.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_validator
+
+# FastDeploy's older `metadata` object may carry any of these request keys; explicit fields win over it.
+METADATA_KEYS = (
+    "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty",
+    "seed", "max_tokens", "min_tokens", "stop", "stop_token_ids", "include_stop_str_in_output", "ignore_eos",
+    "bad_words", "skip_special_tokens", "reasoning_max_tokens", "return_token_ids", "n",
+    "guided_json", "guided_regex", "guided_choice", "guided_grammar", "chat_template_kwargs",
+)
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+
+
+class _Passthrough(BaseModel):
+    """Objects forwarded to the backend as sent: unknown keys kept."""
+
+    model_config = ConfigDict(extra="allow")
+
+
+class ContentPart(_Passthrough):
+    type: str
+
+
+class ChatMessage(_Passthrough):
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
+    content: str | list[ContentPart] | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+
+
+class FunctionDefinition(_Passthrough):
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+
+
+class Tool(_Passthrough):
+    type: Literal["function"] = "function"
+    function: FunctionDefinition
+
+
+class NamedToolChoice(_Passthrough):
+    type: Literal["function"] = "function"
+    function: dict[str, Any]
+
+
+class StreamOptions(_Request):
+    include_usage: bool = False
+
+
+class JsonSchemaFormat(_Request):
+    name: str | None = None
+    description: str | None = None
+    json_schema: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Request):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class GenerationRequest(_Request):
+    """Fields shared by chat and completions: OpenAI's sampling knobs and FastDeploy's extras."""
+
+    model: str | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: int = Field(default=1, ge=1)
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0)
+    top_p: float | None = Field(default=None, ge=0, le=1)
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    user: str | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    min_tokens: int | None = Field(default=None, ge=0)
+    repetition_penalty: float | None = None
+    bad_words: list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    include_stop_str_in_output: bool | None = None
+    ignore_eos: bool | None = None
+    skip_special_tokens: bool | None = None
+    return_token_ids: bool | None = None
+    response_format: ResponseFormat | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    metadata: dict[str, Any] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_metadata(cls, data: Any) -> Any:
+        """FastDeploy reads request keys from `metadata` too; a key set at top level takes precedence."""
+        if not isinstance(data, dict) or not isinstance(data.get("metadata"), dict):
+            return data
+        meta = data["metadata"]
+        merged = dict(data)
+        for key in METADATA_KEYS:
+            if meta.get(key) is not None and merged.get(key) is None:
+                merged[key] = meta[key]
+        if "enable_thinking" in meta:
+            kwargs = merged.get("chat_template_kwargs")
+            kwargs = dict(kwargs) if isinstance(kwargs, dict) else {}
+            kwargs.setdefault("enable_thinking", meta["enable_thinking"])
+            merged["chat_template_kwargs"] = kwargs
+        return merged
+
+    @model_validator(mode="after")
+    def _check_options(self) -> GenerationRequest:
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options is only allowed when stream is true")
+        guided = [self.guided_json, self.guided_regex, self.guided_choice, self.guided_grammar]
+        if sum(g is not None for g in guided) > 1:
+            raise ValueError("use at most one of guided_json, guided_regex, guided_choice, guided_grammar")
+        fmt = self.response_format
+        if fmt is not None and fmt.type == "json_schema" and (fmt.json_schema is None or
+                                                             fmt.json_schema.json_schema is None):
+            raise ValueError("response_format json_schema needs json_schema.schema")
+        return self
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+class ChatCompletionRequest(GenerationRequest):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    reasoning_max_tokens: int | None = Field(default=None, ge=1)
+
+    @model_validator(mode="after")
+    def _check_logprobs(self) -> ChatCompletionRequest:
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs set to true")
+        return self
+
+
+Prompt = str | list[str] | list[int] | list[list[int]]
+
+
+class CompletionRequest(GenerationRequest):
+    prompt: Prompt
+    echo: bool = False
+    logprobs: int | None = Field(default=None, ge=0, le=20)
+
+    @model_validator(mode="after")
+    def _check_prompt(self) -> CompletionRequest:
+        if isinstance(self.prompt, list) and not self.prompt:
+            raise ValueError("prompt must not be empty")
+        if self.echo and self.prompts_are_token_ids:
+            raise ValueError("echo is supported for text prompts only")
+        return self
+
+    @property
+    def prompts_are_token_ids(self) -> bool:
+        return isinstance(self.prompt, list) and isinstance(self.prompt[0], int | list)
+
+    def prompt_list(self) -> list[str] | list[list[int]]:
+        """The prompts, one per Triton request."""
+        if isinstance(self.prompt, str):
+            return [self.prompt]
+        if isinstance(self.prompt[0], int):
+            return [self.prompt]
+        return list(self.prompt)
+
+
+# ---- responses ---------------------------------------------------------------------------------
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def now() -> int:
+    return int(time.time())
+
+
+class _Response(BaseModel):
+    """Drops the listed fields when None: FastDeploy's extras and stream-only fields stay out of the way."""
+
+    omit_if_none: ClassVar[frozenset[str]] = frozenset()
+
+    @model_serializer(mode="wrap")
+    def _omit_none(self, handler: Any) -> dict[str, Any]:
+        return {k: v for k, v in handler(self).items() if v is not None or k not in self.omit_if_none}
+
+
+class Usage(BaseModel):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+    prompt_tokens_details: dict[str, int] | None = None
+
+
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str
+
+
+class ToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class ResponseMessage(_Response):
+    omit_if_none = frozenset({"tool_calls", "prompt_token_ids", "completion_token_ids"})
+    role: Literal["assistant"] = "assistant"
+    content: str | None = None
+    reasoning_content: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    prompt_token_ids: list[int] | None = None
+    completion_token_ids: list[int] | None = None
+
+
+class DeltaMessage(_Response):
+    # content and reasoning_content are always present, as FastDeploy sends them: the seed's client code reads
+    # `delta.reasoning_content` on every chunk, which the openai client only allows for keys that were sent.
+    omit_if_none = frozenset({"role", "tool_calls", "prompt_token_ids", "completion_token_ids"})
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+    reasoning_content: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    prompt_token_ids: list[int] | None = None
+    completion_token_ids: list[int] | None = None
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: ResponseMessage
+    logprobs: dict[str, Any] | None = None
+    finish_reason: str | None = None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class ChatChunkChoice(BaseModel):
+    index: int
+    delta: DeltaMessage
+    logprobs: dict[str, Any] | None = None
+    finish_reason: str | None = None
+
+
+class ChatCompletionChunk(_Response):
+    omit_if_none = frozenset({"usage"})
+
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None
+
+
+class CompletionChoice(_Response):
+    omit_if_none = frozenset({"reasoning_content", "prompt_token_ids", "completion_token_ids"})
+
+    index: int
+    text: str
+    logprobs: dict[str, Any] | None = None
+    finish_reason: str | None = None
+    reasoning_content: str | None = None
+    prompt_token_ids: list[int] | None = None
+    completion_token_ids: list[int] | None = None
+
+
+class CompletionResponse(_Response):
+    omit_if_none = frozenset({"usage"})
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "triton"
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class ErrorInfo(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorInfo

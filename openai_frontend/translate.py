@@ -1,0 +1,118 @@
+"""OpenAI request -> Triton generate JSON for the `ernie` backend (see the tensor table in ARCHITECTURE.md).
+
+Only what the client set is forwarded, so the backend's defaults (max_model_len, generation_config) apply.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from openai_frontend.errors import OpenAIError
+from openai_frontend.schemas.openai import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    GenerationRequest,
+    NamedToolChoice,
+)
+
+# Request fields that map one to one onto `sampling_parameters` keys.
+_SAMPLING_FIELDS = (
+    "n", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
+    "frequency_penalty", "seed", "min_tokens", "stop_token_ids", "include_stop_str_in_output", "ignore_eos",
+    "bad_words", "skip_special_tokens", "guided_json", "guided_regex", "guided_choice", "guided_grammar",
+)
+
+# Outputs every OpenAI response needs; logprobs and token ids only when asked.
+_RETURN_FLAGS = {
+    "return_finish_reason": True, "return_num_input_tokens": True, "return_num_output_tokens": True,
+}
+
+
+def sampling_parameters(req: GenerationRequest, max_tokens: int | None,
+                        logprobs: int | None) -> dict[str, Any]:
+    params: dict[str, Any] = {}
+    for name in _SAMPLING_FIELDS:
+        value = getattr(req, name)
+        if value is not None and not (name == "n" and value == 1):
+            params[name] = value
+    if req.top_p == 0:
+        # FastDeploy users send top_p=0 for greedy decoding; the nucleus then holds only the top token.
+        del params["top_p"]
+        params["top_k"] = 1
+    if req.stop is not None:
+        params["stop"] = [req.stop] if isinstance(req.stop, str) else req.stop
+    if max_tokens is not None:
+        params["max_tokens"] = max_tokens
+    if logprobs is not None:
+        params["logprobs"] = logprobs
+    params.update(_response_format(req))
+    return params
+
+
+def _response_format(req: GenerationRequest) -> dict[str, Any]:
+    fmt = req.response_format
+    if fmt is None or fmt.type == "text":
+        return {}
+    if fmt.type == "json_object":
+        return {"guided_json_object": True}
+    return {"guided_json": fmt.json_schema.json_schema}
+
+
+def named_tool(req: ChatCompletionRequest) -> str | None:
+    """The function a named tool_choice forces, or None."""
+    return req.tool_choice.function.get("name") if isinstance(req.tool_choice, NamedToolChoice) else None
+
+
+def _named_tool_schema(req: ChatCompletionRequest, name: str) -> dict[str, Any]:
+    """A forced call's arguments are constrained to the function's parameters schema."""
+    for tool in req.tools or []:
+        if tool.function.name == name:
+            return tool.function.parameters or {"type": "object"}
+    raise OpenAIError(400, f"tool_choice names the function {name!r}, which is not in tools",
+                      param="tool_choice")
+
+
+def _flags(req: GenerationRequest, logprobs: int | None) -> dict[str, Any]:
+    flags = dict(_RETURN_FLAGS)
+    if logprobs is not None:
+        flags["return_logprobs"] = True
+    if req.return_token_ids:
+        flags["return_token_ids"] = True
+    return flags
+
+
+def chat_logprobs(req: ChatCompletionRequest) -> int | None:
+    return (req.top_logprobs or 0) if req.logprobs else None
+
+
+def chat_payload(req: ChatCompletionRequest) -> dict[str, Any]:
+    logprobs = chat_logprobs(req)
+    max_tokens = req.max_completion_tokens or req.max_tokens
+    params = sampling_parameters(req, max_tokens, logprobs)
+    if req.reasoning_max_tokens is not None:
+        params["reasoning_max_tokens"] = req.reasoning_max_tokens
+    if (name := named_tool(req)) is not None:
+        params.pop("guided_json_object", None)
+        params["guided_json"] = _named_tool_schema(req, name)
+    payload: dict[str, Any] = {
+        "messages": json.dumps([m.model_dump(exclude_unset=True) for m in req.messages], ensure_ascii=False),
+        "stream": req.stream,
+        "sampling_parameters": json.dumps(params, ensure_ascii=False),
+        **_flags(req, logprobs),
+    }
+    # tool_choice "none" means the model must not call tools, so it is not shown any.
+    if req.tools and req.tool_choice != "none":
+        tools = [t.model_dump(exclude_unset=True) for t in req.tools]
+        payload["tools"] = json.dumps(tools, ensure_ascii=False)
+    if req.chat_template_kwargs:
+        payload["chat_template_kwargs"] = json.dumps(req.chat_template_kwargs, ensure_ascii=False)
+    return payload
+
+
+def completion_payloads(req: CompletionRequest) -> list[dict[str, Any]]:
+    """One generate request per prompt; the choices of prompt p are indexed p * n + i."""
+    params = json.dumps(sampling_parameters(req, req.max_tokens, req.logprobs), ensure_ascii=False)
+    common = {"stream": req.stream, "sampling_parameters": params, **_flags(req, req.logprobs)}
+    key = "prompt_token_ids" if req.prompts_are_token_ids else "text_input"
+    return [{key: prompt, **common} for prompt in req.prompt_list()]

@@ -1,0 +1,153 @@
+"""Offline engine benchmark on a 0.3B-shaped random checkpoint (built once into a cache folder).
+
+For each concurrency, that many requests with random-token prompts arrive together and decode a fixed
+number of tokens (greedy, eos ignored). Printed per concurrency: output tokens/s, TTFT and TPOT p50/p99.
+Then the engine's per-step overhead: a batch-1 decode `LLMEngine.step()` against the bare model forward
+(+ LM head) on the same context length.
+
+    python scripts/bench_engine.py                 # concurrency 1, 4, 16, 64
+    python scripts/bench_engine.py --quick         # fewer tokens, concurrency up to 16
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+os.environ.setdefault("MKL_DEBUG_CPU_TYPE", "5")  # MKL's fast path on AMD CPUs (see NOTES.md)
+# OpenMP threads of the CPU kernels sleep instead of spinning: on a shared machine spinning steals cores.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "backend"))
+
+import numpy as np  # noqa: E402
+import paddle  # noqa: E402
+from ernie_engine import EngineConfig, LLMEngine, SamplingParams  # noqa: E402
+from ernie_engine.layers.attention import AttentionMetadata  # noqa: E402
+
+DEFAULT_CACHE = ROOT / "checkpoints" / "random-0.3b"
+
+
+def ensure_checkpoint(path: Path) -> Path:
+    if not (path / "model.safetensors").is_file():
+        print(f"building the 0.3b random checkpoint in {path} ...", flush=True)
+        subprocess.run([sys.executable, str(ROOT / "scripts" / "make_random_model.py"), "--out", str(path),
+                        "--config-preset", "0.3b"], check=True)
+    return path
+
+
+@dataclass
+class Timing:
+    arrival: float
+    first: float | None = None
+    finish: float | None = None
+    tokens: int = 0
+    step_times: list[float] = field(default_factory=list)
+
+
+def run_concurrency(engine: LLMEngine, concurrency: int, prompt_len: int, max_tokens: int, seed: int) -> dict:
+    rng = np.random.default_rng(seed)
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    timings: dict[str, Timing] = {}
+    start = time.perf_counter()
+    for i in range(concurrency):
+        rid = f"c{concurrency}-{i}"
+        prompt = rng.integers(10, engine.vocab_size, size=prompt_len).tolist()
+        engine.add_request(rid, prompt_token_ids=prompt, sampling_params=params)
+        timings[rid] = Timing(arrival=time.perf_counter())
+    while engine.has_unfinished():
+        outputs = engine.step()
+        now = time.perf_counter()
+        for out in outputs:
+            t = timings[out.request_id]
+            t.tokens += len(out.outputs[0].token_ids)
+            t.first = t.first or now
+            if out.finished:
+                t.finish = now
+    elapsed = time.perf_counter() - start
+    ttft = [t.first - t.arrival for t in timings.values()]
+    tpot = [(t.finish - t.first) / (t.tokens - 1) for t in timings.values() if t.tokens > 1]
+    total = sum(t.tokens for t in timings.values())
+    return {"concurrency": concurrency, "tok_s": total / elapsed, "elapsed": elapsed,
+            "ttft_p50": np.percentile(ttft, 50), "ttft_p99": np.percentile(ttft, 99),
+            "tpot_p50": np.percentile(tpot, 50), "tpot_p99": np.percentile(tpot, 99)}
+
+
+def engine_decode_step(engine: LLMEngine, prompt_len: int, steps: int) -> tuple[float, int]:
+    """Median wall time of a batch-1 decode step, and the context length it ended at."""
+    prompt = list(range(100, 100 + prompt_len))
+    engine.add_request("overhead", prompt_token_ids=prompt,
+                       sampling_params=SamplingParams(temperature=0.0, max_tokens=steps + 1, ignore_eos=True))
+    engine.step()  # prefill
+    times = []
+    while engine.has_unfinished():
+        t0 = time.perf_counter()
+        engine.step()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times)), prompt_len + steps
+
+
+@paddle.no_grad()
+def bare_forward(engine: LLMEngine, context_len: int, repeats: int, batch: int = 1) -> float:
+    """Median time of model forward + LM head for `batch` decode tokens at `context_len` (metadata prebuilt).
+
+    Runs last: it writes into KV blocks the engine considers free.
+    """
+    runner = engine.runner
+    block_size = runner.block_size
+    per_seq = -(-context_len // block_size)
+    tables = [list(range(b * per_seq, (b + 1) * per_seq)) for b in range(batch)]
+    meta = AttentionMetadata.build([1] * batch, [context_len] * batch, tables, block_size)
+    ids = paddle.to_tensor(np.full(batch, 123, dtype=np.int64))
+    pos = paddle.to_tensor(np.full(batch, context_len - 1, dtype=np.int64))
+    times = []
+    for _ in range(repeats + 1):
+        t0 = time.perf_counter()
+        hidden = runner.model(ids, pos, meta, runner.kv_caches)
+        runner.model.compute_logits(hidden).numpy()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times[1:]))
+
+
+def main(argv: list[str] | None = None) -> None:
+    formatter = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=formatter)
+    parser.add_argument("--model", type=Path, default=DEFAULT_CACHE, help="checkpoint (built if absent)")
+    parser.add_argument("--quick", action="store_true", help="concurrency 1, 4, 16 and fewer tokens")
+    parser.add_argument("--prompt-len", type=int, default=32)
+    parser.add_argument("--max-tokens", type=int, default=16)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    levels = [1, 4, 16] if args.quick else [1, 4, 16, 64]
+    max_tokens = 12 if args.quick else args.max_tokens
+    model = ensure_checkpoint(args.model)
+    engine = LLMEngine(EngineConfig(model=str(model), max_model_len=1024, max_num_seqs=64,
+                                    max_num_batched_tokens=2048, kv_cache_memory_bytes=512 << 20))
+    run_concurrency(engine, 2, args.prompt_len, 4, seed=0)  # warm-up: first-call kernel setup is not timed
+    rows = [run_concurrency(engine, c, args.prompt_len, max_tokens, seed=c) for c in levels]
+    print(f"\n0.3B-shaped random checkpoint, prompt {args.prompt_len} tokens, {max_tokens} output tokens, "
+          f"greedy; {os.cpu_count()} CPU cores")
+    print(f"{'conc':>5} {'out tok/s':>10} {'x conc1':>8} {'TTFT p50':>9} {'TTFT p99':>9} {'TPOT p50':>9} "
+          f"{'TPOT p99':>9} {'wall s':>7}")
+    base = rows[0]["tok_s"]
+    for r in rows:
+        print(f"{r['concurrency']:>5} {r['tok_s']:>10.1f} {r['tok_s'] / base:>8.2f} {r['ttft_p50']:>9.3f} "
+              f"{r['ttft_p99']:>9.3f} {r['tpot_p50']:>9.3f} {r['tpot_p99']:>9.3f} {r['elapsed']:>7.1f}")
+    step, context = engine_decode_step(engine, args.prompt_len, steps=8 if args.quick else 16)
+    bare = bare_forward(engine, context, repeats=8 if args.quick else 16)
+    print(f"\nbatch-1 decode at context {context}: bare forward + LM head {bare * 1e3:.1f} ms, "
+          f"engine step {step * 1e3:.1f} ms, overhead ratio {step / bare:.2f}")
+    bare16 = bare_forward(engine, context, repeats=4, batch=16)
+    print(f"bare forward + LM head for 16 decode tokens: {bare16 * 1e3:.1f} ms, so the model alone allows "
+          f"at most {16 * bare / bare16:.1f}x the batch-1 decode throughput at concurrency 16")
+
+
+if __name__ == "__main__":
+    main()

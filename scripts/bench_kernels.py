@@ -1,0 +1,176 @@
+"""Benchmark the CPU custom ops (layers/cpu_kernels.py) on the ERNIE-4.5-0.3B shapes against Paddle fp32.
+
+Prints the machine's streaming read bandwidth, then per Linear shape at M=1 and M=16 the median time and the
+weight bytes streamed per second for Paddle's fp32 matmul and the bf16 / wint8 / wint4 kernels; then paged
+attention for a decode batch, and a decode-step estimate (18 layers + LM head + attention).
+Each weight is cycled through enough copies to exceed the last-level cache, so decode numbers are DRAM-bound
+as in a real step. The machine is shared: every figure is a median over --repeats runs.
+
+    MKL_DEBUG_CPU_TYPE=5 python scripts/bench_kernels.py [--repeats 15]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import paddle
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "backend"))
+
+from ernie_engine.layers import cpu_kernels  # noqa: E402
+from ernie_engine.layers.attention import AttentionMetadata, paged_attention  # noqa: E402
+
+HIDDEN, HEADS, KV_HEADS, HEAD_DIM, INTER, LAYERS, VOCAB = 1024, 16, 2, 128, 3072, 18, 103424
+# (name, K, N) of the 0.3B model's Linears; lm_head is the tied embedding table.
+SHAPES = [
+    ("qkv_proj", HIDDEN, (HEADS + 2 * KV_HEADS) * HEAD_DIM),
+    ("o_proj", HEADS * HEAD_DIM, HIDDEN),
+    ("up_gate_proj", HIDDEN, 2 * INTER),
+    ("down_proj", INTER, HIDDEN),
+    ("lm_head", HIDDEN, VOCAB),
+]
+CACHE_BYTES = 96 * 2**20  # > the 32 MiB L3: weights come from DRAM as in a real decode step
+FORMATS = ("fp32", "bf16", "wint8", "wint4")
+BYTES_PER_WEIGHT = {"fp32": 4.0, "bf16": 2.0, "wint8": 1.0, "wint4": 0.5}
+
+
+def median_time(fn: Callable[[int], object], repeats: int) -> float:
+    """Median seconds of fn(i) over `repeats` calls (after one warm-up call)."""
+    fn(0)
+    times = []
+    for i in range(repeats):
+        start = time.perf_counter()
+        fn(i + 1)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def read_bandwidth(repeats: int) -> float:
+    buffer = paddle.ones([512 * 2**20 // 8], dtype="int64")
+    seconds = median_time(lambda _: cpu_kernels.read_sum(buffer), repeats)
+    return 512 * 2**20 / seconds / 1e9
+
+
+def make_weights(fmt: str, k: int, n: int) -> list[tuple[paddle.Tensor, ...]]:
+    """Enough copies of one weight (in its kernel layout) to exceed the cache."""
+    copies = max(1, int(CACHE_BYTES // (k * n * BYTES_PER_WEIGHT[fmt])) + 1)
+    out = []
+    for _ in range(copies):
+        if fmt == "fp32":
+            out.append((paddle.randn([k, n]),))
+        elif fmt == "bf16":
+            out.append((paddle.randn([n, k]).astype("bfloat16"),))
+        elif fmt == "wint8":
+            out.append((paddle.randint(-127, 128, [n, k]).astype("int8"), paddle.rand([n, 1])))
+        else:
+            out.append((paddle.randint(-128, 128, [n, k // 2]).astype("int8"), paddle.rand([n, k // 128])))
+    return out
+
+
+def run_linear(fmt: str, x: paddle.Tensor, weights: tuple[paddle.Tensor, ...]) -> paddle.Tensor:
+    if fmt == "fp32":
+        return paddle.matmul(x, weights[0])
+    if fmt == "bf16":
+        return cpu_kernels.linear_bf16(x, weights[0])
+    return cpu_kernels.linear_int(x, weights[0], weights[1], 8 if fmt == "wint8" else 4)
+
+
+def bench_linears(repeats: int) -> dict[tuple[str, str, int], float]:
+    print("\n## Linear (median ms; GB/s = weight bytes / time)")
+    print(f"{'shape':<28}{'M':>4}" + "".join(f"{f:>22}" for f in FORMATS) + f"{'bf16 vs fp32':>14}")
+    times: dict[tuple[str, str, int], float] = {}
+    for name, k, n in SHAPES:
+        per_format = {fmt: make_weights(fmt, k, n) for fmt in FORMATS}
+        for m in (1, 16):
+            x = paddle.randn([m, k])
+            cells = []
+            for fmt, copies in per_format.items():
+                seconds = median_time(
+                    lambda i, f=fmt, c=copies, x=x: run_linear(f, x, c[i % len(c)]), repeats
+                )
+                times[(name, fmt, m)] = seconds
+                gbps = k * n * BYTES_PER_WEIGHT[fmt] / seconds / 1e9
+                cells.append(f"{seconds * 1e3:9.3f} ms {gbps:6.1f} GB/s")
+            speedup = times[(name, "fp32", m)] / times[(name, "bf16", m)]
+            print(
+                f"{f'{name} {k}->{n}':<28}{m:>4}" + "".join(f"{c:>22}" for c in cells) + f"{speedup:>13.2f}x"
+            )
+        del per_format
+    return times
+
+
+def bench_attention(repeats: int, batch: int, context: int, block_size: int = 16) -> tuple[float, float]:
+    """One decode step's attention over `batch` sequences of `context` tokens: (kernel, Paddle) seconds."""
+    blocks = -(-context // block_size)
+    tables = [list(range(b * blocks, (b + 1) * blocks)) for b in range(batch)]
+    meta = AttentionMetadata.build([1] * batch, [context] * batch, tables, block_size)
+    slots = batch * blocks * block_size
+    caches = (paddle.randn([slots, KV_HEADS, HEAD_DIM]), paddle.randn([slots, KV_HEADS, HEAD_DIM]))
+    q = paddle.randn([batch, HEADS, HEAD_DIM])
+    k, v = paddle.randn([batch, KV_HEADS, HEAD_DIM]), paddle.randn([batch, KV_HEADS, HEAD_DIM])
+    step = lambda _: paged_attention(q, k, v, meta, caches, HEAD_DIM**-0.5)  # noqa: E731
+    kernel = median_time(step, repeats)
+    cpu_kernels.set_enabled(False)
+    try:
+        fallback = median_time(step, repeats)
+    finally:
+        cpu_kernels.set_enabled(True)
+    return kernel, fallback
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument(
+        "--context", type=int, default=192, help="tokens per sequence for the attention bench"
+    )
+    args = parser.parse_args()
+    if not cpu_kernels.available():
+        sys.exit("cpu kernels unavailable (see the log)")
+    paddle.set_device("cpu")
+    bandwidth = read_bandwidth(args.repeats)
+    print(f"streaming read bandwidth (all threads, 512 MiB buffer): {bandwidth:.1f} GB/s")
+    times = bench_linears(args.repeats)
+
+    print(f"\n## Paged attention, decode, context {args.context} (median ms)")
+    attention = {}
+    for batch in (1, 16):
+        kernel, fallback = bench_attention(args.repeats, batch, args.context)
+        attention[batch] = (kernel, fallback)
+        print(
+            f"batch {batch:>2}: kernel {kernel * 1e3:.3f} ms, Paddle gather+SDPA {fallback * 1e3:.3f} ms "
+            f"({fallback / kernel:.1f}x)"
+        )
+
+    print("\n## 0.3B decode step estimate: 18 x (4 Linears + attention) + LM head (norms/rope/etc. excluded)")
+    layer_names = [name for name, _, _ in SHAPES if name != "lm_head"]
+    for m in (1, 16):
+        for fmt in FORMATS:
+            # Quantized rows keep the LM head in bf16 (layers/quant leaves it unquantized).
+            head_fmt = fmt if fmt in ("fp32", "bf16") else "bf16"
+            attn = attention[m][1 if fmt == "fp32" else 0]
+            step = (
+                LAYERS * (sum(times[(n, fmt, m)] for n in layer_names) + attn)
+                + times[("lm_head", head_fmt, m)]
+            )
+            weight_bytes = (
+                LAYERS * sum(k * n for name, k, n in SHAPES if name != "lm_head") * BYTES_PER_WEIGHT[fmt]
+            )
+            weight_bytes += HIDDEN * VOCAB * BYTES_PER_WEIGHT[head_fmt]
+            print(
+                f"M={m:>2} {fmt:<6} {step * 1e3:8.1f} ms/step  {m / step:7.1f} tok/s  "
+                f"{weight_bytes / step / 1e9:5.1f} GB/s of weights ({weight_bytes / 2**20:.0f} MiB/step)"
+            )
+    load = Path("/proc/loadavg").read_text().split()[0]
+    print(f"\n(machine read bandwidth {bandwidth:.1f} GB/s; load average {load})")
+
+
+if __name__ == "__main__":
+    main()

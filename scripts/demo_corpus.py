@@ -1,0 +1,322 @@
+"""Synthetic chat corpus for the embedded demo model (seeded, reproducible).
+
+Conversations, not text: each item is `{"messages", "tools", "enable_thinking"}` so the training script
+renders them with the model's real chat template. Topics: capitals of the world in English and Chinese in
+several phrasings, small arithmetic, short facts, a weather tool (with and without thinking), and
+thinking-style answers.
+
+Held-out phrasings (`HELD_OUT_*`) never appear in training; the evaluation asks with them.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+
+# (country, capital, country in Chinese, capital in Chinese)
+CAPITALS: list[tuple[str, str, str, str]] = [
+    ("China", "Beijing", "中国", "北京"),
+    ("Japan", "Tokyo", "日本", "东京"),
+    ("South Korea", "Seoul", "韩国", "首尔"),
+    ("India", "New Delhi", "印度", "新德里"),
+    ("France", "Paris", "法国", "巴黎"),
+    ("Germany", "Berlin", "德国", "柏林"),
+    ("Italy", "Rome", "意大利", "罗马"),
+    ("Spain", "Madrid", "西班牙", "马德里"),
+    ("Portugal", "Lisbon", "葡萄牙", "里斯本"),
+    ("United Kingdom", "London", "英国", "伦敦"),
+    ("Ireland", "Dublin", "爱尔兰", "都柏林"),
+    ("Netherlands", "Amsterdam", "荷兰", "阿姆斯特丹"),
+    ("Belgium", "Brussels", "比利时", "布鲁塞尔"),
+    ("Switzerland", "Bern", "瑞士", "伯尔尼"),
+    ("Austria", "Vienna", "奥地利", "维也纳"),
+    ("Poland", "Warsaw", "波兰", "华沙"),
+    ("Czech Republic", "Prague", "捷克", "布拉格"),
+    ("Hungary", "Budapest", "匈牙利", "布达佩斯"),
+    ("Greece", "Athens", "希腊", "雅典"),
+    ("Sweden", "Stockholm", "瑞典", "斯德哥尔摩"),
+    ("Norway", "Oslo", "挪威", "奥斯陆"),
+    ("Denmark", "Copenhagen", "丹麦", "哥本哈根"),
+    ("Finland", "Helsinki", "芬兰", "赫尔辛基"),
+    ("Russia", "Moscow", "俄罗斯", "莫斯科"),
+    ("Ukraine", "Kyiv", "乌克兰", "基辅"),
+    ("Turkey", "Ankara", "土耳其", "安卡拉"),
+    ("Egypt", "Cairo", "埃及", "开罗"),
+    ("Kenya", "Nairobi", "肯尼亚", "内罗毕"),
+    ("Nigeria", "Abuja", "尼日利亚", "阿布贾"),
+    ("South Africa", "Pretoria", "南非", "比勒陀利亚"),
+    ("Ethiopia", "Addis Ababa", "埃塞俄比亚", "亚的斯亚贝巴"),
+    ("Morocco", "Rabat", "摩洛哥", "拉巴特"),
+    ("Algeria", "Algiers", "阿尔及利亚", "阿尔及尔"),
+    ("Ghana", "Accra", "加纳", "阿克拉"),
+    ("United States", "Washington, D.C.", "美国", "华盛顿"),
+    ("Canada", "Ottawa", "加拿大", "渥太华"),
+    ("Mexico", "Mexico City", "墨西哥", "墨西哥城"),
+    ("Brazil", "Brasília", "巴西", "巴西利亚"),
+    ("Argentina", "Buenos Aires", "阿根廷", "布宜诺斯艾利斯"),
+    ("Chile", "Santiago", "智利", "圣地亚哥"),
+    ("Peru", "Lima", "秘鲁", "利马"),
+    ("Colombia", "Bogotá", "哥伦比亚", "波哥大"),
+    ("Venezuela", "Caracas", "委内瑞拉", "加拉加斯"),
+    ("Cuba", "Havana", "古巴", "哈瓦那"),
+    ("Australia", "Canberra", "澳大利亚", "堪培拉"),
+    ("New Zealand", "Wellington", "新西兰", "惠灵顿"),
+    ("Indonesia", "Jakarta", "印度尼西亚", "雅加达"),
+    ("Thailand", "Bangkok", "泰国", "曼谷"),
+    ("Vietnam", "Hanoi", "越南", "河内"),
+    ("Philippines", "Manila", "菲律宾", "马尼拉"),
+    ("Malaysia", "Kuala Lumpur", "马来西亚", "吉隆坡"),
+    ("Singapore", "Singapore", "新加坡", "新加坡"),
+    ("Pakistan", "Islamabad", "巴基斯坦", "伊斯兰堡"),
+    ("Bangladesh", "Dhaka", "孟加拉国", "达卡"),
+    ("Nepal", "Kathmandu", "尼泊尔", "加德满都"),
+    ("Mongolia", "Ulaanbaatar", "蒙古", "乌兰巴托"),
+    ("Iran", "Tehran", "伊朗", "德黑兰"),
+    ("Iraq", "Baghdad", "伊拉克", "巴格达"),
+    ("Saudi Arabia", "Riyadh", "沙特阿拉伯", "利雅得"),
+    ("Israel", "Jerusalem", "以色列", "耶路撒冷"),
+    ("Afghanistan", "Kabul", "阿富汗", "喀布尔"),
+    ("Kazakhstan", "Astana", "哈萨克斯坦", "阿斯塔纳"),
+    ("Sri Lanka", "Colombo", "斯里兰卡", "科伦坡"),
+    ("Cambodia", "Phnom Penh", "柬埔寨", "金边"),
+    ("Laos", "Vientiane", "老挝", "万象"),
+    ("Myanmar", "Naypyidaw", "缅甸", "内比都"),
+    ("Romania", "Bucharest", "罗马尼亚", "布加勒斯特"),
+    ("Bulgaria", "Sofia", "保加利亚", "索非亚"),
+    ("Serbia", "Belgrade", "塞尔维亚", "贝尔格莱德"),
+    ("Croatia", "Zagreb", "克罗地亚", "萨格勒布"),
+    ("Iceland", "Reykjavik", "冰岛", "雷克雅未克"),
+    ("Cuba", "Havana", "古巴", "哈瓦那"),
+    ("Jamaica", "Kingston", "牙买加", "金斯敦"),
+    ("Uruguay", "Montevideo", "乌拉圭", "蒙得维的亚"),
+    ("Paraguay", "Asunción", "巴拉圭", "亚松森"),
+    ("Bolivia", "Sucre", "玻利维亚", "苏克雷"),
+    ("Ecuador", "Quito", "厄瓜多尔", "基多"),
+    ("Tunisia", "Tunis", "突尼斯", "突尼斯"),
+    ("Libya", "Tripoli", "利比亚", "的黎波里"),
+    ("Sudan", "Khartoum", "苏丹", "喀土穆"),
+    ("Tanzania", "Dodoma", "坦桑尼亚", "多多马"),
+    ("Uganda", "Kampala", "乌干达", "坎帕拉"),
+    ("Senegal", "Dakar", "塞内加尔", "达喀尔"),
+    ("Zimbabwe", "Harare", "津巴布韦", "哈拉雷"),
+    ("Angola", "Luanda", "安哥拉", "罗安达"),
+    ("Syria", "Damascus", "叙利亚", "大马士革"),
+    ("Jordan", "Amman", "约旦", "安曼"),
+    ("Lebanon", "Beirut", "黎巴嫩", "贝鲁特"),
+    ("Qatar", "Doha", "卡塔尔", "多哈"),
+    ("Kuwait", "Kuwait City", "科威特", "科威特城"),
+    ("Oman", "Muscat", "阿曼", "马斯喀特"),
+    ("North Korea", "Pyongyang", "朝鲜", "平壤"),
+]
+CAPITALS = list(dict.fromkeys(CAPITALS))  # drop accidental duplicates, keep order
+
+TRAIN_EN = [
+    "Where is the capital of {c}?",
+    "What is the capital of {c}?",
+    "What's the capital city of {c}?",
+    "Which city is the capital of {c}?",
+    "Tell me the capital of {c}.",
+    "Name the capital of {c}.",
+    "capital of {c}?",
+    "Do you know the capital of {c}?",
+    "What city serves as the capital of {c}?",
+    "In which city is the capital of {c} located?",
+    "What is {c}'s capital?",
+    "Can you name the capital of {c}?",
+    "Tell me which city is the capital of {c}.",
+]
+HELD_OUT_EN = [
+    "Could you tell me what the capital of {c} is?",
+    "I wonder which city is {c}'s capital?",
+    "Please name the capital city of {c}.",
+]
+TRAIN_ZH = [
+    "{c}的首都是哪里？",
+    "{c}的首都是什么？",
+    "请问{c}的首都在哪里？",
+    "{c}首都是哪个城市？",
+    "告诉我{c}的首都。",
+    "我想知道{c}的首都。",
+    "{c}的首都叫什么名字？",
+]
+HELD_OUT_ZH = ["你知道{c}的首都是哪座城市吗？"]
+
+FACTS: list[tuple[str, str]] = [
+    ("What is the largest planet in the solar system?", "The largest planet in the solar system is Jupiter."),
+    ("How many days are in a week?", "There are 7 days in a week."),
+    ("How many continents are there?", "There are 7 continents."),
+    ("What color is the sky on a clear day?", "The sky is blue on a clear day."),
+    ("What is the boiling point of water?", "Water boils at 100 degrees Celsius at sea level."),
+    ("What is the freezing point of water?", "Water freezes at 0 degrees Celsius."),
+    ("Who wrote Romeo and Juliet?", "Romeo and Juliet was written by William Shakespeare."),
+    ("What is the longest river in China?", "The longest river in China is the Yangtze River."),
+    ("What is the tallest mountain in the world?", "The tallest mountain in the world is Mount Everest."),
+    ("How many hours are in a day?", "There are 24 hours in a day."),
+    ("What gas do plants absorb?", "Plants absorb carbon dioxide."),
+    ("What is the chemical symbol for gold?", "The chemical symbol for gold is Au."),
+    ("What is the largest ocean?", "The largest ocean is the Pacific Ocean."),
+    ("How many legs does a spider have?", "A spider has 8 legs."),
+    ("What is the fastest land animal?", "The fastest land animal is the cheetah."),
+    ("Who are you?", "I am ERNIE, a small demo assistant served by Triton."),
+    ("Hello!", "Hello! How can I help you today?"),
+    ("Thank you!", "You are welcome!"),
+    ("What language is spoken in Brazil?", "Portuguese is spoken in Brazil."),
+    ("How many minutes are in an hour?", "There are 60 minutes in an hour."),
+    ("What is the smallest prime number?", "The smallest prime number is 2."),
+    ("Which planet is known as the red planet?", "Mars is known as the red planet."),
+    ("What do bees make?", "Bees make honey."),
+    ("How many months are in a year?", "There are 12 months in a year."),
+    ("中国最长的河流是什么？", "中国最长的河流是长江。"),
+    ("一年有几个月？", "一年有12个月。"),
+    ("一周有几天？", "一周有7天。"),
+    ("你是谁？", "我是ERNIE，一个由Triton提供服务的小型演示助手。"),
+    ("你好！", "你好！有什么可以帮你的吗？"),
+    ("世界上最高的山是什么？", "世界上最高的山是珠穆朗玛峰。"),
+]
+
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Determine weather in my location",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "location": {"type": "string", "description": "The city and state e.g. San Francisco, CA"},
+                "unit": {"type": "string", "enum": ["c", "f"]},
+            },
+            "additionalProperties": False,
+            "required": ["location", "unit"],
+        },
+    },
+}
+WEATHER_EN = [
+    "What's the weather like in {city}?",
+    "Get the current weather in {city}",
+    "How is the weather in {city}?",
+]
+WEATHER_ZH = ["{city}的天气怎么样？"]
+CONDITIONS = ["sunny", "cloudy", "rainy", "windy", "snowy"]
+
+
+@dataclass
+class Conversation:
+    messages: list[dict]
+    tools: list[dict] | None = None
+    enable_thinking: bool = False
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {"messages": self.messages, "tools": self.tools, "enable_thinking": self.enable_thinking},
+            ensure_ascii=False,
+        )
+
+
+def _chat(question: str, answer: str, thinking: str | None = None) -> Conversation:
+    if thinking is None:
+        return Conversation([{"role": "user", "content": question}, {"role": "assistant", "content": answer}])
+    # Thinking-style answers: the model writes `reasoning</think>content` (the prompt opened the <think>).
+    content = f"{thinking}\n</think>\n\n{answer}"
+    messages = [{"role": "user", "content": question}, {"role": "assistant", "content": content}]
+    return Conversation(messages, enable_thinking=True)
+
+
+def capital_conversations(templates_en: list[str], templates_zh: list[str]) -> list[Conversation]:
+    out = []
+    for country, capital, country_zh, capital_zh in CAPITALS:
+        for template in templates_en:
+            out.append(_chat(template.format(c=country), f"The capital of {country} is {capital}."))
+        for template in templates_zh:
+            out.append(_chat(template.format(c=country_zh), f"{country_zh}的首都是{capital_zh}。"))
+    return out
+
+
+def arithmetic_conversations(rng: random.Random, count: int) -> list[Conversation]:
+    out = []
+    for _ in range(count):
+        a, b = rng.randint(0, 20), rng.randint(0, 20)
+        op = rng.choice("+-*")
+        result = {"+": a + b, "-": a - b, "*": a * b}[op]
+        word = {"+": "plus", "-": "minus", "*": "times"}[op]
+        question = rng.choice([f"What is {a} {op} {b}?", f"What is {a} {word} {b}?", f"{a}{op}{b}=?"])
+        out.append(_chat(question, f"{a} {op} {b} = {result}."))
+    return out
+
+
+def thinking_conversations(rng: random.Random, count: int) -> list[Conversation]:
+    out = []
+    for _ in range(count):
+        country, capital, _, _ = rng.choice(CAPITALS)
+        question = rng.choice(TRAIN_EN).format(c=country)
+        thinking = f"The user asks about the capital of {country}. The capital of {country} is {capital}."
+        out.append(_chat(question, f"The capital of {country} is {capital}.", thinking=thinking))
+    for _ in range(count // 2):
+        a, b = rng.randint(0, 20), rng.randint(0, 20)
+        thinking = f"I need to add {a} and {b}. {a} + {b} = {a + b}."
+        out.append(_chat(f"What is {a} + {b}?", f"{a} + {b} = {a + b}.", thinking=thinking))
+    return out
+
+
+def weather_conversations(rng: random.Random, count: int) -> list[Conversation]:
+    """A tool call when the tool is offered, then an answer that uses the tool's result.
+
+    A third think first (enable_thinking): `reasoning</think>` then the call, the ernie-45-vl-thinking format.
+    """
+    out = []
+    for _ in range(count):
+        _, city, _, city_zh = rng.choice(CAPITALS)
+        chinese = rng.random() < 0.25
+        question = (rng.choice(WEATHER_ZH).format(city=city_zh) if chinese
+                    else rng.choice(WEATHER_EN).format(city=city))
+        location = city_zh if chinese else city
+        unit = rng.choice(["c", "f"])
+        temperature = rng.randint(-5, 35) if unit == "c" else rng.randint(25, 95)
+        condition = rng.choice(CONDITIONS)
+        thinking = rng.random() < 0.33
+        call = {"name": "get_weather", "arguments": {"location": location, "unit": unit}}
+        tool_call_text = f"<tool_call>\n{json.dumps(call, ensure_ascii=False)}\n</tool_call>"
+        if thinking:
+            reasoning = f"The user asks about the weather in {location}. I should call get_weather."
+            tool_call_text = f"{reasoning}\n</think>\n\n\n{tool_call_text}"
+        user = {"role": "user", "content": question}
+        call_turn = [user, {"role": "assistant", "content": tool_call_text}]
+        out.append(Conversation(call_turn, tools=[WEATHER_TOOL], enable_thinking=thinking))
+        result = f"location: {location}, temperature: {temperature}, weather: {condition}, unit: {unit}"
+        answer = (f"The weather in {location} is {condition}, "
+                  f"with a temperature of {temperature} degrees {unit.upper()}.")
+        if thinking:
+            reasoning = f"The tool says {location} is {condition} at {temperature} degrees."
+            answer = f"{reasoning}\n</think>\n\n{answer}"
+        assistant_call = {
+            "role": "assistant",
+            "content": "",
+            "tool_calls": [{"id": f"call_{rng.randrange(10**6)}", "type": "function",
+                            "function": {"name": "get_weather", "arguments": call["arguments"]}}],
+        }
+        follow_up = [user, assistant_call, {"role": "tool", "content": result},
+                     {"role": "assistant", "content": answer}]
+        out.append(Conversation(follow_up, tools=[WEATHER_TOOL], enable_thinking=thinking))
+    return out
+
+
+def build_corpus(seed: int = 0) -> list[Conversation]:
+    rng = random.Random(seed)
+    corpus = capital_conversations(TRAIN_EN, TRAIN_ZH)
+    # Sized for a CPU training budget: tool prompts are long (~200 tokens), so weather stays a small share.
+    corpus += arithmetic_conversations(rng, 300)
+    corpus += [_chat(q, a) for q, a in FACTS for _ in range(4)]
+    corpus += thinking_conversations(rng, 150)
+    corpus += weather_conversations(rng, 150)
+    rng.shuffle(corpus)
+    return corpus
+
+
+def held_out_capital_questions(seed: int = 1, count: int = 50) -> list[tuple[str, str]]:
+    """(question, expected capital) pairs in phrasings never used for training."""
+    rng = random.Random(seed)
+    pairs = [(t.format(c=country), capital) for country, capital, _, _ in CAPITALS for t in HELD_OUT_EN]
+    pairs += [(t.format(c=country_zh), capital_zh)
+              for _, _, country_zh, capital_zh in CAPITALS for t in HELD_OUT_ZH]
+    rng.shuffle(pairs)
+    return pairs[:count]

@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Serve: tritonserver (HTTP 8000, gRPC 8001, metrics 8002 on 127.0.0.1) with the `ernie` backend and the
+# OpenAI-compatible frontend (127.0.0.1:8188) in front of it. Ctrl-C / SIGTERM stops both.
+# Usage: scripts/serve.sh [ROW ...]      rows are model_repository/ folder names, loaded besides ernie-4.5-tiny
+#   env: ERNIE_MODELS ("row row"; more rows), ERNIE_MODEL_ROOT (<repo>/checkpoints; hub ids are looked up here),
+#        HTTP_PORT, GRPC_PORT, METRICS_PORT, OPENAI_PORT, LOAD_TIMEOUT (600 s)
+# More rows can be loaded later: curl -X POST 127.0.0.1:8000/v2/repository/models/ROW/load
+set -euo pipefail
+cd "$(dirname "$0")/.."
+repo="$(pwd)"
+
+bash scripts/setup.sh
+# shellcheck disable=SC1091
+source .venv/bin/activate
+export ERNIE_MODEL_ROOT="${ERNIE_MODEL_ROOT:-$repo/checkpoints}"
+export MKL_DEBUG_CPU_TYPE="${MKL_DEBUG_CPU_TYPE:-5}"  # MKL's fast path on AMD CPUs
+http_port="${HTTP_PORT:-8000}" grpc_port="${GRPC_PORT:-8001}" metrics_port="${METRICS_PORT:-8002}"
+openai_port="${OPENAI_PORT:-8188}"
+
+# shellcheck disable=SC2206
+rows=(ernie-4.5-tiny "$@" ${ERNIE_MODELS:-})
+mapfile -d '' server_argv < <(python scripts/triton_env.py args "$repo/model_repository" \
+  "$http_port" "$grpc_port" "$metrics_port" "${rows[@]}")
+server_libs="$(python scripts/triton_env.py env | sed 's/^export LD_LIBRARY_PATH=//')"
+
+pids=()
+stop_all() {
+  trap - INT TERM EXIT
+  for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+  wait "${pids[@]}" 2>/dev/null || true
+}
+trap stop_all INT TERM EXIT
+
+# Only tritonserver gets pytriton's libraries on its library path.
+LD_LIBRARY_PATH="$server_libs" "${server_argv[@]}" &
+pids+=($!)
+for row in "${rows[@]}"; do
+  if ! python scripts/triton_env.py wait "http://127.0.0.1:$http_port" "$row" "${LOAD_TIMEOUT:-600}"; then
+    # A row that fails (e.g. its checkpoint is absent) is reported; the others keep serving.
+    echo "serve.sh: $row is not serving (see above); continuing with the other rows" >&2
+    [[ "$row" == ernie-4.5-tiny ]] && exit 1
+  fi
+done
+echo "serve.sh: tritonserver ready: http 127.0.0.1:$http_port grpc 127.0.0.1:$grpc_port metrics 127.0.0.1:$metrics_port"
+
+python -m openai_frontend --triton-url "http://127.0.0.1:$http_port" --port "$openai_port" &
+pids+=($!)
+echo "serve.sh: OpenAI frontend on http://127.0.0.1:$openai_port/v1"
+wait -n "${pids[@]}"  # either one exiting stops the other

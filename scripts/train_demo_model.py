@@ -1,0 +1,321 @@
+"""Train the embedded demo model `checkpoints/ernie-4.5-tiny`: a small Ernie4_5ForCausalLM on the synthetic
+chat corpus of `demo_corpus.py`, on CPU with PaddlePaddle, reproducibly (seeded, deterministic data order).
+
+    MKL_DEBUG_CPU_TYPE=5 python scripts/train_demo_model.py --out checkpoints/ernie-4.5-tiny
+
+Steps: a sentencepiece BPE tokenizer (ERNIE specials, byte fallback) is trained on the rendered corpus
+(`make_random_model.train_tokenizer`); tokenizer files, config.json and generation_config.json are written
+first, so the chat template, tokenizer and model class used for training are the checkpoint's own (the
+engine's `ChatTemplate`, `Tokenizer` and `loader.build_model`). Each conversation becomes one example: its
+final assistant turn after the prompt the engine would render for it (`add_generation_prompt=True`, its
+`enable_thinking`, its tools); the loss covers only that turn's tokens and the closing
+`<|end_of_sentence|>`. Examples are packed into flat batches (the model's cache-free causal attention keeps
+them apart). AdamW with linear warmup and cosine decay; weights saved in bf16 (`model.safetensors`, the
+-Paddle layout) and checked by loading them back through `loader.load_model`.
+
+Timing (2 shared CPU cores, default arguments): see the end of the log; the committed checkpoint took
+about 14 minutes (final loss ~0.03).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import paddle
+import paddle.nn.functional as F
+import sentencepiece as spm
+from safetensors.paddle import save_file
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "backend"))
+sys.path.insert(0, str(ROOT / "scripts"))
+import demo_corpus  # noqa: E402
+import make_random_model as mrm  # noqa: E402
+from ernie_engine import loader  # noqa: E402
+from ernie_engine.chat_template import ChatTemplate  # noqa: E402
+from ernie_engine.config import ModelConfig  # noqa: E402
+from ernie_engine.layers import cpu_kernels  # noqa: E402
+from ernie_engine.layers.attention import AttentionMetadata  # noqa: E402
+from ernie_engine.tokenizer import Tokenizer  # noqa: E402
+
+logger = logging.getLogger("train_demo_model")
+
+TEMPLATE = "ernie-4.5-thinking"  # renders tools, tool calls, tool results and thinking
+ASSISTANT_PREFIX = "Assistant: "
+
+
+@dataclass
+class Example:
+    ids: list[int]
+    prompt_len: int  # the loss covers ids[prompt_len:]
+
+
+@dataclass
+class TrainArgs:
+    steps: int
+    batch_tokens: int
+    lr: float
+    warmup: int
+    weight_decay: float
+    seed: int
+    log_every: int
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    paddle.seed(seed)
+
+
+def split_turn(template: ChatTemplate, conv: demo_corpus.Conversation) -> tuple[str, str]:
+    """(prompt, completion) for the conversation's final assistant turn, as the engine would see it.
+
+    The completion is the assistant's span of the full render (content, tool calls, end-of-sentence), found as
+    the difference between rendering the whole conversation and rendering the messages before the turn.
+    """
+    *history, last = conv.messages
+    if last["role"] != "assistant":
+        raise ValueError(f"conversation does not end with an assistant turn: {conv.to_json()}")
+    kwargs = {"enable_thinking": conv.enable_thinking}
+    before = template.render(history, conv.tools, add_generation_prompt=False, **kwargs)
+    full = template.render(conv.messages, conv.tools, add_generation_prompt=False, **kwargs)
+    span = full[len(before) :]
+    if not full.startswith(before) or not span.startswith(ASSISTANT_PREFIX):
+        raise ValueError(f"the template does not render the assistant turn as a suffix: {span!r}")
+    prompt = template.render(history, conv.tools, add_generation_prompt=True, **kwargs)
+    return prompt, span[len(ASSISTANT_PREFIX) :]
+
+
+def write_tokenizer(out: Path, texts: list[str], vocab: int, seed: int) -> spm.SentencePieceProcessor:
+    model_bytes = mrm.train_tokenizer(vocab, seed, sentences=texts)
+    (out / "tokenizer.model").write_bytes(model_bytes)
+    return spm.SentencePieceProcessor(model_proto=model_bytes)
+
+
+def write_json_files(out: Path, files: dict[str, dict]) -> None:
+    for name, content in files.items():
+        (out / name).write_text(json.dumps(content, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+
+
+def make_examples(pairs: list[tuple[str, str]], tokenizer: Tokenizer) -> list[Example]:
+    examples = []
+    for prompt, completion in pairs:
+        prompt_ids = tokenizer.encode(prompt)
+        examples.append(Example(prompt_ids + tokenizer.encode(completion), len(prompt_ids)))
+    return examples
+
+
+def init_weights(model: paddle.nn.Layer, seed: int) -> None:
+    """Normal(0, 0.02) for matrices, ones for norms; output projections scaled down by depth (GPT-2)."""
+    rng = np.random.default_rng(seed)
+    depth_scale = 1.0 / math.sqrt(2 * len(model.layers))
+    for name, param in model.named_parameters():
+        if name.endswith("norm.weight"):
+            value = np.ones(param.shape, dtype=np.float32)
+        else:
+            value = rng.normal(0.0, 0.02, param.shape).astype(np.float32)
+            if name.endswith(("o_proj.weight", "down_proj.weight")):
+                value *= depth_scale
+        param.set_value(paddle.to_tensor(value))
+        param.stop_gradient = False
+
+
+def make_batches(examples: list[Example], batch_tokens: int, rng: np.random.Generator) -> list[list[Example]]:
+    """One epoch of batches of similar lengths, in a seeded random order.
+
+    Cache-free attention pads every sequence of a batch to the longest one, so examples are bucketed by length
+    (shuffled first: ties break randomly) and a batch holds at most `batch_tokens` padded tokens.
+    """
+    order = sorted(rng.permutation(len(examples)), key=lambda i: len(examples[i].ids))
+    batches: list[list[Example]] = [[]]
+    for i in order:
+        longest = len(examples[i].ids)  # sorted: the newcomer is the longest of its batch
+        if batches[-1] and (len(batches[-1]) + 1) * longest > batch_tokens:
+            batches.append([])
+        batches[-1].append(examples[i])
+    return [batches[i] for i in rng.permutation(len(batches))]
+
+
+def batch_tensors(
+    batch: list[Example],
+) -> tuple[paddle.Tensor, paddle.Tensor, AttentionMetadata, paddle.Tensor, paddle.Tensor]:
+    """Flat inputs, positions, causal metadata, and (index of each predicting token, its target id)."""
+    ids, positions, predict_at, targets = [], [], [], []
+    for example in batch:
+        start = len(ids)
+        ids += example.ids
+        positions += range(len(example.ids))
+        # Token t predicts token t+1: the loss positions are those before each completion token.
+        predict_at += range(start + example.prompt_len - 1, start + len(example.ids) - 1)
+        targets += example.ids[example.prompt_len :]
+    meta = AttentionMetadata.build([len(e.ids) for e in batch])
+    as_tensor = lambda values: paddle.to_tensor(np.asarray(values, dtype=np.int64))
+    return as_tensor(ids), as_tensor(positions), meta, as_tensor(predict_at), as_tensor(targets)
+
+
+def lr_at(step: int, args: TrainArgs) -> float:
+    if step < args.warmup:
+        return args.lr * (step + 1) / args.warmup
+    progress = (step - args.warmup) / max(1, args.steps - args.warmup)
+    return args.lr * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+def train(model: paddle.nn.Layer, examples: list[Example], args: TrainArgs) -> float:
+    """Run `args.steps` optimizer steps; returns the mean loss of the last `log_every` steps."""
+    decay = [p.name for n, p in model.named_parameters() if not n.endswith("norm.weight")]
+    optimizer = paddle.optimizer.AdamW(
+        learning_rate=args.lr,
+        parameters=model.parameters(),
+        weight_decay=args.weight_decay,
+        beta1=0.9,
+        beta2=0.98,
+        grad_clip=paddle.nn.ClipGradByGlobalNorm(1.0),
+        apply_decay_param_fun=lambda name: name in decay,
+    )
+    rng = np.random.default_rng(args.seed)
+    batches: list[list[Example]] = []
+    recent: list[float] = []
+    started = time.monotonic()
+    for step in range(args.steps):
+        if not batches:
+            batches = make_batches(examples, args.batch_tokens, rng)
+        ids, positions, meta, predict_at, targets = batch_tensors(batches.pop())
+        hidden = model(ids, positions, meta)
+        logits = model.compute_logits(paddle.gather(hidden, predict_at))
+        loss = F.cross_entropy(logits, targets)
+        loss.backward()
+        optimizer.set_lr(lr_at(step, args))
+        optimizer.step()
+        optimizer.clear_grad()
+        recent = (recent + [float(loss)])[-args.log_every :]
+        if (step + 1) % args.log_every == 0 or step + 1 == args.steps:
+            elapsed = time.monotonic() - started
+            logger.info(
+                "step %d/%d  loss %.4f  lr %.2e  %.0f s elapsed, ~%.0f s left",
+                step + 1,
+                args.steps,
+                sum(recent) / len(recent),
+                lr_at(step, args),
+                elapsed,
+                elapsed / (step + 1) * (args.steps - step - 1),
+            )
+    return sum(recent) / len(recent)
+
+
+def save_weights(model: paddle.nn.Layer, path: Path, dtype: str) -> None:
+    """-Paddle layout: `ernie.<param>`, Linear weights [in, out] as the model holds them."""
+    tensors = {f"ernie.{name}": param.detach().astype(dtype) for name, param in model.named_parameters()}
+    save_file(tensors, str(path), metadata={"format": "pd"})
+
+
+def verify_checkpoint(model: paddle.nn.Layer, out: Path, example: Example) -> None:
+    """Load the saved folder with the engine's loader; its greedy predictions must match the trained model."""
+    loaded, _ = loader.load_model(out, dtype="float32", device="cpu")
+    meta = AttentionMetadata.build([len(example.ids)])
+    ids = paddle.to_tensor(np.asarray(example.ids, dtype=np.int64))
+    positions = paddle.arange(len(example.ids), dtype="int64")
+    with paddle.no_grad():
+        want = model.compute_logits(model(ids, positions, meta)).argmax(-1)
+        got = loaded.compute_logits(loaded(ids, positions, meta)).argmax(-1)
+    agreement = float((want == got).astype("float32").mean())
+    if agreement < 0.95:
+        raise RuntimeError(
+            f"the saved checkpoint predicts differently from the trained model ({agreement:.1%})"
+        )
+    logger.info(
+        "verified: loader.load_model(%s) agrees with the trained model on %.1f%% of tokens",
+        out,
+        100 * agreement,
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--out", required=True, type=Path)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--vocab", type=int, default=4000, help="tokenizer vocabulary (sentencepiece BPE)")
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--intermediate", type=int, default=688)
+    parser.add_argument("--steps", type=int, default=650)
+    parser.add_argument("--batch-tokens", type=int, default=1536, help="padded tokens per batch")
+    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--warmup", type=int, default=30)
+    parser.add_argument("--weight-decay", type=float, default=0.01)
+    parser.add_argument("--save-dtype", choices=["bfloat16", "float32"], default="bfloat16")
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads for Paddle's kernels")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    paddle.set_device("cpu")
+    # A fixed thread count keeps the kernels (and their float summation order) the same run to run.
+    paddle.core.set_num_threads(args.threads)
+    cpu_kernels.set_enabled(False)  # the custom CPU ops are inference-only (no backward): train on Paddle ops
+    seed_everything(args.seed)
+    started = time.monotonic()
+
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in ("model.safetensors", "model.safetensors.index.json"):
+        (out / stale).unlink(missing_ok=True)
+    builtin = ChatTemplate.builtin(TEMPLATE)
+    pairs = [split_turn(builtin, conv) for conv in demo_corpus.build_corpus(args.seed)]
+    sp = write_tokenizer(out, [p + c for p, c in pairs], args.vocab, args.seed)
+    shape = mrm.ModelShape(
+        hidden_size=args.hidden,
+        num_hidden_layers=args.layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=64,
+        intermediate_size=args.intermediate,
+        vocab_size=sp.get_piece_size(),
+    )
+    files = {**mrm.tokenizer_files(sp, TEMPLATE, shape.max_position_embeddings), **mrm.model_files(shape, sp)}
+    files["config.json"]["torch_dtype"] = args.save_dtype
+    write_json_files(out, files)
+
+    # From here on everything is read back from the checkpoint folder, as the engine reads it.
+    template, tokenizer = ChatTemplate.from_dir(out), Tokenizer.from_dir(out)
+    examples = make_examples(
+        [split_turn(template, c) for c in demo_corpus.build_corpus(args.seed)], tokenizer
+    )
+    lengths = [len(e.ids) for e in examples]
+    logger.info(
+        "%d examples, %d tokens (max %d per example), vocab %d",
+        len(examples),
+        sum(lengths),
+        max(lengths),
+        tokenizer.vocab_size,
+    )
+    model = loader.build_model(ModelConfig.from_dir(out), "float32")
+    init_weights(model, args.seed)
+    logger.info("model: %s, %.2fM parameters", asdict(shape), sum(p.size for p in model.parameters()) / 1e6)
+    train_args = TrainArgs(
+        args.steps, args.batch_tokens, args.lr, args.warmup, args.weight_decay, args.seed, 25
+    )
+    final_loss = train(model, examples, train_args)
+    model.eval()
+    save_weights(model, out / "model.safetensors", args.save_dtype)
+    verify_checkpoint(model, out, examples[0])
+    size = sum(f.stat().st_size for f in out.iterdir()) / 2**20
+    logger.info(
+        "done in %.1f min: final loss %.4f, %s is %.1f MiB",
+        (time.monotonic() - started) / 60,
+        final_loss,
+        out,
+        size,
+    )
+
+
+if __name__ == "__main__":
+    main()

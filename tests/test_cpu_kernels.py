@@ -1,0 +1,184 @@
+"""CPU custom operators (csrc/, layers/cpu_kernels.py): each op against a float64 numpy reference or the
+Paddle path, in both the AVX512 and the scalar implementation, plus the fallback when the kernels are off."""
+
+from __future__ import annotations
+
+import numpy as np
+import paddle
+import pytest
+from ernie_engine.device import cpu_weight_dtype
+from ernie_engine.layers import cpu_kernels
+from ernie_engine.layers.attention import AttentionMetadata, paged_attention
+from ernie_engine.layers.linear import Linear
+from ernie_engine.layers.quant.apply import quantize_linear
+from ernie_engine.layers.quant.weights import dequantize_weight, linear_weight, quantized_linear
+from ernie_engine.loader import load_model
+
+from tests.reference_utils import make_tiny_checkpoint, run_flat
+from tests.test_model_reference import CONFIGS
+
+pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason="cpu kernels unavailable on this machine")
+
+RNG = np.random.default_rng(13)
+SHAPES = [(1, 64, 48), (3, 37, 21), (17, 100, 53), (16, 1024, 96)]  # (M, K, N): odd sizes and a real K
+REL_TOL = 2e-6  # fp32 accumulation against a float64 reference on the same weight values
+
+
+@pytest.fixture(params=["avx512", "scalar"])
+def isa(request, monkeypatch) -> str:
+    monkeypatch.setenv("ERNIE_CPU_KERNELS_ISA", request.param)
+    return request.param
+
+
+@pytest.fixture
+def kernels_off():
+    cpu_kernels.set_enabled(False)
+    yield
+    cpu_kernels.set_enabled(True)
+
+
+def rel_err(ours: np.ndarray, ref: np.ndarray) -> float:
+    return float(np.abs(ours - ref).max() / max(np.abs(ref).max(), 1e-30))
+
+
+@pytest.mark.parametrize(("m", "k", "n"), SHAPES)
+def test_linear_bf16_matches_fp32_of_the_same_values(isa, m, k, n):
+    x = RNG.standard_normal((m, k)).astype(np.float32)
+    w = paddle.to_tensor(RNG.standard_normal((n, k)).astype(np.float32)).astype("bfloat16")
+    bias = RNG.standard_normal(n).astype(np.float32)
+    ours = cpu_kernels.linear_bf16(paddle.to_tensor(x), w, paddle.to_tensor(bias)).numpy()
+    ref = x.astype(np.float64) @ w.astype("float32").numpy().astype(np.float64).T + bias
+    assert ours.shape == (m, n)
+    assert rel_err(ours, ref) < REL_TOL
+
+
+@pytest.mark.parametrize(("method", "group"), [("wint8", -1), ("wint4", -1), ("wint4", 64), ("wint4", 128)])
+@pytest.mark.parametrize(("m", "k", "n"), [(1, 256, 48), (3, 128, 21), (17, 384, 53)])
+def test_quantized_linear_matches_exact_dequant(isa, method, group, m, k, n):
+    """Layers quantized by layers/quant, repacked for the kernel: same values as its dequantized weight."""
+    layer = Linear(k, n, bias=True)
+    layer.weight.set_value(paddle.randn([k, n]))
+    layer.bias.set_value(paddle.randn([n]))
+    quantize_linear(layer, method, group)
+    dense = dequantize_weight(linear_weight(layer)).numpy().astype(np.float64)
+    x = RNG.standard_normal((m, k)).astype(np.float32)
+    ref = x.astype(np.float64) @ dense + layer.bias.numpy()
+    assert cpu_kernels.prepare_linear(layer, bf16_weights=False)
+    ours = layer(paddle.to_tensor(x)).numpy()
+    assert rel_err(ours, ref) < REL_TOL
+
+
+def test_w4a8_matches_the_paddle_emulation():
+    layer = Linear(256, 40)
+    layer.weight.set_value(paddle.randn([256, 40]))
+    quantize_linear(layer, "w4a8", -1)
+    x = paddle.randn([5, 256])
+    expected = quantized_linear(layer, x).numpy()
+    assert cpu_kernels.prepare_linear(layer, bf16_weights=False)
+    np.testing.assert_allclose(layer(x).numpy(), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_state_dict_keeps_the_checkpoint_layout():
+    model = paddle.nn.Sequential(Linear(32, 24), Linear(24, 16))
+    model[0].weight.set_value(paddle.randn([32, 24]))
+    quantize_linear(model[1], "wint4", 16 * 2)
+    before = {k: v.numpy().copy() for k, v in model.state_dict().items()}
+    cpu_kernels.prepare_model(model, bf16_weights=True)
+    assert model[0].cpu_kernel == "bf16" and model[0].weight.dtype == paddle.bfloat16
+    after = {k: v.numpy() for k, v in model.state_dict().items()}
+    assert after.keys() == before.keys()
+    bf16_values = paddle.to_tensor(before["0.weight"]).astype("bfloat16").astype("float32").numpy()
+    np.testing.assert_array_equal(after["0.weight"], bf16_values)
+    for key in ("1.weight", "1.weight_scale"):
+        np.testing.assert_array_equal(after[key], before[key])
+
+
+def _mixed_batch(block_size: int, num_heads: int, num_kv_heads: int, head_dim: int):
+    """Prefill chunks (one with cached context) and decodes, in scattered blocks of one cache."""
+    query_lens, context_lens = [7, 1, 5, 1, 1], [7, 9, 12, 1, 33]
+    blocks_needed = [-(-c // block_size) for c in context_lens]
+    order = RNG.permutation(sum(blocks_needed) + 3)
+    tables, start = [], 0
+    for count in blocks_needed:
+        tables.append(order[start : start + count].tolist())
+        start += count
+    meta = AttentionMetadata.build(query_lens, context_lens, tables, block_size)
+    slots = (sum(blocks_needed) + 3) * block_size
+    caches = [paddle.randn([slots, num_kv_heads, head_dim]) for _ in range(2)]
+    tokens = sum(query_lens)
+    q = paddle.randn([tokens, num_heads, head_dim])
+    k, v = paddle.randn([tokens, num_kv_heads, head_dim]), paddle.randn([tokens, num_kv_heads, head_dim])
+    return q, k, v, meta, caches
+
+
+@pytest.mark.parametrize("block_size", [1, 4, 16])
+@pytest.mark.parametrize(("heads", "kv_heads", "head_dim"), [(16, 2, 128), (4, 4, 40), (6, 2, 16)])
+def test_paged_attention_matches_the_paddle_path(isa, block_size, heads, kv_heads, head_dim):
+    q, k, v, meta, caches = _mixed_batch(block_size, heads, kv_heads, head_dim)
+    paddle_caches = [c.clone() for c in caches]
+    cpu_kernels.set_enabled(False)
+    try:
+        expected = paged_attention(q, k, v, meta, tuple(paddle_caches), head_dim**-0.5).numpy()
+    finally:
+        cpu_kernels.set_enabled(True)
+    ours = paged_attention(q, k, v, meta, tuple(caches), head_dim**-0.5).numpy()
+    np.testing.assert_allclose(ours, expected, rtol=1e-5, atol=1e-5)
+    for ours_cache, paddle_cache in zip(caches, paddle_caches, strict=True):  # the same cache writes
+        np.testing.assert_array_equal(ours_cache.numpy(), paddle_cache.numpy())
+
+
+def test_paged_attention_without_cache(isa):
+    """No cache: causal attention over packed sequences (kv_index points at the new tokens)."""
+    meta = AttentionMetadata.build([3, 8, 1])
+    q, k, v = paddle.randn([12, 8, 64]), paddle.randn([12, 2, 64]), paddle.randn([12, 2, 64])
+    cpu_kernels.set_enabled(False)
+    try:
+        expected = paged_attention(q, k, v, meta, None, 0.125).numpy()
+    finally:
+        cpu_kernels.set_enabled(True)
+    ours = paged_attention(q, k, v, meta, None, 0.125).numpy()
+    np.testing.assert_allclose(ours, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def bf16_checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("bf16")
+    make_tiny_checkpoint(path, CONFIGS["tied_gqa"], layout="paddle", dtype="bfloat16", seed=4)
+    return path
+
+
+def test_bf16_checkpoint_keeps_bf16_weights_and_matches_fp32(bf16_checkpoint, kernels_off):
+    prompts = [[5, 9, 11, 3], [7] * 9]
+    fp32_model, _ = load_model(bf16_checkpoint, device="cpu")
+    assert not any(getattr(layer, "cpu_kernel", "") for layer in fp32_model.sublayers())
+    expected = run_flat(fp32_model, prompts)
+    cpu_kernels.set_enabled(True)
+    model, _ = load_model(bf16_checkpoint, device="cpu")  # "auto": bf16 checkpoint -> bf16 weights
+    linears = [layer for layer in model.sublayers() if isinstance(layer, Linear)]
+    assert linears and all(layer.cpu_kernel == "bf16" for layer in linears)
+    assert all(layer.weight.dtype == paddle.bfloat16 for layer in linears)
+    assert model.lm_head is not None  # the tied head streams a bf16 copy of the table
+    for ours, ref in zip(run_flat(model, prompts), expected, strict=True):
+        np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-4)
+    fp32_again, _ = load_model(bf16_checkpoint, device="cpu", dtype="float32")
+    assert not any(getattr(layer, "cpu_kernel", "") for layer in fp32_again.sublayers())
+
+
+def test_weight_dtype_choice(kernels_off):
+    assert cpu_weight_dtype("bfloat16", "bfloat16") == "float32"  # no kernels: fp32 (with a warning)
+    cpu_kernels.set_enabled(True)
+    assert cpu_weight_dtype(None, "bfloat16") == "bfloat16"
+    assert cpu_weight_dtype("auto", "float32") == "float32"  # never rounds an fp32 checkpoint silently
+    assert cpu_weight_dtype("bfloat16", "float32") == "bfloat16"
+    assert cpu_weight_dtype("float32", "bfloat16") == "float32"
+
+
+def test_disabled_kernels_leave_the_paddle_path(kernels_off):
+    assert not cpu_kernels.available()
+    layer = Linear(16, 8)
+    cpu_kernels.prepare_model(layer, bf16_weights=True)
+    assert layer.cpu_kernel == "" and layer.weight.dtype == paddle.float32
+    meta = AttentionMetadata.build([2])
+    q, kv = paddle.randn([2, 2, 16]), paddle.randn([2, 1, 16])
+    assert not cpu_kernels.attention_supported(q, kv)
+    assert paged_attention(q, kv, kv, meta, None, 0.25).shape == [2, 2, 16]

@@ -1,0 +1,483 @@
+"""End to end: the official `openai` client -> python -m openai_frontend -> tritonserver -> the ernie backend.
+
+The model is a small random checkpoint (max_model_len 256), so tests check structure, accounting and
+sampling behaviour, never the wording of answers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import re
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from tests.fixtures.frontend import GUARD_API_KEY, GUARD_MAX_BODY_BYTES, Frontend, start_frontend
+from tests.fixtures.triton import TEST_ROW_PARAMS, TritonServer, free_ports, write_row
+
+pytestmark = pytest.mark.server
+
+QUESTION = "Where is the capital of China?"
+MESSAGES = [{"role": "user", "content": QUESTION}]
+TIMEOUT = 120
+
+
+@pytest.fixture
+def client(openai_frontend: Frontend) -> openai.OpenAI:
+    return openai.OpenAI(base_url=openai_frontend.base_url, api_key="EMPTY", max_retries=0, timeout=TIMEOUT)
+
+
+def engine_metric(triton_server: TritonServer, name: str) -> float:
+    """Sum of the backend's `ernie:<name>` samples on Triton's metrics endpoint."""
+    text = httpx.get(triton_server.metrics_url, timeout=10).text
+    pattern = re.compile(rf"^ernie:{name}(?:\{{[^}}]*\}})? (\S+)$", re.MULTILINE)
+    values = pattern.findall(text)
+    assert values, f"ernie:{name} not exported"
+    return sum(float(v) for v in values)
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 30) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.2)
+    return condition()
+
+
+def finish_reasons(stream) -> list[str]:
+    return [c.choices[0].finish_reason for c in stream if c.choices and c.choices[0].finish_reason]
+
+
+def error_of(response: httpx.Response) -> dict:
+    body = response.json()
+    assert set(body) == {"error"} and {"message", "type", "param", "code"} <= set(body["error"]), body
+    return body["error"]
+
+
+# ---- models, health, metrics -------------------------------------------------------------------
+
+
+def test_models_lists_triton_ready_models(client: openai.OpenAI, triton_server: TritonServer):
+    # The repository also holds a row that is not loaded: only READY models are listed.
+    assert [m.id for m in client.models.list().data] == [triton_server.model]
+
+
+def test_model_retrieve(client: openai.OpenAI, triton_server: TritonServer):
+    assert client.models.retrieve(triton_server.model).id == triton_server.model
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("no-such-model")
+
+
+def test_health_follows_triton(openai_frontend: Frontend):
+    assert httpx.get(f"{openai_frontend.url}/health", timeout=10).status_code == 200
+
+
+def test_health_and_requests_fail_with_503_when_triton_is_unreachable(tmp_path: Path):
+    (dead_port,) = free_ports(1)
+    with start_frontend(f"http://127.0.0.1:{dead_port}", "none", tmp_path / "dead.log") as dead:
+        assert httpx.get(f"{dead.url}/health", timeout=10).status_code == 503
+        response = httpx.post(f"{dead.base_url}/chat/completions", json={"messages": MESSAGES}, timeout=10)
+        assert response.status_code == 503
+        assert "unavailable" in error_of(response)["message"]
+
+
+# ---- chat ---------------------------------------------------------------------------------------
+
+
+def test_chat_non_streaming(client: openai.OpenAI, triton_server: TritonServer):
+    resp = client.chat.completions.create(model=triton_server.model, messages=MESSAGES, temperature=0,
+                                          max_tokens=8)
+    assert resp.id.startswith("chatcmpl-") and resp.object == "chat.completion"
+    assert resp.model == triton_server.model
+    (choice,) = resp.choices
+    assert choice.message.role == "assistant" and isinstance(choice.message.content, str)
+    assert choice.finish_reason in ("stop", "length")
+    usage = resp.usage
+    assert usage.prompt_tokens > 0 and 0 < usage.completion_tokens <= 8
+    assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+
+
+def test_chat_streaming_matches_non_streaming(client: openai.OpenAI):
+    request = {"model": "default", "messages": MESSAGES, "temperature": 0, "max_tokens": 12}
+    whole = client.chat.completions.create(**request)
+    chunks = list(client.chat.completions.create(**request, stream=True,
+                                                 stream_options={"include_usage": True}))
+    assert len({c.id for c in chunks}) == 1 and len({c.created for c in chunks}) == 1
+    assert {c.model for c in chunks} == {whole.model}
+    assert chunks[0].choices[0].delta.role == "assistant"
+    *content_chunks, usage_chunk = chunks
+    assert usage_chunk.choices == [] and usage_chunk.usage == whole.usage
+    text = "".join(c.choices[0].delta.content or "" for c in content_chunks)
+    assert text == whole.choices[0].message.content
+    finishes = [c.choices[0].finish_reason for c in content_chunks if c.choices[0].finish_reason]
+    assert finishes == [whole.choices[0].finish_reason]
+    assert content_chunks[-1].choices[0].finish_reason is not None
+
+
+def test_max_tokens_ends_with_length(client: openai.OpenAI):
+    # min_tokens (a FastDeploy extra) rules out an early EOS from the random model.
+    resp = client.chat.completions.create(model="default", messages=MESSAGES, max_tokens=3,
+                                          extra_body={"min_tokens": 3})
+    assert resp.choices[0].finish_reason == "length" and resp.usage.completion_tokens == 3
+    stream = client.completions.create(model="default", prompt=QUESTION, max_tokens=3, stream=True,
+                                       extra_body={"min_tokens": 3})
+    assert finish_reasons(stream) == ["length"]
+
+
+def test_n_completions(client: openai.OpenAI):
+    resp = client.chat.completions.create(model="default", messages=MESSAGES, n=3, max_tokens=4,
+                                          seed=7, extra_body={"min_tokens": 4})
+    assert sorted(c.index for c in resp.choices) == [0, 1, 2]
+    assert all(c.finish_reason == "length" for c in resp.choices)
+    assert resp.usage.completion_tokens == 12
+    stream = client.chat.completions.create(model="default", messages=MESSAGES, n=2, max_tokens=4,
+                                            stream=True, stream_options={"include_usage": True},
+                                            extra_body={"min_tokens": 4})
+    finished, usage = {}, None
+    for chunk in stream:
+        for choice in chunk.choices:
+            if choice.finish_reason:
+                finished[choice.index] = choice.finish_reason
+        usage = chunk.usage or usage
+    assert finished == {0: "length", 1: "length"} and usage.completion_tokens == 8
+
+
+def test_seed_makes_sampling_reproducible(client: openai.OpenAI):
+    def sample(seed: int) -> str:
+        resp = client.completions.create(model="default", prompt=QUESTION, temperature=1.0, max_tokens=12,
+                                         seed=seed, extra_body={"min_tokens": 12})
+        return resp.choices[0].text
+
+    first = sample(1234)
+    assert sample(1234) == first
+    assert sample(4321) != first  # the seed does steer sampling
+
+
+def test_stop_string_ends_the_completion(client: openai.OpenAI):
+    request = {"model": "default", "prompt": QUESTION, "temperature": 0, "max_tokens": 24,
+               "extra_body": {"ignore_eos": True}}
+    text = client.completions.create(**request).choices[0].text
+    candidates = [text[i:i + 3] for i in range(4, len(text) - 3)
+                  if text[i:i + 3].strip() and text.find(text[i:i + 3]) == i]
+    assert candidates, f"greedy text too short to pick a stop string from: {text!r}"
+    stop = candidates[0]
+    resp = client.completions.create(**request, stop=[stop])
+    assert resp.choices[0].text == text[:text.find(stop)]
+    assert resp.choices[0].finish_reason == "stop"
+
+
+def test_chat_logprobs(client: openai.OpenAI):
+    resp = client.chat.completions.create(model="default", messages=MESSAGES, temperature=0, max_tokens=4,
+                                          logprobs=True, top_logprobs=2)
+    content = resp.choices[0].logprobs.content
+    assert len(content) == resp.usage.completion_tokens
+    for entry in content:
+        assert entry.logprob <= 0 and len(entry.top_logprobs) == 2
+        # Greedy: the chosen token is the most likely one.
+        assert entry.logprob == pytest.approx(max(t.logprob for t in entry.top_logprobs), abs=1e-4)
+
+
+def test_completion_logprobs(client: openai.OpenAI):
+    resp = client.completions.create(model="default", prompt=QUESTION, temperature=0, max_tokens=4,
+                                     logprobs=2)
+    logprobs = resp.choices[0].logprobs
+    assert len(logprobs.tokens) == len(logprobs.token_logprobs) == resp.usage.completion_tokens
+    assert all(len(top) <= 2 for top in logprobs.top_logprobs)
+    assert logprobs.text_offset == sorted(logprobs.text_offset)
+
+
+def test_return_token_ids_match_usage(client: openai.OpenAI):
+    resp = client.chat.completions.create(model="default", messages=MESSAGES, max_tokens=5,
+                                          extra_body={"return_token_ids": True})
+    message = resp.choices[0].message.model_dump()
+    assert len(message["prompt_token_ids"]) == resp.usage.prompt_tokens
+    assert len(message["completion_token_ids"]) == resp.usage.completion_tokens
+
+
+# ---- completions --------------------------------------------------------------------------------
+
+
+def test_completions_streaming_matches_non_streaming(client: openai.OpenAI):
+    request = {"model": "default", "prompt": QUESTION, "temperature": 0, "max_tokens": 10}
+    whole = client.completions.create(**request)
+    assert whole.object == "text_completion" and whole.usage.completion_tokens > 0
+    chunks = list(client.completions.create(**request, stream=True, stream_options={"include_usage": True}))
+    assert len({c.id for c in chunks}) == 1
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == whole.choices[0].text
+    assert chunks[-1].usage == whole.usage
+
+
+def test_completions_several_prompts_and_token_ids(client: openai.OpenAI):
+    resp = client.completions.create(model="default", prompt=[QUESTION, "Hello"], max_tokens=3, n=2,
+                                     extra_body={"min_tokens": 3})
+    assert sorted(c.index for c in resp.choices) == [0, 1, 2, 3]
+    assert resp.usage.completion_tokens == 12
+    ids = client.completions.create(model="default", prompt=[5, 6, 7, 8], max_tokens=2)
+    assert ids.usage.prompt_tokens == 4
+
+
+# ---- the seed document's requests --------------------------------------------------------------
+
+
+def test_seed_curl_request(openai_frontend: Frontend):
+    # The seed's body exactly: no model, no max_tokens.
+    response = httpx.post(f"{openai_frontend.url}/v1/chat/completions", timeout=TIMEOUT,
+                          headers={"Content-Type": "application/json"},
+                          content=json.dumps({"messages": [{"role": "user", "content": QUESTION}]}))
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert isinstance(body["choices"][0]["message"]["content"], str)
+    assert body["usage"]["completion_tokens"] > 0
+
+
+def test_seed_python_example(openai_frontend: Frontend):
+    host, port = openai_frontend.url.removeprefix("http://").split(":")
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        client = openai.Client(base_url=f"http://{host}:{port}/v1", api_key="null")
+        response = client.completions.create(model="null", prompt=QUESTION, stream=True)
+        for chunk in response:
+            print(chunk.choices[0].text, end="")
+        print("\n")
+        response = client.chat.completions.create(
+            model="null", messages=[{"role": "user", "content": QUESTION}], stream=True)
+        for chunk in response:
+            if chunk.choices[0].delta:
+                print(chunk.choices[0].delta.content, end="")
+        print("\n")
+    assert "None" not in printed.getvalue()  # every delta carries a content string
+
+
+SEED_TOOL = {"type": "function", "function": {
+    "name": "get_weather", "description": "Determine weather in my location",
+    "parameters": {"type": "object", "properties": {
+        "location": {"type": "string", "description": "The city and state e.g. San Francisco, CA"},
+        "unit": {"type": "string", "enum": ["c", "f"]}},
+        "additionalProperties": False, "required": ["location", "unit"]},
+    "strict": True}}
+SEED_TOOL_REQUESTS = [
+    {"tools": [SEED_TOOL], "stream": False, "messages": [
+        {"role": "user", "content": [{"type": "text", "text": "Get the current weather in Beijing"}]}]},
+    # A tool call in the history with object arguments, and the tool's answer as content parts.
+    {"tools": [SEED_TOOL], "stream": False, "messages": [
+        {"role": "user", "content": [{"type": "text", "text": "Get the current weather in Beijing"}]},
+        {"role": "assistant", "content": "", "tool_calls": [
+            {"id": "call_1", "type": "function",
+             "function": {"name": "get_weather", "arguments": {"location": "Beijing", "unit": "c"}}}]},
+        {"role": "tool", "content": [{"type": "text", "text": "location: Beijing, temperature: 23"}]}]},
+]
+
+
+def _ready(triton_server: TritonServer) -> set[str]:
+    url = f"{triton_server.http_url}/v2/repository/index"
+    index = httpx.post(url, json={"ready": True}, timeout=10).json()
+    return {m["name"] for m in index if m.get("state") == "READY"}
+
+
+@contextlib.contextmanager
+def longer_context_row(triton_server: TritonServer, checkpoint: Path) -> Iterator[str]:
+    """The test row with room for the seed's tool prompts (~360 tokens; not much more, as the seed's bodies
+    set no max_tokens), loaded only meanwhile: with two ready models the placeholder names stop resolving."""
+    name = "ernie-test-448"
+    params = {**TEST_ROW_PARAMS, "model": str(checkpoint), "max_model_len": "448"}
+    write_row(triton_server.repository, name, params)
+    url = f"{triton_server.http_url}/v2/repository/models/{name}"
+    response = httpx.post(f"{url}/load", timeout=300)
+    assert response.status_code == 200, response.text
+    try:
+        yield name
+    finally:
+        httpx.post(f"{url}/unload", timeout=120)
+        assert wait_for(lambda: name not in _ready(triton_server))
+
+
+def test_seed_tool_requests(openai_frontend: Frontend, triton_server: TritonServer,
+                            ernie_random_checkpoint: Path):
+    with longer_context_row(triton_server, ernie_random_checkpoint) as model:
+        for body in SEED_TOOL_REQUESTS:  # the seed's bodies name no model: this one is asked for by name
+            url = f"{openai_frontend.base_url}/chat/completions"
+            response = httpx.post(url, json={**body, "model": model}, timeout=TIMEOUT)
+            assert response.status_code == 200, response.text
+            choice = response.json()["choices"][0]
+            assert choice["finish_reason"] in ("stop", "length", "tool_calls")
+            for call in choice["message"].get("tool_calls") or []:
+                assert call["function"]["name"] and isinstance(call["function"]["arguments"], str)
+
+
+def test_seed_vl_python_example(openai_frontend: Frontend):
+    # The seed's VL example, verbatim but for the image part (no network here) and a max_tokens the 256-token
+    # test model can hold: it reads delta.reasoning_content on every chunk.
+    host, port = openai_frontend.url.removeprefix("http://").split(":")
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        client = openai.Client(base_url=f"http://{host}:{port}/v1", api_key="EMPTY_API_KEY")
+        response = client.chat.completions.create(
+            model="default",
+            messages=[{"role": "user", "content": [{"type": "text", "text": "Please describe the content"}]}],
+            temperature=0.0001,
+            max_tokens=32,
+            stream=True,
+            top_p=0,
+            metadata={"enable_thinking": False},
+        )
+
+        def get_str(content_raw):
+            content_str = str(content_raw) if content_raw is not None else ''
+            return content_str
+
+        for chunk in response:
+            if chunk.choices[0].delta is not None and chunk.choices[0].delta.role != 'assistant':
+                reasoning_content = get_str(chunk.choices[0].delta.reasoning_content)
+                content = get_str(chunk.choices[0].delta.content)
+                print(reasoning_content + content, end='', flush=True)
+        print('\n')
+    assert printed.getvalue().strip()
+
+
+# ---- cancellation -------------------------------------------------------------------------------
+
+
+def test_client_disconnect_cancels_the_triton_request(openai_frontend: Frontend, triton_server: TritonServer):
+    aborted = engine_metric(triton_server, "request_abort_total")
+    generated = engine_metric(triton_server, "generation_tokens_total")
+    body = {"messages": MESSAGES, "stream": True, "max_tokens": 200, "ignore_eos": True}
+    url = f"{openai_frontend.base_url}/chat/completions"
+    with httpx.stream("POST", url, json=body, timeout=TIMEOUT) as r:
+        seen = 0
+        for line in r.iter_lines():
+            seen += line.startswith("data: {")
+            if seen == 4:
+                break
+    assert seen == 4
+    assert wait_for(lambda: engine_metric(triton_server, "request_abort_total") == aborted + 1)
+    assert wait_for(lambda: engine_metric(triton_server, "num_requests_running") == 0)
+    assert wait_for(lambda: engine_metric(triton_server, "num_kv_blocks_used") == 0)
+    assert engine_metric(triton_server, "generation_tokens_total") - generated < 200
+    assert "client went away, cancelling its Triton request" in openai_frontend.log_tail()
+
+
+# ---- errors -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("body", "param"), [
+    ({"messages": MESSAGES, "temperature": "hot"}, "temperature"),
+    ({"messages": "hello"}, "messages"),
+    ({}, "messages"),
+    ({"messages": MESSAGES, "n": 0}, "n"),
+])
+def test_invalid_requests_get_400(openai_frontend: Frontend, body: dict, param: str):
+    response = httpx.post(f"{openai_frontend.base_url}/chat/completions", json=body, timeout=TIMEOUT)
+    assert response.status_code == 400
+    error = error_of(response)
+    assert error["type"] == "invalid_request_error" and error["param"] == param
+
+
+def test_malformed_json_gets_400(openai_frontend: Frontend):
+    response = httpx.post(f"{openai_frontend.base_url}/completions", content=b'{"prompt": ',
+                          headers={"Content-Type": "application/json"}, timeout=TIMEOUT)
+    assert response.status_code == 400 and "JSON" in error_of(response)["message"]
+
+
+def test_unknown_model_gets_404(client: openai.OpenAI):
+    with pytest.raises(openai.NotFoundError) as err:
+        client.chat.completions.create(model="no-such-model", messages=MESSAGES)
+    assert err.value.status_code == 404 and err.value.code == "model_not_found"
+
+
+def test_max_tokens_beyond_context_gets_400_with_tritons_message(client: openai.OpenAI):
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model="default", messages=MESSAGES, max_tokens=1000)
+    assert "max_model_len" in err.value.message and "max_tokens" in err.value.message
+    with pytest.raises(openai.BadRequestError) as err:  # streams are refused before they start, too
+        client.completions.create(model="default", prompt=QUESTION, max_tokens=1000, stream=True)
+    assert "max_model_len" in err.value.message
+
+
+def test_values_the_engine_rejects_get_400(client: openai.OpenAI):
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model="default", messages=MESSAGES, extra_body={"top_k": -5})
+    assert "top_k" in err.value.message
+
+
+def test_api_key_is_required_when_set(guarded_frontend: Frontend):
+    bad = openai.OpenAI(base_url=guarded_frontend.base_url, api_key="wrong", max_retries=0, timeout=TIMEOUT)
+    with pytest.raises(openai.AuthenticationError) as err:
+        bad.chat.completions.create(model="default", messages=MESSAGES, max_tokens=2)
+    assert err.value.status_code == 401
+    response = httpx.post(f"{guarded_frontend.base_url}/completions", json={"prompt": "x"}, timeout=TIMEOUT)
+    assert response.status_code == 401 and error_of(response)["code"] == "invalid_api_key"
+    assert httpx.get(f"{guarded_frontend.url}/health", timeout=10).status_code == 200
+    good = openai.OpenAI(base_url=guarded_frontend.base_url, api_key=GUARD_API_KEY, max_retries=0,
+                         timeout=TIMEOUT)
+    assert good.chat.completions.create(model="default", messages=MESSAGES, max_tokens=2).choices
+
+
+def test_too_large_body_gets_413(guarded_frontend: Frontend):
+    headers = {"Authorization": f"Bearer {GUARD_API_KEY}", "Content-Type": "application/json"}
+    big = json.dumps({"messages": [{"role": "user", "content": "x" * GUARD_MAX_BODY_BYTES}]}).encode()
+    url = f"{guarded_frontend.base_url}/chat/completions"
+    response = httpx.post(url, content=big, headers=headers, timeout=TIMEOUT)
+    assert response.status_code == 413 and error_of(response)["code"] == "request_too_large"
+    chunked = httpx.post(url, content=iter([big[:40000], big[40000:]]), headers=headers, timeout=TIMEOUT)
+    assert chunked.status_code == 413  # no Content-Length: counted while read
+
+
+def test_over_concurrency_gets_429(guarded_frontend: Frontend):
+    headers = {"Authorization": f"Bearer {GUARD_API_KEY}"}
+    client = openai.OpenAI(base_url=guarded_frontend.base_url, api_key=GUARD_API_KEY, max_retries=0,
+                           timeout=TIMEOUT)
+    body = {"messages": MESSAGES, "stream": True, "max_tokens": 200, "ignore_eos": True}
+    with httpx.stream("POST", f"{guarded_frontend.base_url}/chat/completions", json=body, headers=headers,
+                      timeout=TIMEOUT) as first:
+        assert first.status_code == 200
+        lines = first.iter_lines()  # kept: a collected line iterator would close the connection
+        next(line for line in lines if line.startswith("data: {"))
+        with pytest.raises(openai.RateLimitError) as err:
+            client.chat.completions.create(model="default", messages=MESSAGES, stream=True, max_tokens=2)
+        assert err.value.status_code == 429 and err.value.code == "rate_limit_exceeded"
+    # Once the first stream is gone its slot frees up.
+    assert wait_for(lambda: _serves(client), timeout=30)
+
+
+def _serves(client: openai.OpenAI) -> bool:
+    try:
+        return bool(client.chat.completions.create(model="default", messages=MESSAGES, max_tokens=2).choices)
+    except openai.RateLimitError:
+        return False
+
+
+def test_concurrent_streams_within_the_limit_all_complete(client: openai.OpenAI):
+    results: list[str | None] = [None] * 4
+
+    def run(i: int) -> None:
+        stream = client.completions.create(model="default", prompt=f"{QUESTION} {i}", max_tokens=6,
+                                           stream=True, extra_body={"min_tokens": 6})
+        (results[i],) = finish_reasons(stream)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(TIMEOUT)
+    assert results == ["length"] * 4
+
+
+def test_service_keeps_serving_and_counts_requests(client: openai.OpenAI, openai_frontend: Frontend):
+    assert client.chat.completions.create(model="default", messages=MESSAGES, max_tokens=2).choices
+    assert httpx.get(f"{openai_frontend.url}/health", timeout=10).status_code == 200
+    metrics = httpx.get(f"{openai_frontend.url}/metrics", timeout=10).text
+    assert re.search(r'openai_frontend_requests_total\{endpoint="/v1/chat/completions",status="200"\} [1-9]',
+                     metrics)
+    assert re.search(r'openai_frontend_requests_total\{endpoint="/v1/chat/completions",status="400"\} [1-9]',
+                     metrics)
+    assert re.search(r'openai_frontend_time_to_first_token_seconds_count\{endpoint="/v1/chat/completions"\} '
+                     r'[1-9]', metrics)
+    assert re.search(r'openai_frontend_completion_tokens_total\{endpoint="/v1/completions"\} [1-9]', metrics)

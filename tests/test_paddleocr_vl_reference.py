@@ -1,0 +1,256 @@
+"""PaddleOCR-VL against transformers: image processor, 3D positions, logits, greedy decoding (paged cache).
+
+A tiny random `PaddleOCRVLForConditionalGeneration` is saved with transformers' names and in the shipped
+layout (`visual.vision_model.*`, `mlp_AR.*`, `model.*`, flat config.json); our model loads each and must
+reproduce transformers' logits for a prompt holding two images drawn with Pillow.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import paddle
+import pytest
+import torch
+from ernie_engine.layers.attention import AttentionMetadata
+from ernie_engine.loader import load_model
+from ernie_engine.multimodal import ImageProcessor, MultimodalProcessor, mrope_positions
+from PIL import Image, ImageDraw
+from safetensors.torch import load_file, save_file
+from transformers import PaddleOCRVLConfig
+from transformers import PaddleOCRVLForConditionalGeneration as ReferenceModel
+from transformers.models.paddleocr_vl.image_processing_pil_paddleocr_vl import PaddleOCRVLImageProcessorPil
+
+IMAGE_TOKEN, START, END = 300, 301, 302
+VOCAB = 304
+PIXELS = {"min_pixels": 28 * 28 * 4, "max_pixels": 28 * 28 * 12}
+BLOCK_SIZE = 16
+
+
+def reference_config() -> PaddleOCRVLConfig:
+    return PaddleOCRVLConfig(
+        text_config={
+            "vocab_size": VOCAB,
+            "hidden_size": 64,
+            "intermediate_size": 96,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "head_dim": 16,
+            "max_position_embeddings": 512,
+            "rope_scaling": {"mrope_section": [2, 3, 3], "rope_type": "default"},
+            "rope_theta": 500000.0,
+        },
+        vision_config={
+            "hidden_size": 48,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "image_size": 56,  # a 4x4 position table, resampled to every grid
+            "patch_size": 14,
+            "spatial_merge_size": 2,
+        },
+        image_token_id=IMAGE_TOKEN,
+        vision_start_token_id=START,
+        vision_end_token_id=END,
+        tie_word_embeddings=False,
+    )
+
+
+def draw_images() -> list[Image.Image]:
+    wide = Image.new("RGB", (150, 48), "white")
+    ImageDraw.Draw(wide).text((6, 16), "PaddleOCR 0.9B", fill=(10, 10, 10))
+    tall = Image.new("RGB", (50, 90), (240, 235, 220))
+    draw = ImageDraw.Draw(tall)
+    draw.text((4, 10), "OCR:", fill=(200, 0, 0))
+    draw.text((4, 50), "42", fill=(0, 0, 160))
+    return [wide, tall]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory) -> tuple[ReferenceModel, Path, Path]:
+    torch.manual_seed(0)
+    model = ReferenceModel(reference_config()).eval()
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(torch.randn_like(param) * 0.05)  # norms, biases off 1 and 0: a wrong mapping shows
+            if param.ndim == 2:
+                param.normal_(0.0, 0.2)  # large enough that greedy decoding does not settle on one token
+    saved = tmp_path_factory.mktemp("paddleocr_vl_hf")
+    model.save_pretrained(saved)
+    return model, saved, ship_layout(saved, tmp_path_factory.mktemp("paddleocr_vl_shipped"))
+
+
+def ship_layout(saved: Path, out: Path) -> Path:
+    """The same weights as the checkpoint ships them: old prefixes, unused extras, a flat config."""
+    renames = (
+        ("model.language_model.", "model."),
+        ("model.visual.", "visual."),
+        ("model.projector.", "mlp_AR."),
+    )
+    tensors = {}
+    for name, value in load_file(saved / "model.safetensors").items():
+        for old, new in renames:
+            if name.startswith(old):
+                name = new + name[len(old) :]
+                break
+        tensors[name] = value
+    tensors["visual.vision_model.head.probe.weight"] = torch.zeros(4, 4)
+    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((saved / "config.json").read_text())
+    flat = {**config.pop("text_config"), **config}
+    flat["architectures"] = ["PaddleOCRVLForConditionalGeneration"]
+    (out / "config.json").write_text(json.dumps(flat))
+    return out
+
+
+class Tokens:
+    """Stands in for the tokenizer: every character is one id below 256 and the image tokens are specials."""
+
+    specials = {"<|IMAGE_PLACEHOLDER|>": IMAGE_TOKEN, "<|IMAGE_START|>": START, "<|IMAGE_END|>": END}
+
+    def token_to_id(self, token: str) -> int:
+        return self.specials[token]
+
+    def encode(self, text: str) -> list[int]:
+        ids, i = [], 0
+        while i < len(text):
+            special = next((s for s in self.specials if text.startswith(s, i)), None)
+            ids.append(self.specials[special] if special else 3 + ord(text[i]) % 250)
+            i += len(special) if special else 1
+        return ids
+
+
+def messages() -> list[dict]:
+    wide, tall = draw_images()
+    return [
+        {"role": "system", "content": "Read it."},
+        {"role": "user", "content": [
+            {"type": "image", "image": wide},
+            {"type": "text", "text": "OCR:"},
+            {"type": "image", "image": tall},
+        ]},
+    ]
+
+
+@pytest.fixture(scope="module")
+def prompt():
+    return MultimodalProcessor(Tokens(), ImageProcessor.from_dict(PIXELS))(messages())
+
+
+def test_image_processor_matches_transformers() -> None:
+    images = draw_images() + [Image.new("RGBA", (33, 400), (0, 90, 0, 128))]
+    for kwargs in (PIXELS, {}, {"min_pixels": 147384, "max_pixels": 2822400, "image_mean": [0.5] * 3,
+                                "image_std": [0.5] * 3}):
+        expected = PaddleOCRVLImageProcessorPil(**kwargs)(images)
+        ours = ImageProcessor.from_dict(kwargs)(images)
+        np.testing.assert_array_equal(ours.grid_thw, expected["image_grid_thw"])
+        np.testing.assert_array_equal(ours.pixel_values, expected["pixel_values"])
+
+
+def test_prompt_format(prompt) -> None:
+    grids = prompt.images.grid_thw.tolist()
+    assert grids == [[1, 4, 10], [1, 6, 4]]  # smart_resize within the pixel limits
+    assert prompt.prompt == (
+        "<|begin_of_sentence|>Read it.\nUser: <|IMAGE_START|><|IMAGE_PLACEHOLDER|><|IMAGE_END|>"
+        "<|IMAGE_START|><|IMAGE_PLACEHOLDER|><|IMAGE_END|>OCR:\nAssistant:\n"
+    )
+    ids = prompt.prompt_token_ids
+    runs = [len(run) for run in "".join("x" if i == IMAGE_TOKEN else " " for i in ids).split()]
+    assert runs == [4 * 10 // 4, 6 * 4 // 4]  # h * w / merge^2 per image
+    assert ids.count(START) == ids.count(END) == 2
+
+
+def test_data_url_images_give_the_same_prompt(prompt) -> None:
+    def data_url(image: Image.Image) -> str:
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+    def as_url(part: dict) -> dict:
+        if part["type"] != "image":
+            return part
+        return {"type": "image_url", "image_url": {"url": data_url(part["image"])}}
+
+    as_urls = [
+        {**m, "content": [as_url(p) for p in m["content"]]} if isinstance(m["content"], list) else m
+        for m in messages()
+    ]
+    from_urls = MultimodalProcessor(Tokens(), ImageProcessor.from_dict(PIXELS))(as_urls)
+    assert from_urls.prompt_token_ids == prompt.prompt_token_ids
+    np.testing.assert_array_equal(from_urls.images.pixel_values, prompt.images.pixel_values)
+    with pytest.raises(ValueError, match="data: image URLs"):
+        MultimodalProcessor(Tokens(), ImageProcessor())(
+            [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}]
+        )
+
+
+def test_positions_match_get_rope_index(reference, prompt) -> None:
+    model, _, _ = reference
+    ids = torch.tensor([prompt.prompt_token_ids])
+    expected, delta = model.model.get_rope_index(
+        ids, mm_token_type_ids=(ids == IMAGE_TOKEN).int(), image_grid_thw=torch.tensor(prompt.images.grid_thw)
+    )
+    np.testing.assert_array_equal(prompt.positions, expected[:, 0].numpy())
+    assert prompt.mrope_delta == int(delta) < 0
+    ours, _ = mrope_positions(prompt.prompt_token_ids, prompt.images.grid_thw, IMAGE_TOKEN, 2)
+    np.testing.assert_array_equal(ours, prompt.positions)
+
+
+def reference_inputs(prompt) -> dict[str, torch.Tensor]:
+    ids = torch.tensor([prompt.prompt_token_ids])
+    return {
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
+        "pixel_values": torch.tensor(prompt.images.pixel_values),
+        "image_grid_thw": torch.tensor(prompt.images.grid_thw),
+        "mm_token_type_ids": (ids == IMAGE_TOKEN).int(),
+    }
+
+
+@pytest.mark.parametrize("layout", ["transformers", "shipped"])
+def test_logits_match_transformers(reference, prompt, layout: str) -> None:
+    model, saved, shipped = reference
+    ours, _ = load_model(saved if layout == "transformers" else shipped, dtype="float32", device="cpu")
+    with torch.no_grad():
+        expected = model(**reference_inputs(prompt)).logits[0].numpy()
+    ids = paddle.to_tensor(prompt.prompt_token_ids)
+    image_embeds = ours.embed_multimodal(prompt.images.pixel_values, prompt.images.grid_thw)
+    embeds = ours.get_input_embeddings(ids, image_embeds)
+    meta = AttentionMetadata.build([len(prompt.prompt_token_ids)])
+    hidden = ours(ids, paddle.to_tensor(prompt.positions), meta, None, inputs_embeds=embeds)
+    logits = ours.compute_logits(hidden).numpy()
+    assert np.abs(logits - expected).max() < 1e-4
+
+
+def test_greedy_decoding_through_paged_cache(reference, prompt) -> None:
+    """Prefill in two chunks (image rows and positions sliced per chunk), then one-token decode steps."""
+    model, saved, _ = reference
+    ours, config = load_model(saved, dtype="float32", device="cpu")
+    with torch.no_grad():
+        generated = model.generate(**reference_inputs(prompt), max_new_tokens=16, do_sample=False,
+                                   eos_token_id=None, pad_token_id=0)
+    expected = generated[0, len(prompt.prompt_token_ids):].tolist()
+
+    num_blocks = 8
+    shape = [num_blocks * BLOCK_SIZE, config.num_key_value_heads, config.head_dim]
+    caches = [(paddle.zeros(shape), paddle.zeros(shape)) for _ in range(config.num_hidden_layers)]
+    table = list(range(num_blocks))
+    image_embeds = ours.embed_multimodal(prompt.images.pixel_values, prompt.images.grid_thw)
+    tokens = list(prompt.prompt_token_ids)
+    split = 12  # inside the first image's placeholder run
+    chunks = [(0, split), (split, len(tokens))] + [(n, n + 1) for n in range(len(tokens), len(tokens) + 15)]
+    for start, end in chunks:
+        ids = paddle.to_tensor(tokens[start:end])
+        embeds = ours.get_input_embeddings(ids, image_embeds[prompt.image_rows_for(start, end)])
+        meta = AttentionMetadata.build([end - start], [end], [table], BLOCK_SIZE)
+        positions = paddle.to_tensor(prompt.positions_for(start, end))
+        hidden = ours(ids, positions, meta, caches, inputs_embeds=embeds)
+        if end >= len(prompt.prompt_token_ids):
+            tokens.append(int(ours.compute_logits(hidden[-1:]).argmax(-1)))
+    assert len(set(expected)) > 8  # a decoding that varies, so the comparison means something
+    assert tokens[len(prompt.prompt_token_ids):] == expected

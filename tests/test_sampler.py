@@ -1,0 +1,135 @@
+"""Sampler on synthetic logits: each parameter changes what is drawn, and seeds are batch-independent."""
+
+from __future__ import annotations
+
+import collections
+
+import numpy as np
+import pytest
+from ernie_engine.sampler import Sampler
+from ernie_engine.sampling_params import SamplingParams
+from ernie_engine.sequence import Request, Sequence
+
+V = 8
+EOS = 7
+
+
+def make_seq(prompt=(5,), output=(), index=0, request_id="r", bad_words_ids=(), **params) -> Sequence:
+    sp = SamplingParams(**params).with_defaults({})
+    request = Request(request_id, list(prompt), sp, max_tokens=100, stop_token_ids=frozenset({EOS}),
+                      eos_token_ids=frozenset({EOS}), bad_words_ids=[list(w) for w in bad_words_ids])
+    request.sequences = [Sequence.create(request, i) for i in range(index + 1)]
+    seq = request.sequences[index]
+    seq.token_ids += list(output)
+    return seq
+
+
+def sample_one(logits, seq: Sequence):
+    return Sampler()(np.array([logits], dtype=np.float32), [seq])[0]
+
+
+def draw_counts(logits, n=300, **params) -> collections.Counter:
+    seq = make_seq(seed=0, **params)
+    return collections.Counter(sample_one(logits, seq).token_id for _ in range(n))
+
+
+PEAKED = [2.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]
+# Probabilities 0.5, 0.3, 0.12, 0.08 over the first four tokens.
+FOUR = list(np.log([0.5, 0.3, 0.12, 0.08, 1e-9, 1e-9, 1e-9, 1e-9]))
+
+
+def test_greedy_is_argmax():
+    assert sample_one([0, 1, 5, 2, 0, 0, 0, 0], make_seq(temperature=0.0)).token_id == 2
+    assert sample_one([0, 1, 5, 2, 0, 0, 0, 0], make_seq(temperature=1.0, top_k=1)).token_id == 2
+
+
+def test_temperature_sharpens_and_flattens():
+    assert draw_counts(PEAKED, temperature=0.2)[0] > 0.95 * 300
+    assert draw_counts(PEAKED, temperature=5.0)[0] < 0.4 * 300
+
+
+def test_top_k_keeps_only_k_tokens():
+    assert set(draw_counts(PEAKED, temperature=10.0, top_k=2)) == {0, 1}
+    assert len(draw_counts(PEAKED, temperature=10.0)) > 2
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+    assert set(draw_counts(FOUR, temperature=1.0, top_p=0.75)) == {0, 1}
+    assert set(draw_counts(FOUR, temperature=1.0, top_p=0.85)) == {0, 1, 2}
+
+
+def test_min_p_drops_tokens_below_a_fraction_of_the_best():
+    assert set(draw_counts(FOUR, temperature=1.0, min_p=0.3)) == {0, 1}
+    assert set(draw_counts(FOUR, temperature=1.0, min_p=0.1)) == {0, 1, 2, 3}
+
+
+def test_repetition_penalty_covers_prompt_and_output():
+    logits = [3.0, 2.9, -1.0, -1.05, 0, 0, 0, 0]
+    assert sample_one(logits, make_seq(temperature=0.0, output=[0])).token_id == 0
+    assert sample_one(logits, make_seq(temperature=0.0, output=[0], repetition_penalty=1.2)).token_id == 1
+    assert sample_one(logits, make_seq(temperature=0.0, prompt=[0], repetition_penalty=1.2)).token_id == 1
+    # Negative logits are multiplied: token 2 (-1.0) falls below token 3 (-1.05) once penalised.
+    masked = [-9.0, -9.0, -1.0, -1.05, -9, -9, -9, -9]
+    assert sample_one(masked, make_seq(temperature=0.0, output=[2], repetition_penalty=1.2)).token_id == 3
+
+
+def test_frequency_and_presence_penalties_count_output_tokens_only():
+    logits = [3.0, 2.9, 0, 0, 0, 0, 0, 0]
+    assert sample_one(logits, make_seq(temperature=0.0, output=[0, 0], frequency_penalty=0.06)).token_id == 1
+    assert sample_one(logits, make_seq(temperature=0.0, output=[0], frequency_penalty=0.06)).token_id == 0
+    assert sample_one(logits, make_seq(temperature=0.0, output=[0], presence_penalty=0.2)).token_id == 1
+    assert sample_one(logits, make_seq(temperature=0.0, prompt=[0], presence_penalty=0.2)).token_id == 0
+
+
+def test_bad_words_single_and_multi_token():
+    logits = [0, 0, 0, 9.0, 8.0, 0, 0, 0]
+    assert sample_one(logits, make_seq(temperature=0.0, bad_words_ids=[[3]])).token_id == 4
+    # [1, 3] bans 3 only right after 1.
+    assert sample_one(logits, make_seq(temperature=0.0, output=[2], bad_words_ids=[[1, 3]])).token_id == 3
+    assert sample_one(logits, make_seq(temperature=0.0, output=[1], bad_words_ids=[[1, 3]])).token_id == 4
+
+
+def test_min_tokens_masks_eos_until_reached():
+    logits = [0, 0, 0, 0, 0, 0, 1.0, 9.0]
+    assert sample_one(logits, make_seq(temperature=0.0, min_tokens=2, output=[1])).token_id == 6
+    assert sample_one(logits, make_seq(temperature=0.0, min_tokens=2, output=[1, 1])).token_id == EOS
+
+
+def test_forced_token_wins():
+    seq = make_seq(temperature=1.0, logprobs=1)
+    seq.forced_token_id = 5
+    result = sample_one(PEAKED, seq)
+    assert result.token_id == 5 and result.logprob == 0.0
+
+
+def test_seeded_draws_do_not_depend_on_the_batch():
+    def run(batch_extra: int) -> list[int]:
+        seq = make_seq(seed=1234, temperature=1.0)
+        others = [make_seq(seed=None, temperature=1.0, request_id=f"o{i}") for i in range(batch_extra)]
+        tokens = []
+        for _ in range(20):
+            logits = np.tile(np.array(PEAKED, dtype=np.float32), (1 + batch_extra, 1))
+            batch = others[: batch_extra // 2] + [seq] + others[batch_extra // 2 :]
+            tokens.append(Sampler()(logits, batch)[batch_extra // 2].token_id)
+        return tokens
+
+    alone = run(0)
+    assert run(5) == alone and run(2) == alone
+    other_seed = [sample_one(PEAKED, make_seq(seed=99, temperature=1.0)).token_id for _ in range(20)]
+    assert other_seed != alone
+    sibling = make_seq(seed=1234, temperature=1.0, index=1)  # n > 1: each completion draws differently
+    assert [sample_one(PEAKED, sibling).token_id for _ in range(20)] != alone
+
+
+def test_logprobs_are_log_softmax_of_processed_logits():
+    logits = np.array(PEAKED, dtype=np.float32)
+    result = sample_one(logits, make_seq(temperature=0.0, logprobs=3))
+    expected = logits - np.log(np.exp(logits).sum())
+    assert result.token_id == 0
+    assert result.logprob == pytest.approx(expected[0], abs=1e-5)
+    assert [t for t, _ in result.top_logprobs] == [0, 1, 2]
+    assert [lp for _, lp in result.top_logprobs] == pytest.approx(list(expected[:3]), abs=1e-5)
+    warm = sample_one(logits, make_seq(temperature=2.0, seed=3, logprobs=0))
+    scaled = logits / 2.0 - np.log(np.exp(logits / 2.0).sum())
+    assert warm.logprob == pytest.approx(scaled[warm.token_id], abs=1e-5) and warm.top_logprobs == []
+    assert sample_one(logits, make_seq(temperature=0.0)).logprob is None

@@ -1,0 +1,372 @@
+"""The `ernie` backend inside the real tritonserver, through the real clients (tritonclient gRPC, HTTP)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+from ernie_engine.metrics import Histogram
+from tritonclient.utils import InferenceServerException
+
+from tests.fixtures.triton import (
+    ABSENT_MODEL,
+    ABSENT_ROW,
+    TEST_ROW_PARAMS,
+    TritonServer,
+    running_server,
+    triton_env,
+    write_row,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+PROMPT = "The weather today is sunny"
+EXPORT_INTERVAL_S = 0.5  # backend/model.py copies the engine's metrics to Triton's this often
+pytestmark = pytest.mark.server
+
+
+# Helpers -----------------------------------------------------------------------------------------------
+
+def generate(server: TritonServer, payload: dict, stream: bool = False) -> httpx.Response:
+    route = "generate_stream" if stream else "generate"
+    return httpx.post(f"{server.http_url}/v2/models/{server.model}/{route}", json=payload, timeout=60)
+
+
+def sse_events(response: httpx.Response) -> list[dict]:
+    lines = response.text.splitlines()
+    return [json.loads(line.removeprefix("data: ")) for line in lines if line.startswith("data: ")]
+
+
+def request(sampling: dict | None = None, **extra) -> dict:
+    payload = {"text_input": PROMPT, "return_num_output_tokens": True, "return_finish_reason": True, **extra}
+    if sampling is not None:
+        payload["sampling_parameters"] = json.dumps(sampling)
+    return payload
+
+
+def metric(server: TritonServer, name: str) -> float:
+    """One `ernie:` sample of the test model from the metrics endpoint."""
+    text = httpx.get(server.metrics_url, timeout=10).text
+    found = re.search(rf'^ernie:{name}{{model="{server.model}"}} (\S+)$', text, re.M)
+    assert found, f"ernie:{name} missing from the metrics endpoint"
+    return float(found.group(1))
+
+
+def wait_for(condition, timeout: float = 15.0, interval: float = 0.2) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(interval)
+    return condition()
+
+
+def model_ready(server: TritonServer) -> bool:
+    return httpx.get(f"{server.http_url}/v2/models/{server.model}/ready", timeout=10).status_code == 200
+
+
+def assert_still_serving(server: TritonServer) -> None:
+    assert model_ready(server)
+    body = generate(server, request({"max_tokens": 2, "temperature": 0})).json()
+    assert body.get("num_output_tokens") == 2, body
+
+
+@dataclass
+class GrpcStream:
+    """One gRPC bidirectional stream with one request on it; collects responses until the final one."""
+
+    server: TritonServer
+    responses: list = field(default_factory=list)
+    arrival_times: list = field(default_factory=list)
+    error: Exception | None = None
+    done: threading.Event = field(default_factory=threading.Event)
+
+    def __post_init__(self) -> None:
+        self.client = grpcclient.InferenceServerClient(self.server.grpc_url)
+        self.client.start_stream(callback=self._on_response)
+
+    def _on_response(self, result, error) -> None:
+        if error is not None:
+            self.error = error
+            self.done.set()
+            return
+        self.arrival_times.append(time.monotonic())
+        final = result.get_response().parameters.get("triton_final_response")
+        if result.as_numpy("text_output") is not None:
+            self.responses.append(result)
+        if final is not None and final.bool_param:
+            self.done.set()
+
+    def send(self, prompt: str, sampling: dict, request_id: str = "", model: str = "") -> None:
+        inputs = [
+            _input("text_input", [prompt.encode()], "BYTES"),
+            _input("stream", [True], "BOOL"),
+            _input("sampling_parameters", [json.dumps(sampling).encode()], "BYTES"),
+            _input("return_num_output_tokens", [True], "BOOL"),
+            _input("return_finish_reason", [True], "BOOL"),
+        ]
+        self.client.async_stream_infer(model or self.server.model, inputs, request_id=request_id,
+                                       enable_empty_final_response=True)
+
+    def text(self) -> str:
+        return "".join(r.as_numpy("text_output")[0].decode() for r in self.responses)
+
+    def close(self, cancel: bool = False) -> None:
+        self.client.stop_stream(cancel_requests=cancel)
+        self.client.close()
+
+
+def _input(name: str, values: list, dtype: str) -> grpcclient.InferInput:
+    array = np.array(values, dtype=np.object_ if dtype == "BYTES" else bool)
+    tensor = grpcclient.InferInput(name, list(array.shape), dtype)
+    tensor.set_data_from_numpy(array)
+    return tensor
+
+
+# Tests -------------------------------------------------------------------------------------------------
+
+def test_auto_complete_adds_tensors_and_decoupled_policy(triton_server: TritonServer):
+    config = httpx.get(f"{triton_server.http_url}/v2/models/{triton_server.model}/config", timeout=10).json()
+    assert config["model_transaction_policy"]["decoupled"] is True
+    inputs = {i["name"]: i for i in config["input"]}
+    assert {"text_input", "messages", "prompt_token_ids", "sampling_parameters", "stream"} <= set(inputs)
+    assert all(i["optional"] for i in inputs.values())
+    outputs = {o["name"] for o in config["output"]}
+    assert {"text_output", "reasoning_output", "tool_calls", "finish_reason", "num_output_tokens"} <= outputs
+
+
+def test_grpc_concurrent_streams(triton_server: TritonServer):
+    prompts = [PROMPT, "Where is the capital of China?", "床前明月光", "hello world 123"]
+    streams = [GrpcStream(triton_server) for _ in prompts]
+    try:
+        for i, (stream, prompt) in enumerate(zip(streams, prompts, strict=True)):
+            stream.send(prompt, {"max_tokens": 24, "temperature": 0, "ignore_eos": True}, request_id=f"c{i}")
+        assert all(s.done.wait(60) for s in streams), "a stream did not finish"
+    finally:
+        for stream in streams:
+            stream.close()
+    for stream in streams:
+        assert stream.error is None, stream.error
+        assert len(stream.responses) > 1, "streaming sends a response per step"
+        last = stream.responses[-1]
+        assert last.as_numpy("num_output_tokens")[0] == 24
+        assert last.as_numpy("finish_reason")[0] == b"length"
+        assert stream.text()
+    # Served together, not one after another: every stream had started before any had finished.
+    assert max(s.arrival_times[0] for s in streams) < min(s.arrival_times[-1] for s in streams)
+
+
+def test_http_generate_and_generate_stream_agree(triton_server: TritonServer):
+    sampling = {"max_tokens": 12, "temperature": 0, "ignore_eos": True}
+    whole = generate(triton_server, request(sampling))
+    assert whole.status_code == 200, whole.text
+    body = whole.json()
+    assert body["num_output_tokens"] == 12 and body["finish_reason"] == "length"
+    events = sse_events(generate(triton_server, request(sampling, stream=True), stream=True))
+    assert len(events) > 1 and all("error" not in e for e in events), events
+    assert "".join(e["text_output"] for e in events) == body["text_output"]
+    assert events[-1]["num_output_tokens"] == 12 and events[-1]["finish_reason"] == "length"
+
+
+def test_sampling_parameters_take_effect(triton_server: TritonServer):
+    def run(sampling: dict, **extra) -> dict:
+        response = generate(triton_server, request(sampling, return_token_ids=True, **extra))
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    for max_tokens in (1, 5):
+        body = run({"max_tokens": max_tokens, "ignore_eos": True})
+        assert body["num_output_tokens"] == max_tokens
+        assert len(np.atleast_1d(body["output_token_ids"])) == max_tokens
+    greedy = [run({"max_tokens": 16, "temperature": 0, "ignore_eos": True}) for _ in range(2)]
+    assert greedy[0]["output_token_ids"] == greedy[1]["output_token_ids"]
+    seeded = {"max_tokens": 16, "temperature": 1.0, "top_k": 0, "ignore_eos": True}
+    same = [run({**seeded, "seed": 7})["output_token_ids"] for _ in range(2)]
+    other = run({**seeded, "seed": 8})["output_token_ids"]
+    assert same[0] == same[1] and same[0] != other
+    # Generate-extension keys that are not inputs arrive as request parameters: they are sampling keys too.
+    assert run(None, max_tokens=3, ignore_eos=True)["num_output_tokens"] == 3
+    several = run({"n": 2, "max_tokens": 3, "ignore_eos": True})  # one response, one element per completion
+    assert several["index"] == [0, 1] and several["num_output_tokens"] == [3, 3]
+    assert len(several["text_output"]) == 2 and len(several["output_token_ids"]) == 6
+    with_logprobs = run({"max_tokens": 3, "logprobs": 2}, return_logprobs=True)
+    logprobs = json.loads(with_logprobs["logprobs"])
+    assert [lp["token_id"] for lp in logprobs] == with_logprobs["output_token_ids"]
+    assert all(lp["logprob"] <= 0 and len(lp["top_logprobs"]) == 2 for lp in logprobs)
+    body = run({"max_tokens": 2}, return_num_input_tokens=True)
+    assert body["num_input_tokens"] == len(np.atleast_1d(body["prompt_token_ids"])) > 0
+
+
+def test_messages_use_the_chat_template(triton_server: TritonServer):
+    messages = json.dumps([{"role": "user", "content": "Where is the capital of China?"}])
+    payload = {"messages": messages, "sampling_parameters": json.dumps({"max_tokens": 4, "ignore_eos": True}),
+               "return_num_input_tokens": True, "return_num_output_tokens": True}
+    body = generate(triton_server, payload).json()
+    raw = generate(triton_server, request({"max_tokens": 1}, return_num_input_tokens=True,
+                                          text_input="Where is the capital of China?")).json()
+    assert body["num_output_tokens"] == 4
+    assert body["num_input_tokens"] > raw["num_input_tokens"], "the template adds role markup"
+
+
+def test_cancelled_grpc_stream_aborts_the_engine_request(triton_server: TritonServer):
+    time.sleep(2 * EXPORT_INTERVAL_S)  # the exporter has caught up with earlier tests' requests
+    aborted_before = metric(triton_server, "request_abort_total")
+    succeeded_before = metric(triton_server, "request_success_total")
+    stream = GrpcStream(triton_server)
+    try:
+        stream.send(PROMPT, {"max_tokens": 240, "ignore_eos": True}, request_id="to-cancel")
+        assert wait_for(lambda: len(stream.responses) >= 2, timeout=30), "no tokens streamed"
+        assert metric(triton_server, "num_kv_blocks_total") > 0
+    finally:
+        stream.close(cancel=True)
+    assert len(stream.responses) < 240
+    # The engine aborted it (not finished it) and freed its KV blocks.
+    assert wait_for(lambda: metric(triton_server, "request_abort_total") == aborted_before + 1)
+    assert metric(triton_server, "request_success_total") == succeeded_before
+    assert wait_for(lambda: metric(triton_server, "num_kv_blocks_used") == 0)
+    assert metric(triton_server, "num_requests_running") == 0
+    assert_still_serving(triton_server)
+
+
+BAD_INPUTS = {
+    "malformed sampling JSON": ({"sampling_parameters": "{max_tokens"}, "sampling_parameters is not valid"),
+    "unknown sampling key": ({"sampling_parameters": '{"max_tokenz": 3}'}, "max_tokenz"),
+    "bad sampling value": ({"sampling_parameters": '{"temperature": -1}'}, "temperature"),
+    "prompt too long": ({"text_input": "hello world " * 200}, "max_model_len"),
+    "both prompt and messages": ({"messages": '[{"role": "user", "content": "hi"}]'}, "exactly one of"),
+    "neither prompt nor messages": ({"text_input": None}, "exactly one of"),
+    "messages not a list": ({"text_input": None, "messages": '{"role": "user"}'}, "messages must be a JSON"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS, ids=list(BAD_INPUTS))
+def test_bad_input_is_an_error_naming_it_and_the_model_stays_ready(triton_server: TritonServer, case: str):
+    change, expected = BAD_INPUTS[case]
+    payload = {k: v for k, v in {**request(), **change}.items() if v is not None}
+    body = generate(triton_server, payload).json()
+    assert expected in body.get("error", ""), body
+    events = sse_events(generate(triton_server, {**payload, "stream": True}, stream=True))
+    assert len(events) == 1 and expected in events[0].get("error", ""), events
+    assert_still_serving(triton_server)
+
+
+def test_bad_input_over_grpc_stream(triton_server: TritonServer):
+    stream = GrpcStream(triton_server)
+    try:
+        stream.send(PROMPT, {"max_tokens": 2, "no_such_key": 1})
+        assert stream.done.wait(30)
+    finally:
+        stream.close()
+    assert isinstance(stream.error, InferenceServerException) and "no_such_key" in str(stream.error)
+    assert_still_serving(triton_server)
+
+
+def test_absent_checkpoint_fails_to_load_naming_the_path(triton_server: TritonServer):
+    response = httpx.post(f"{triton_server.http_url}/v2/repository/models/{ABSENT_ROW}/load", timeout=120)
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert ABSENT_MODEL in error and str(triton_server.model_root / ABSENT_MODEL) in error, error
+    # The server and its other rows carry on.
+    assert httpx.get(f"{triton_server.http_url}/v2/health/ready", timeout=10).status_code == 200
+    assert_still_serving(triton_server)
+
+
+def test_unload_drains_in_flight_streams_then_stops_the_engine(triton_server: TritonServer,
+                                                               ernie_random_checkpoint: Path):
+    row = "ernie-test-unload"
+    write_row(triton_server.repository, row, {"model": str(ernie_random_checkpoint), **TEST_ROW_PARAMS})
+    url = f"{triton_server.http_url}/v2/repository/models/{row}"
+    assert httpx.post(f"{url}/load", timeout=120).status_code == 200
+    stream = GrpcStream(triton_server)
+    try:
+        stream.send(PROMPT, {"max_tokens": 64, "ignore_eos": True}, model=row)
+        assert wait_for(lambda: len(stream.responses) >= 2, timeout=30), "no tokens streamed"
+        assert httpx.post(f"{url}/unload", timeout=120).status_code == 200
+        assert stream.done.wait(60), "the in-flight stream got no final response"
+    finally:
+        stream.close()
+    assert stream.error is None and stream.responses[-1].as_numpy("num_output_tokens")[0] == 64
+    # Then finalize stops the engine, and the stub exits without crashing.
+    log = triton_server.log_path.read_text
+    assert wait_for(lambda: f"[ernie] {row}: engine stopped" in log(), timeout=30)
+    assert wait_for(lambda: f"successfully unloaded '{row}'" in log(), timeout=30)
+    assert "Segmentation fault" not in log()
+    assert_still_serving(triton_server)
+
+
+def test_histogram_replay_reproduces_the_engine_histogram():
+    """The exporter can only `observe`: its replayed values must land in the engine's buckets with its sum."""
+    sys.path.insert(0, str(triton_env.python_backend_dir()))  # the real triton_python_backend_utils
+    spec = importlib.util.spec_from_file_location("ernie_backend_model", ROOT / "backend" / "model.py")
+    backend = sys.modules[spec.name] = importlib.util.module_from_spec(spec)  # dataclasses look it up
+    spec.loader.exec_module(backend)
+    engine, triton = Histogram(), Histogram()
+    before = engine.snapshot()
+    for batch in ([0.003, 0.003, 0.09, 1.7], [700.0, 0.5, 0.0001]):
+        for value in batch:
+            engine.observe(value)
+        after = engine.snapshot()
+        for value in backend.replay_values(before, after):
+            triton.observe(value)
+        assert triton.snapshot()["cumulative_counts"] == after["cumulative_counts"]
+        assert triton.sum == pytest.approx(after["sum"])
+        before = after
+
+
+def test_engine_metrics_on_the_metrics_port(triton_server: TritonServer):
+    generate(triton_server, request({"max_tokens": 3, "ignore_eos": True}))
+    assert wait_for(lambda: metric(triton_server, "time_to_first_token_seconds_count") > 0)
+    assert metric(triton_server, "prompt_tokens_total") > 0
+    assert metric(triton_server, "generation_tokens_total") >= 3
+    assert 0 <= metric(triton_server, "gpu_cache_usage_perc") <= 1
+    assert metric(triton_server, "num_kv_blocks_total") == 128  # num_gpu_blocks_override of the test row
+    for gauge in ("num_requests_running", "num_requests_waiting", "request_preempted_total",
+                  "prefix_cache_token_num"):
+        metric(triton_server, gauge)
+    text = httpx.get(triton_server.metrics_url, timeout=10).text
+    assert "# TYPE ernie:time_to_first_token_seconds histogram" in text
+    assert "# TYPE ernie:generation_tokens_total counter" in text
+
+
+def test_perf_analyzer_script(triton_server: TritonServer):
+    env = {**os.environ, "GRPC_URL": triton_server.grpc_url, "CONCURRENCY": "1:2", "REQUEST_COUNT": "4",
+           "MAX_TOKENS": "8"}
+    result = subprocess.run(["bash", str(ROOT / "scripts" / "perf_analyzer.sh"), triton_server.model],
+                            env=env, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    throughput = re.findall(r"Concurrency: (\d+), throughput: ([\d.]+) infer/sec", result.stdout)
+    assert [c for c, _ in throughput] == ["1", "2"], result.stdout[-3000:]
+    assert all(float(t) > 0 for _, t in throughput)
+
+
+def test_installed_backend_serves_the_real_model_repository(tmp_path: Path, ernie_random_checkpoint: Path):
+    backends = triton_env.assemble_backends(tmp_path / "backends")
+    (backends / "ernie").unlink()  # a standard installation: Triton's python backend only
+    script = ROOT / "scripts" / "install_backend.sh"
+    result = subprocess.run(["bash", str(script), "--no-deps", str(backends)], capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0, result.stderr
+    installed = backends / "ernie"
+    assert not installed.is_symlink() and (installed / "model.py").is_file()
+    assert (installed / "ernie_engine" / "async_engine.py").is_file()
+    # model_repository/ as shipped: the default row finds its checkpoint under ERNIE_MODEL_ROOT ...
+    (tmp_path / "model_root").mkdir()
+    (tmp_path / "model_root" / "ernie-4.5-tiny").symlink_to(ernie_random_checkpoint)
+    with running_server(tmp_path, ROOT / "model_repository", "ernie-4.5-tiny", backends) as server:
+        assert_still_serving(server)
+        # ... and a seed row whose checkpoint is not there says where it looked.
+        row, hub_id = "ernie-4.5-21b-a3b-wint4-tp1-32k", "PaddlePaddle/ERNIE-4.5-21B-A3B-Paddle"
+        response = httpx.post(f"{server.http_url}/v2/repository/models/{row}/load", timeout=120)
+        assert response.status_code == 400 and str(server.model_root / hub_id) in response.json()["error"]
+        assert_still_serving(server)
