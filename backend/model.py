@@ -8,6 +8,10 @@ thread, so `execute` returns at once and responses stream through each request's
 Responses: streaming sends one response per completion delta (`index` says which of n); non-streaming sends
 exactly one response whose tensors hold one element per completion (`output_token_ids` concatenated in index
 order, split by `num_output_tokens`).
+
+Health: once the engine cannot serve (a tensor-parallel worker died), new requests fail at once with an
+UNAVAILABLE error naming the cause, and `HealthMonitor` unloads the model so that Triton reports it not ready
+(see there for why not exit the stub).
 """
 
 from __future__ import annotations
@@ -57,6 +61,7 @@ OUTPUTS = [
     ("prompt_token_ids", "TYPE_INT64"),
 ]
 METRICS_INTERVAL_S = 0.5
+HEALTH_INTERVAL_S = 0.5
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
 
@@ -100,6 +105,7 @@ class TritonPythonModel:
         self.loop_thread.start()
         self.ongoing: dict[str, Future] = {}
         self.metrics = EngineMetricsExporter(self.engine, {"model": self.name})
+        self.health = HealthMonitor(self.engine, self.name)
         self.logger.log_info(f"[ernie] {self.name}: ready")
 
     def execute(self, requests: list) -> None:
@@ -112,6 +118,12 @@ class TritonPythonModel:
 
     async def _generate(self, request, request_id: str) -> None:
         sender = request.get_response_sender()
+        try:
+            self.engine.check_health()
+        except Exception as err:  # the model is being unloaded (HealthMonitor): fail fast, naming the cause
+            message = f"model {self.name} is unavailable: {err}"
+            sender.send(error_response(message, pb_utils.TritonError.UNAVAILABLE), flags=FINAL)
+            return
         try:
             parsed = parse_request(request)
             stream = self.engine.add_request(request_id, sampling_params=parsed.sampling, **parsed.prompt)
@@ -166,6 +178,7 @@ class TritonPythonModel:
         # Triton drains in-flight requests before an unload; this aborts what a shutdown timeout left.
         self.logger.log_info(f"[ernie] {self.name}: finalize, aborting {len(self.ongoing)} request(s)")
         self.metrics.stop()
+        self.health.stop()
         for request_id in list(self.ongoing):
             self.engine.abort(request_id)
         for future in list(self.ongoing.values()):
@@ -278,6 +291,50 @@ def _logprob(lp) -> dict[str, Any]:
 def error_response(message: str, code=None):
     error = pb_utils.TritonError(message) if code is None else pb_utils.TritonError(message, code)
     return pb_utils.InferenceResponse(error=error)
+
+
+# Health ------------------------------------------------------------------------------------------------
+
+class HealthMonitor:
+    """Polls `engine.check_health()`; on failure logs the cause and unloads this model, once.
+
+    A Python backend cannot flip its model's readiness, and Triton 2.51 keeps a model whose stub process died
+    READY (requests then fail with "Stub process ... is not healthy", no restart). Unloading itself through
+    the model loading API makes the model UNAVAILABLE: `/v2/models/<name>/ready` answers 400, the repository
+    index says "unloaded", and loading it again starts a fresh engine. Triton lets in-flight requests finish
+    first (the engine has already failed them) and then calls `finalize`, which stops the workers. The API
+    needs `--model-control-mode=explicit` (how scripts/triton_env.py starts the server); in other modes the
+    model stays listed as ready and requests fail fast in `_generate`.
+    """
+
+    def __init__(self, engine: AsyncLLMEngine, name: str) -> None:
+        self.engine = engine
+        self.name = name
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="ernie-health", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.stopped.wait(HEALTH_INTERVAL_S):
+            try:
+                self.engine.check_health()
+            except Exception as err:
+                self._unload(err)
+                return
+
+    def _unload(self, cause: Exception) -> None:
+        pb_utils.Logger.log_error(f"[ernie] {self.name}: the engine cannot serve any more ({cause}); "
+                                  "unloading the model")
+        try:
+            pb_utils.unload_model(self.name)
+        except Exception as err:  # e.g. not in explicit model control mode
+            pb_utils.Logger.log_error(f"[ernie] {self.name}: could not unload the model ({err!r}); it stays "
+                                      "listed as ready and every request fails")
+
+    def stop(self) -> None:
+        self.stopped.set()
+        if threading.current_thread() is not self.thread:
+            self.thread.join(timeout=5)
 
 
 # Metrics -----------------------------------------------------------------------------------------------

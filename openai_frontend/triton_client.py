@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -69,6 +70,8 @@ class TritonClient:
         timeout = httpx.Timeout(connect=5.0, read=None, write=30.0, pool=None)
         limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=32)
         self._http = httpx.AsyncClient(base_url=url.rstrip("/"), timeout=timeout, limits=limits)
+        self._ready: list[str] = []
+        self._ready_at = float("-inf")
 
     async def aclose(self) -> None:
         await self._http.aclose()
@@ -93,9 +96,14 @@ class TritonClient:
             return False
         return True
 
-    async def ready_models(self) -> list[str]:
+    async def ready_models(self, max_age: float = 0.0) -> list[str]:
+        """Triton's ready models; with `max_age` > 0 a list fetched that many seconds ago or less will do."""
+        if max_age and time.monotonic() - self._ready_at <= max_age:
+            return self._ready
         response = await self._send("POST", "/v2/repository/index", json={"ready": True})
-        return sorted({m["name"] for m in response.json() if m.get("state") == "READY"})
+        self._ready = sorted({m["name"] for m in response.json() if m.get("state") == "READY"})
+        self._ready_at = time.monotonic()
+        return self._ready
 
     async def generate(self, model: str, payload: dict[str, Any]) -> dict[str, Any]:
         """`/generate`: for requests answered by exactly one response."""

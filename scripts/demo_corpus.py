@@ -125,6 +125,15 @@ TRAIN_EN = [
     "What is {c}'s capital?",
     "Can you name the capital of {c}?",
     "Tell me which city is the capital of {c}.",
+    # Polite and indirect wrappers, so that the model learns to find the country anywhere in the question.
+    "Could you tell me the capital of {c}?",
+    "Please tell me the capital of {c}.",
+    "I'd like to know the capital of {c}.",
+    "Which city is {c}'s capital?",
+    "What is the name of the capital city of {c}?",
+    "Hi! What is the capital of {c}?",
+    "Quick question: what is the capital of {c}?",
+    "{c}: what is its capital?",
 ]
 HELD_OUT_EN = [
     "Could you tell me what the capital of {c} is?",
@@ -139,6 +148,9 @@ TRAIN_ZH = [
     "告诉我{c}的首都。",
     "我想知道{c}的首都。",
     "{c}的首都叫什么名字？",
+    "{c}的首都是哪座城市？",
+    "你能告诉我{c}的首都吗？",
+    "{c}首都在哪？",
 ]
 HELD_OUT_ZH = ["你知道{c}的首都是哪座城市吗？"]
 
@@ -304,19 +316,24 @@ def build_corpus(seed: int = 0) -> list[Conversation]:
     rng = random.Random(seed)
     corpus = capital_conversations(TRAIN_EN, TRAIN_ZH)
     # Sized for a CPU training budget: tool prompts are long (~200 tokens), so weather stays a small share.
-    corpus += arithmetic_conversations(rng, 300)
+    corpus += arithmetic_conversations(rng, 150)
     corpus += [_chat(q, a) for q, a in FACTS for _ in range(4)]
     corpus += thinking_conversations(rng, 150)
-    corpus += weather_conversations(rng, 150)
+    corpus += weather_conversations(rng, 100)
     rng.shuffle(corpus)
     return corpus
 
 
-def held_out_capital_questions(seed: int = 1, count: int = 50) -> list[tuple[str, str]]:
-    """(question, expected capital) pairs in phrasings never used for training."""
+def held_out_capital_conversations(seed: int = 1, count: int = 50) -> list[tuple[Conversation, str]]:
+    """(conversation ending with the trained answer, expected capital), phrasings never used for training."""
     rng = random.Random(seed)
-    pairs = [(t.format(c=country), capital) for country, capital, _, _ in CAPITALS for t in HELD_OUT_EN]
-    pairs += [(t.format(c=country_zh), capital_zh)
-              for _, _, country_zh, capital_zh in CAPITALS for t in HELD_OUT_ZH]
+    conversations = capital_conversations(HELD_OUT_EN, HELD_OUT_ZH)  # per country: English, then Chinese
+    capitals = [cap for _, en, _, zh in CAPITALS for cap in [en] * len(HELD_OUT_EN) + [zh] * len(HELD_OUT_ZH)]
+    pairs = list(zip(conversations, capitals, strict=True))
     rng.shuffle(pairs)
     return pairs[:count]
+
+
+def held_out_capital_questions(seed: int = 1, count: int = 50) -> list[tuple[str, str]]:
+    """(question, expected capital) pairs in phrasings never used for training."""
+    return [(c.messages[0]["content"], cap) for c, cap in held_out_capital_conversations(seed, count)]

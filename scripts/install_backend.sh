@@ -3,6 +3,7 @@
 # image), the way Triton's vLLM backend is installed: a Python-based backend folder
 #     <backends>/ernie/model.py
 #     <backends>/ernie/ernie_engine/          (copied from backend/; re-running replaces it)
+#     <backends>/ernie/.runtime/cpu_kernels/  (the engine's CPU kernels, compiled here from ernie_engine/csrc/)
 # next to Triton's own <backends>/python/, plus the engine's Python requirements (requirements.txt without
 # nvidia-pytriton, which only this repo's embedded server needs) into the Python that runs the backend stub
 # (`python3` on tritonserver's PATH, or the environment a model names with EXECUTION_ENV_PATH).
@@ -39,4 +40,6 @@ find "$dest/ernie" -name __pycache__ -prune -exec rm -rf {} +
 if ((deps)); then
   grep -v '^nvidia-pytriton' requirements.txt | "$python" -m pip install -q -r /dev/stdin
 fi
+# Compile the CPU kernels now (into the backend folder, which the server may not be allowed to write to).
+"$python" scripts/build_kernels.py --backend "$dest/ernie"
 echo "install_backend.sh: installed $dest/ernie"

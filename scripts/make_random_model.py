@@ -17,6 +17,7 @@ import logging
 import random
 import struct
 import sys
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -337,8 +338,16 @@ def to_bf16_bits(x: np.ndarray) -> np.ndarray:
     return ((bits + rounding) >> 16).astype(np.uint16)
 
 
-def write_random_safetensors(path: Path, shapes: dict[str, tuple[int, ...]], seed: int) -> None:
-    """Write BF16 tensors one at a time (the 0.3b preset is ~700 MB) with a hand-built safetensors header."""
+def write_random_safetensors(
+    path: Path,
+    shapes: dict[str, tuple[int, ...]],
+    seed: int,
+    init: Callable[[str, np.ndarray], np.ndarray] | None = None,
+) -> None:
+    """Write BF16 tensors one at a time (the 0.3b preset is ~700 MB) with a hand-built safetensors header.
+
+    `init(name, standard_normal_values)` -> the tensor's values (default: norms near 1, the rest N(0, 0.02)).
+    """
     header: dict[str, object] = {"__metadata__": {"format": "np"}}
     offset = 0
     for name, shp in shapes.items():
@@ -353,8 +362,10 @@ def write_random_safetensors(path: Path, shapes: dict[str, tuple[int, ...]], see
         f.write(blob)
         for name, shp in shapes.items():
             values = rng.standard_normal(shp, dtype=np.float32)
-            # Norm weights near 1 (not exactly 1) so that a loader mixing them up changes the logits.
-            values = 1.0 + 0.05 * values if name.endswith("norm.weight") else 0.02 * values
+            if init is not None:
+                values = init(name, values)
+            else:  # norm weights near 1 (not exactly 1) so that a loader mixing them up changes the logits
+                values = 1.0 + 0.05 * values if name.endswith("norm.weight") else 0.02 * values
             f.write(to_bf16_bits(values).tobytes())
 
 

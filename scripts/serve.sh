@@ -13,7 +13,6 @@ bash scripts/setup.sh
 # shellcheck disable=SC1091
 source .venv/bin/activate
 export ERNIE_MODEL_ROOT="${ERNIE_MODEL_ROOT:-$repo/checkpoints}"
-export MKL_DEBUG_CPU_TYPE="${MKL_DEBUG_CPU_TYPE:-5}"  # MKL's fast path on AMD CPUs
 http_port="${HTTP_PORT:-8000}" grpc_port="${GRPC_PORT:-8001}" metrics_port="${METRICS_PORT:-8002}"
 openai_port="${OPENAI_PORT:-8188}"
 

@@ -4,7 +4,7 @@
 #   2. libpython3.11, which the Triton Python backend stub links against (apt-get, as root, if missing);
 #   3. the default model checkpoints/ernie-4.5-tiny (a random one from scripts/make_random_model.py) if absent,
 #      never replacing an existing (e.g. trained, committed) one;
-#   4. the engine's CPU kernels, compiled ahead of the first request (cached in .runtime/cpu_kernels);
+#   4. the engine's CPU kernels, compiled ahead of the first request (cached in backend/.runtime/cpu_kernels);
 #   5. .runtime/backends/: pytriton's Python backend with this Python's stub, and ernie/ -> backend/
 #      (a symlink, so edits to backend/ take effect at the next model load).
 # Usage: scripts/setup.sh [--test]
@@ -51,9 +51,10 @@ if [[ ! -e checkpoints/ernie-4.5-tiny ]]; then
   mv -T "$tmp" checkpoints/ernie-4.5-tiny
 fi
 
-# The engine's CPU kernels compile once (cached in .runtime/cpu_kernels): now, not at a server's first request.
+# The engine's CPU kernels compile once (cached in backend/.runtime/cpu_kernels): now, not at a server's first
+# request.
 python -c 'import sys; sys.path.insert(0, "backend"); from ernie_engine.layers import cpu_kernels; cpu_kernels.available()'
 
 python scripts/triton_env.py assemble >/dev/null
-python scripts/build_kernels.py  # CPU custom ops (csrc/) into .runtime/cpu_kernels; Paddle fallback if impossible
+python scripts/build_kernels.py  # CPU custom ops (ernie_engine/csrc/); Paddle fallback if impossible
 echo "setup: ok (.venv, checkpoints/ernie-4.5-tiny, .runtime/backends)"

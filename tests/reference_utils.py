@@ -270,3 +270,59 @@ def paged_greedy(
             query_lens = [1] * len(prompts)
             context = [c + 1 for c in context]
     return tokens, [np.stack(rows) for rows in logits_seen]
+
+
+# ---- multimodal (PaddleOCR-VL, ERNIE-4.5-VL) ------------------------------------------------------------
+
+# The language-model sizes both tiny VL references share (their vocab, depth and rotary differ).
+TINY_VL_TEXT: dict[str, Any] = {
+    "hidden_size": 64,
+    "intermediate_size": 96,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 16,
+    "max_position_embeddings": 512,
+}
+
+
+def save_multimodal_reference(
+    model_class: type[PreTrainedModel],
+    config: Any,
+    out: Path,
+    randomize: Callable[[str, torch.Tensor], None],
+) -> PreTrainedModel:
+    """A seeded `model_class(config)` whose parameters `randomize(name, param)` edits in place, saved to
+    `out` by transformers; returns it (eval mode)."""
+    torch.manual_seed(0)
+    model = model_class(config).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            randomize(name, param)
+    model.save_pretrained(out)
+    return model
+
+
+def multimodal_paged_greedy(
+    model: paddle.nn.Layer, config: ModelConfig, prompt: Any, split: int, num_tokens: int = 16
+) -> list[int]:
+    """Greedy tokens after a `MultimodalPrompt`: its prefill in two chunks split at `split` (embedding rows,
+    positions and, for ERNIE-4.5-VL, the MoE vision mask sliced per chunk), then one token per step, all
+    through a paged KV cache."""
+    block_size, num_blocks = 16, 8
+    caches = allocate_kv_caches(config, num_blocks, block_size)
+    table = list(range(num_blocks))
+    embeds = model.embed_multimodal(prompt.images.pixel_values, prompt.images.grid_thw)
+    tokens = list(prompt.prompt_token_ids)
+    prompt_len = len(tokens)
+    decode = [(n, n + 1) for n in range(prompt_len, prompt_len + num_tokens - 1)]
+    chunks = [(0, split), (split, prompt_len), *decode]
+    for start, end in chunks:
+        ids = paddle.to_tensor(tokens[start:end])
+        extra = {"inputs_embeds": model.get_input_embeddings(ids, embeds[prompt.image_rows_for(start, end)])}
+        if prompt.vision_token_ids:
+            extra["vision_mask"] = paddle.to_tensor(prompt.vision_mask_for(start, end))
+        meta = AttentionMetadata.build([end - start], [end], [table], block_size)
+        hidden = model(ids, paddle.to_tensor(prompt.positions_for(start, end)), meta, caches, **extra)
+        if end >= prompt_len:
+            tokens.append(int(model.compute_logits(hidden[-1:]).argmax(-1)))
+    return tokens[prompt_len:]

@@ -52,8 +52,11 @@ def test_linear_bf16_matches_fp32_of_the_same_values(isa, m, k, n):
     assert rel_err(ours, ref) < REL_TOL
 
 
+PREFILL = (cpu_kernels.DENSE_MIN_ROWS, 384, 53)  # M large enough for the dequantize + sgemm path
+
+
 @pytest.mark.parametrize(("method", "group"), [("wint8", -1), ("wint4", -1), ("wint4", 64), ("wint4", 128)])
-@pytest.mark.parametrize(("m", "k", "n"), [(1, 256, 48), (3, 128, 21), (17, 384, 53)])
+@pytest.mark.parametrize(("m", "k", "n"), [(1, 256, 48), (3, 128, 21), (17, 384, 53), PREFILL])
 def test_quantized_linear_matches_exact_dequant(isa, method, group, m, k, n):
     """Layers quantized by layers/quant, repacked for the kernel: same values as its dequantized weight."""
     layer = Linear(k, n, bias=True)
@@ -66,6 +69,19 @@ def test_quantized_linear_matches_exact_dequant(isa, method, group, m, k, n):
     assert cpu_kernels.prepare_linear(layer, bf16_weights=False)
     ours = layer(paddle.to_tensor(x)).numpy()
     assert rel_err(ours, ref) < REL_TOL
+
+
+@pytest.mark.parametrize("m", [1, cpu_kernels.DENSE_MIN_ROWS])
+def test_bf16_linear_layer_decode_and_prefill_paths(isa, m):
+    layer = Linear(100, 37, bias=True)
+    layer.weight.set_value(paddle.randn([100, 37]))
+    layer.bias.set_value(paddle.randn([37]))
+    assert cpu_kernels.prepare_linear(layer, bf16_weights=True)
+    dense = layer.weight.astype("float32").numpy().astype(np.float64).T
+    assert np.array_equal(cpu_kernels.dequantize(layer.weight, None, 16).numpy(), dense.T.astype(np.float32))
+    x = RNG.standard_normal((m, 100)).astype(np.float32)
+    ref = x.astype(np.float64) @ dense + layer.bias.numpy()
+    assert rel_err(layer(paddle.to_tensor(x)).numpy(), ref) < REL_TOL
 
 
 def test_w4a8_matches_the_paddle_emulation():

@@ -10,11 +10,9 @@ needs torchvision, see tests/test_video.py for the video rules).
 
 from __future__ import annotations
 
-import io
 import json
 from pathlib import Path
 
-import av
 import numpy as np
 import paddle
 import pytest
@@ -29,6 +27,9 @@ from transformers import Ernie4_5_VLMoeForConditionalGeneration as ReferenceMode
 from transformers.models.ernie4_5_vl_moe.image_processing_pil_ernie4_5_vl_moe import (
     Ernie4_5_VLMoeImageProcessorPil,
 )
+
+from tests.media_utils import CharTokens, write_mp4
+from tests.reference_utils import TINY_VL_TEXT, multimodal_paged_greedy, save_multimodal_reference
 
 IMAGE, IMAGE_START, IMAGE_END, VIDEO, VIDEO_START, VIDEO_END = range(300, 306)
 TOKEN_IDS = {
@@ -47,14 +48,9 @@ BLOCK_SIZE = 16
 def reference_config() -> Ernie4_5_VLMoeConfig:
     return Ernie4_5_VLMoeConfig(
         text_config={
+            **TINY_VL_TEXT,
             "vocab_size": VOCAB,
-            "hidden_size": 64,
-            "intermediate_size": 96,
             "num_hidden_layers": 3,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 2,
-            "head_dim": 16,
-            "max_position_embeddings": 512,
             "moe_intermediate_size": [32, 24],
             "moe_num_experts": 4,
             "moe_k": 2,
@@ -70,17 +66,15 @@ def reference_config() -> Ernie4_5_VLMoeConfig:
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory: pytest.TempPathFactory) -> tuple[ReferenceModel, Path, Path]:
-    torch.manual_seed(0)
-    model = ReferenceModel(reference_config()).eval()
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            param.add_(torch.randn_like(param) * 0.05)  # norms, biases off 1 and 0: a wrong mapping shows
-            if param.ndim >= 2:
-                param.normal_(0.0, 0.2)  # large enough that greedy decoding does not settle on one token
-            if "e_score_correction_bias" in name:
-                param.normal_(0.0, 0.05)  # shifts which experts win, not their weights
+    def randomize(name: str, param: torch.Tensor) -> None:
+        param.add_(torch.randn_like(param) * 0.05)  # norms, biases off 1 and 0: a wrong mapping shows
+        if param.ndim >= 2:
+            param.normal_(0.0, 0.2)  # large enough that greedy decoding does not settle on one token
+        if "e_score_correction_bias" in name:
+            param.normal_(0.0, 0.05)  # shifts which experts win, not their weights
+
     saved = tmp_path_factory.mktemp("ernie_vl_hf")
-    model.save_pretrained(saved)
+    model = save_multimodal_reference(ReferenceModel, reference_config(), saved, randomize)
     return model, saved, paddle_layout(saved, tmp_path_factory.mktemp("ernie_vl_paddle"))
 
 
@@ -135,26 +129,15 @@ def paddle_layout(saved: Path, out: Path) -> Path:
     return out
 
 
-class Tokens:
-    """Stands in for the tokenizer: each character is one id below 256, the multimodal tokens are specials."""
-
-    specials = {
+# Every character is one id below 256, the multimodal tokens are specials.
+TOKENS = CharTokens(
+    {
         "<|IMAGE_START|>": IMAGE_START,
         "<|IMAGE_END|>": IMAGE_END,
         "<|VIDEO_START|>": VIDEO_START,
         "<|VIDEO_END|>": VIDEO_END,
     }
-
-    def token_to_id(self, token: str) -> int:
-        return self.specials[token]
-
-    def encode(self, text: str) -> list[int]:
-        ids, i = [], 0
-        while i < len(text):
-            special = next((s for s in self.specials if text.startswith(s, i)), None)
-            ids.append(self.specials[special] if special else 3 + ord(text[i]) % 250)
-            i += len(special) if special else 1
-        return ids
+)
 
 
 def draw_images() -> list[Image.Image]:
@@ -167,24 +150,9 @@ def draw_images() -> list[Image.Image]:
     return [wide, tall]
 
 
-def write_mp4(num_frames: int = 5, size: tuple[int, int] = (84, 56), fps: int = 4) -> bytes:
-    """A short mp4 whose frames differ (a moving bar over a colour ramp)."""
-    buffer = io.BytesIO()
-    with av.open(buffer, mode="w", format="mp4") as container:
-        stream = container.add_stream("mpeg4", rate=fps)
-        stream.width, stream.height, stream.pix_fmt = size[0], size[1], "yuv420p"
-        for i in range(num_frames):
-            frame = np.zeros((size[1], size[0], 3), np.uint8)
-            frame[..., 0] = np.linspace(0, 255, size[0], dtype=np.uint8)[None, :]
-            frame[:, 10 * i : 10 * i + 12, 1] = 255
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
-        container.mux(stream.encode())
-    return buffer.getvalue()
-
-
 def processor(**kwargs) -> ErnieVLProcessor:
     video = VideoProcessor(min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 6, font=None)
-    return ErnieVLProcessor(Tokens(), TOKEN_IDS, ErnieVLImageProcessor.from_dict(PIXELS), video, **kwargs)
+    return ErnieVLProcessor(TOKENS, TOKEN_IDS, ErnieVLImageProcessor.from_dict(PIXELS), video, **kwargs)
 
 
 def image_messages() -> list[dict]:
@@ -335,22 +303,7 @@ def test_greedy_decoding_through_paged_cache(reference, image_prompt) -> None:
         )
     expected = generated[0, len(prompt.prompt_token_ids) :].tolist()
 
-    num_blocks = 8
-    shape = [num_blocks * BLOCK_SIZE, config.num_key_value_heads, config.head_dim]
-    caches = [(paddle.zeros(shape), paddle.zeros(shape)) for _ in range(config.num_hidden_layers)]
-    table = list(range(num_blocks))
-    embeds = ours.embed_multimodal(prompt.images.pixel_values, prompt.images.grid_thw)
-    tokens = list(prompt.prompt_token_ids)
-    split = tokens.index(IMAGE) + 3  # inside the first image's placeholder run
-    chunks = [(0, split), (split, len(tokens))] + [(n, n + 1) for n in range(len(tokens), len(tokens) + 15)]
-    for start, end in chunks:
-        ids = paddle.to_tensor(tokens[start:end])
-        x = ours.get_input_embeddings(ids, embeds[prompt.image_rows_for(start, end)])
-        meta = AttentionMetadata.build([end - start], [end], [table], BLOCK_SIZE)
-        positions = paddle.to_tensor(prompt.positions_for(start, end))
-        mask = paddle.to_tensor(prompt.vision_mask_for(start, end))
-        hidden = ours(ids, positions, meta, caches, inputs_embeds=x, vision_mask=mask)
-        if end >= len(prompt.prompt_token_ids):
-            tokens.append(int(ours.compute_logits(hidden[-1:]).argmax(-1)))
+    split = prompt.prompt_token_ids.index(IMAGE) + 3  # inside the first image's placeholder run
+    tokens = multimodal_paged_greedy(ours, config, prompt, split)
     assert len(set(expected)) > 8  # a decoding that varies, so the comparison means something
-    assert tokens[len(prompt.prompt_token_ids) :] == expected
+    assert tokens == expected

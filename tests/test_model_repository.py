@@ -23,6 +23,8 @@ SEED = Path(os.environ.get("ERNIE_SEED_DOC", ROOT.parent / "shared" / "seed" / "
 # Process plumbing of FastDeploy's own server that Triton replaces (ports, its worker queues).
 IGNORED_FLAGS = {"port", "metrics_port", "engine_worker_queue_port", "cache_queue_port"}
 DEFAULT_ROW = "ernie-4.5-tiny"
+THINKING_ROW = "ernie-4.5-tiny-thinking"  # the demo model with the seed's thinking-row parsers
+DEMO_ROWS = (DEFAULT_ROW, THINKING_ROW)  # the folders besides the seed's rows
 FOLDERS = [p for p in sorted(REPOSITORY.iterdir()) if p.is_dir()]
 
 
@@ -111,8 +113,8 @@ def test_seed_has_19_rows_with_distinct_folders():
     assert len({r.folder for r in rows}) == 19, [r.folder for r in rows]
 
 
-def test_every_folder_is_a_seed_row_or_the_default():
-    assert [p.name for p in FOLDERS] == sorted([r.folder for r in seed_rows()] + [DEFAULT_ROW])
+def test_every_folder_is_a_seed_row_or_a_demo_row():
+    assert [p.name for p in FOLDERS] == sorted([r.folder for r in seed_rows()] + list(DEMO_ROWS))
 
 
 @pytest.mark.parametrize("row", seed_rows(), ids=lambda r: r.folder)
@@ -148,3 +150,12 @@ def test_default_row_uses_the_embedded_checkpoint():
     params = config_params(read_config(REPOSITORY / DEFAULT_ROW))
     assert params["model"] == DEFAULT_ROW  # under ERNIE_MODEL_ROOT (<repo>/checkpoints in the scripts)
     assert int(params["max_model_len"]) <= 8192 and int(params["kv_cache_memory_bytes"]) > 0
+
+
+def test_thinking_row_is_the_default_model_with_the_seed_thinking_parsers():
+    params = config_params(read_config(REPOSITORY / THINKING_ROW))
+    default = config_params(read_config(REPOSITORY / DEFAULT_ROW))
+    (seed_row,) = [r for r in seed_rows() if r.model_name == "ERNIE-4.5-VL-28B-A3B-Thinking"]
+    parsers = {k: seed_row.params[k] for k in ("reasoning_parser", "tool_call_parser")}
+    assert parsers == {"reasoning_parser": "ernie-45-vl-thinking", "tool_call_parser": "ernie-45-vl-thinking"}
+    assert params == {**default, **parsers}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import re
 from pathlib import Path
@@ -12,9 +14,13 @@ import pytest
 import torch
 from ernie_engine.config import ModelConfig
 from ernie_engine.layers.moe import SparseMoeBlock
+from ernie_engine.layers.quant.apply import quantized_bytes
+from ernie_engine.layers.quant.config import QuantConfig
+from ernie_engine.layers.quant.weights import quantize_for_method
 from ernie_engine.loader import load_model
 from ernie_engine.models.ernie4_5 import Ernie4_5MLP
 from safetensors import safe_open
+from safetensors.numpy import save_file as save_numpy
 from transformers import Ernie4_5_MoeConfig
 from transformers.models.ernie4_5_moe.modeling_ernie4_5_moe import (
     Ernie4_5_MoeDecoderLayer,
@@ -365,3 +371,82 @@ def test_missing_expert_tensor_is_named(tmp_path: Path, layout: str, tensor: str
     edit_checkpoint(tmp_path, lambda tensors: tensors.pop(tensor))
     with pytest.raises(ValueError, match=rf"missing tensor {re.escape(tensor)} \(expected shape"):
         load_model(tmp_path, device="cpu")
+
+
+# ---- pre-quantized routed experts (docs/QUANTIZATION.md layout) -----------------------------------------
+
+_EXPERT_WEIGHT = re.compile(r"\.experts\.\d+\.(up_gate_proj|down_proj)\.weight$")
+
+
+def write_prequantized(src: Path, dst: Path, quant: QuantConfig) -> None:
+    """The float -Paddle checkpoint in `src` quantized ahead into `dst`: `<name>.weight` int8 (int4 packed two
+    per byte) + `<name>.weight_scale` ([out] per channel, else [in / group, out]) for the dense projections
+    and for every routed expert's weights, the rest as stored."""
+    tensors = {}
+    with safe_open(str(src / "model.safetensors"), framework="np") as f:
+        for name in f.keys():  # noqa: SIM118
+            value = f.get_tensor(name)
+            param = name.removeprefix("ernie.").removesuffix(".weight")
+            is_expert = bool(_EXPERT_WEIGHT.search(name))
+            method = quant.method_for(param, is_expert=is_expert) if name.endswith(".weight") else ""
+            if not method:
+                tensors[name] = value
+                continue
+            weight = paddle.to_tensor(value)
+            qw = quantize_for_method(weight, method, quant.group_size, quant.int4_clip_ratios)
+            scale = qw.scale.numpy()
+            tensors[f"ernie.{param}.weight"] = qw.qweight.numpy()
+            tensors[f"ernie.{param}.weight_scale"] = scale.reshape(-1) if scale.shape[0] == 1 else scale
+    dst.mkdir(parents=True, exist_ok=True)
+    save_numpy(tensors, str(dst / "model.safetensors"))
+    config = json.loads((src / "config.json").read_text())
+    config["quantization_config"] = {
+        "quantization": "mix_quant",
+        "dense_quant_type": quant.dense_method,
+        "moe_quant_type": quant.moe_method,
+        "is_quantized": True,
+    }
+    (dst / "config.json").write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize("moe_method,group_size", [("w4a8", 128), ("wint4", 16), ("wint8", 128)])
+def test_prequantized_experts_load_as_quantizing_at_load(tmp_path: Path, moe_method: str, group_size: int):
+    """Loading the quantized-ahead checkpoint gives the same int experts, scales and logits as loading the
+    float checkpoint and quantizing at load; the experts stay int8 (W4A8C8-style mix: dense wint8)."""
+    make_tiny_checkpoint(tmp_path / "float", MOE_MODEL, layout="paddle", seed=11)
+    at_load = dataclasses.replace(
+        QuantConfig.build(checkpoint={"dense_quant_type": "wint8", "moe_quant_type": moe_method}),
+        group_size=group_size,
+    )
+    write_prequantized(tmp_path / "float", tmp_path / "ahead", at_load)
+    ahead = QuantConfig.build(
+        checkpoint=json.loads((tmp_path / "ahead" / "config.json").read_text())["quantization_config"]
+    )
+    assert ahead.prequantized and ahead.moe_method == moe_method
+
+    want, config = load_model(tmp_path / "float", device="cpu", quantization=at_load)
+    got, _ = load_model(tmp_path / "ahead", device="cpu", quantization=ahead)
+    for layer in MOE_LAYERS:
+        ours, ref = got.layers[layer].mlp.experts, want.layers[layer].mlp.experts
+        assert ours.quant_method == moe_method
+        for name in ("up_gate_proj", "down_proj", "up_gate_proj_scale", "down_proj_scale"):
+            assert getattr(ours, name).dtype == getattr(ref, name).dtype
+            np.testing.assert_array_equal(getattr(ours, name).numpy(), getattr(ref, name).numpy())
+    assert ours.up_gate_proj.dtype == paddle.int8
+    assert quantized_bytes(got) == quantized_bytes(want)
+    batch = prompts(config.vocab_size, [7, 30], seed=5)
+    for ours, ref in zip(run_flat(got, batch), run_flat(want, batch), strict=True):
+        np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_prequantized_expert_missing_scale_is_named(tmp_path: Path):
+    make_tiny_checkpoint(tmp_path / "float", MOE_MODEL, layout="paddle", seed=11)
+    write_prequantized(tmp_path / "float", tmp_path / "ahead", QuantConfig.build("w4a8"))
+    tensor = "ernie.layers.5.mlp.experts.7.down_proj.weight_scale"
+    edit_checkpoint(tmp_path / "ahead", lambda tensors: tensors.pop(tensor))
+    quant = QuantConfig.build(
+        checkpoint=json.loads((tmp_path / "ahead" / "config.json").read_text())["quantization_config"]
+    )
+    shape = MOE_MODEL["hidden_size"]  # down_proj's output, one scale per channel
+    with pytest.raises(ValueError, match=rf"missing tensor {re.escape(tensor)} \(expected shape \[{shape}\]"):
+        load_model(tmp_path / "ahead", device="cpu", quantization=quant)

@@ -20,6 +20,7 @@ from openai_frontend.outputs import (
     parse_response,
     usage,
 )
+from openai_frontend.routers.chat import delta_choices
 from openai_frontend.schemas.openai import (
     ChatChunkChoice,
     ChatCompletionChunk,
@@ -273,6 +274,23 @@ def test_tool_call_deltas_merge_into_full_calls():
          "function": {"name": "get_weather", "arguments": '{"location": "Beijing"}'}},
         {"id": "chatcmpl-tool-2", "type": "function", "function": {"name": "f", "arguments": "{}"}},
     ]
+
+
+def test_stream_splits_tool_call_deltas_into_chunks_as_openai_does():
+    header = {"index": 0, "id": "chatcmpl-tool-1", "type": "function",
+              "function": {"name": "get_weather", "arguments": ""}}
+    pieces = [{"index": 0, "function": {"arguments": '{"location": "Beijing"'}},
+              {"index": 0, "function": {"arguments": ', "unit": "c"}'}}]
+    out = one(triton(reasoning_output="r", tool_calls=json.dumps([header, *pieces]),
+                     finish_reason="tool_calls", output_token_ids=[5, 6]))
+    choices = [c.model_dump() for c in delta_choices(out, 0, return_token_ids=True)]
+    # The name first, then one chunk per arguments fragment; the finish reason only on the last.
+    assert [c["delta"]["tool_calls"] for c in choices] == [[header], [pieces[0]], [pieces[1]]]
+    assert [c["finish_reason"] for c in choices] == [None, None, "tool_calls"]
+    assert choices[0]["delta"]["reasoning_content"] == "r" and choices[0]["delta"]["content"] is None
+    assert choices[0]["delta"]["completion_token_ids"] == [5, 6]
+    assert all(c["delta"]["reasoning_content"] is None and "completion_token_ids" not in c["delta"]
+               for c in choices[1:])
 
 
 def test_chat_logprobs_take_openai_shape():

@@ -25,6 +25,9 @@ from transformers import PaddleOCRVLConfig
 from transformers import PaddleOCRVLForConditionalGeneration as ReferenceModel
 from transformers.models.paddleocr_vl.image_processing_pil_paddleocr_vl import PaddleOCRVLImageProcessorPil
 
+from tests.media_utils import CharTokens
+from tests.reference_utils import TINY_VL_TEXT, multimodal_paged_greedy, save_multimodal_reference
+
 IMAGE_TOKEN, START, END = 300, 301, 302
 VOCAB = 304
 PIXELS = {"min_pixels": 28 * 28 * 4, "max_pixels": 28 * 28 * 12}
@@ -34,14 +37,9 @@ BLOCK_SIZE = 16
 def reference_config() -> PaddleOCRVLConfig:
     return PaddleOCRVLConfig(
         text_config={
+            **TINY_VL_TEXT,
             "vocab_size": VOCAB,
-            "hidden_size": 64,
-            "intermediate_size": 96,
             "num_hidden_layers": 2,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 2,
-            "head_dim": 16,
-            "max_position_embeddings": 512,
             "rope_scaling": {"mrope_section": [2, 3, 3], "rope_type": "default"},
             "rope_theta": 500000.0,
         },
@@ -73,15 +71,13 @@ def draw_images() -> list[Image.Image]:
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory: pytest.TempPathFactory) -> tuple[ReferenceModel, Path, Path]:
-    torch.manual_seed(0)
-    model = ReferenceModel(reference_config()).eval()
-    with torch.no_grad():
-        for param in model.parameters():
-            param.add_(torch.randn_like(param) * 0.05)  # norms, biases off 1 and 0: a wrong mapping shows
-            if param.ndim == 2:
-                param.normal_(0.0, 0.2)  # large enough that greedy decoding does not settle on one token
+    def randomize(name: str, param: torch.Tensor) -> None:
+        param.add_(torch.randn_like(param) * 0.05)  # norms, biases off 1 and 0: a wrong mapping shows
+        if param.ndim == 2:
+            param.normal_(0.0, 0.2)  # large enough that greedy decoding does not settle on one token
+
     saved = tmp_path_factory.mktemp("paddleocr_vl_hf")
-    model.save_pretrained(saved)
+    model = save_multimodal_reference(ReferenceModel, reference_config(), saved, randomize)
     return model, saved, ship_layout(saved, tmp_path_factory.mktemp("paddleocr_vl_shipped"))
 
 
@@ -108,21 +104,8 @@ def ship_layout(saved: Path, out: Path) -> Path:
     return out
 
 
-class Tokens:
-    """Stands in for the tokenizer: every character is one id below 256 and the image tokens are specials."""
-
-    specials = {"<|IMAGE_PLACEHOLDER|>": IMAGE_TOKEN, "<|IMAGE_START|>": START, "<|IMAGE_END|>": END}
-
-    def token_to_id(self, token: str) -> int:
-        return self.specials[token]
-
-    def encode(self, text: str) -> list[int]:
-        ids, i = [], 0
-        while i < len(text):
-            special = next((s for s in self.specials if text.startswith(s, i)), None)
-            ids.append(self.specials[special] if special else 3 + ord(text[i]) % 250)
-            i += len(special) if special else 1
-        return ids
+# Every character is one id below 256 and the image tokens are specials.
+TOKENS = CharTokens({"<|IMAGE_PLACEHOLDER|>": IMAGE_TOKEN, "<|IMAGE_START|>": START, "<|IMAGE_END|>": END})
 
 
 def messages() -> list[dict]:
@@ -139,7 +122,7 @@ def messages() -> list[dict]:
 
 @pytest.fixture(scope="module")
 def prompt():
-    return MultimodalProcessor(Tokens(), ImageProcessor.from_dict(PIXELS))(messages())
+    return MultimodalProcessor(TOKENS, ImageProcessor.from_dict(PIXELS))(messages())
 
 
 def test_image_processor_matches_transformers() -> None:
@@ -180,11 +163,11 @@ def test_data_url_images_give_the_same_prompt(prompt) -> None:
         {**m, "content": [as_url(p) for p in m["content"]]} if isinstance(m["content"], list) else m
         for m in messages()
     ]
-    from_urls = MultimodalProcessor(Tokens(), ImageProcessor.from_dict(PIXELS))(as_urls)
+    from_urls = MultimodalProcessor(TOKENS, ImageProcessor.from_dict(PIXELS))(as_urls)
     assert from_urls.prompt_token_ids == prompt.prompt_token_ids
     np.testing.assert_array_equal(from_urls.images.pixel_values, prompt.images.pixel_values)
     with pytest.raises(ValueError, match="data: image URLs"):
-        MultimodalProcessor(Tokens(), ImageProcessor())(
+        MultimodalProcessor(TOKENS, ImageProcessor())(
             [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}]
         )
 
@@ -236,21 +219,7 @@ def test_greedy_decoding_through_paged_cache(reference, prompt) -> None:
                                    eos_token_id=None, pad_token_id=0)
     expected = generated[0, len(prompt.prompt_token_ids):].tolist()
 
-    num_blocks = 8
-    shape = [num_blocks * BLOCK_SIZE, config.num_key_value_heads, config.head_dim]
-    caches = [(paddle.zeros(shape), paddle.zeros(shape)) for _ in range(config.num_hidden_layers)]
-    table = list(range(num_blocks))
-    image_embeds = ours.embed_multimodal(prompt.images.pixel_values, prompt.images.grid_thw)
-    tokens = list(prompt.prompt_token_ids)
     split = 12  # inside the first image's placeholder run
-    chunks = [(0, split), (split, len(tokens))] + [(n, n + 1) for n in range(len(tokens), len(tokens) + 15)]
-    for start, end in chunks:
-        ids = paddle.to_tensor(tokens[start:end])
-        embeds = ours.get_input_embeddings(ids, image_embeds[prompt.image_rows_for(start, end)])
-        meta = AttentionMetadata.build([end - start], [end], [table], BLOCK_SIZE)
-        positions = paddle.to_tensor(prompt.positions_for(start, end))
-        hidden = ours(ids, positions, meta, caches, inputs_embeds=embeds)
-        if end >= len(prompt.prompt_token_ids):
-            tokens.append(int(ours.compute_logits(hidden[-1:]).argmax(-1)))
+    tokens = multimodal_paged_greedy(ours, config, prompt, split)
     assert len(set(expected)) > 8  # a decoding that varies, so the comparison means something
-    assert tokens[len(prompt.prompt_token_ids):] == expected
+    assert tokens == expected

@@ -6,7 +6,8 @@ import json
 import random
 
 import pytest
-from ernie_engine.parsers import OutputParser, make_output_parser, parse_output
+from ernie_engine.outputs import CompletionOutput, RequestOutput, merge_outputs
+from ernie_engine.parsers import OutputParser, make_output_parser, merge_tool_call_deltas, parse_output
 
 THINKING = "ernie-45-vl-thinking"
 WEATHER = {"location": "北京", "unit": "c"}
@@ -37,14 +38,17 @@ def stream(parser: OutputParser, pieces: list[str]) -> tuple[str, str, list[dict
 
 
 def calls_from_deltas(deltas: list[dict]) -> list[tuple[str, dict]]:
-    """Accumulate OpenAI streaming deltas by index, as a client does."""
+    """Accumulate OpenAI streaming deltas by index, as a client does, checking their shape on the way."""
     calls: dict[int, dict] = {}
     for d in deltas:
-        entry = calls.setdefault(d["index"], {"name": "", "arguments": ""})
-        if "id" in d:
-            assert d["id"].startswith("chatcmpl-tool-") and d["type"] == "function"
-            entry["name"] += d["function"]["name"]
-        entry["arguments"] += d["function"].get("arguments", "")
+        if d["index"] not in calls:  # the first delta of a call: id, type, name and no arguments yet
+            assert d["id"].startswith("chatcmpl-tool-") and d["type"] == "function", d
+            assert d["function"]["name"] and d["function"]["arguments"] == "", d
+            calls[d["index"]] = {"name": d["function"]["name"], "arguments": ""}
+        else:  # later deltas: only the index and an arguments fragment
+            assert set(d) == {"index", "function"} and set(d["function"]) == {"arguments"}, d
+        calls[d["index"]]["arguments"] += d["function"]["arguments"]
+    assert sorted(calls) == list(range(len(calls))), "indexes count up from 0"
     return [(c["name"], json.loads(c["arguments"])) for _, c in sorted(calls.items())]
 
 
@@ -63,8 +67,9 @@ def assert_split_invariant(
         r, c, deltas = stream(parser, pieces)
         assert (r, c, calls_from_deltas(deltas)) == expected, pieces
         assert parser.has_tool_calls == bool(calls)
-        for d, call in zip(deltas, parser.tool_calls, strict=True):
-            assert d["function"]["arguments"] == call.arguments  # json.dumps(arguments, ensure_ascii=False)
+        merged = merge_tool_call_deltas(deltas)
+        assert [c["function"]["arguments"] for c in merged] == [c.arguments for c in parser.tool_calls]
+        assert [c["id"] for c in merged] == [c.id for c in parser.tool_calls]
     return expected
 
 
@@ -83,8 +88,27 @@ def test_parallel_calls_and_compact_json():
     expected = ("plan\n", "", [("get_weather", WEATHER), ("f", {})])
     assert assert_split_invariant(text, THINKING, THINKING) == expected
     reasoning, content, deltas = stream(make_output_parser(THINKING, THINKING), [text])
-    assert [d["index"] for d in deltas] == [0, 1]
-    assert deltas[0]["function"]["arguments"] == json.dumps(WEATHER, ensure_ascii=False)
+    # Name first, then the arguments member by member; the argument-less call still gets "{}".
+    assert [(d["index"], "id" in d, d["function"]["arguments"]) for d in deltas] == [
+        (0, True, ""),
+        (0, False, '{"location": "北京"'),
+        (0, False, ', "unit": "c"}'),
+        (1, True, ""),
+        (1, False, "{}"),
+    ]
+    assert merge_tool_call_deltas(deltas)[0]["function"] == {
+        "name": "get_weather",
+        "arguments": json.dumps(WEATHER, ensure_ascii=False),
+    }
+
+
+def test_non_streaming_output_holds_one_whole_call_per_index():
+    text = "plan\n</think>\n" + call_block("get_weather", WEATHER) + call_block("f", {"a": [1, 2]})
+    parser = make_output_parser(THINKING, THINKING)
+    steps = [parser.feed(text[:40]), parser.feed(text[40:]), parser.finish()]
+    deltas = [RequestOutput("r", [CompletionOutput(0, tool_calls=s.tool_calls)], 1) for s in steps]
+    (merged,) = merge_outputs(deltas).outputs
+    assert merged.tool_calls == [{"index": i, **c.to_openai()} for i, c in enumerate(parser.tool_calls)]
 
 
 def test_text_before_tool_call_means_no_call():

@@ -6,7 +6,7 @@ import collections
 
 import numpy as np
 import pytest
-from ernie_engine.sampler import Sampler
+from ernie_engine.sampler import Sampler, argmax_only
 from ernie_engine.sampling_params import SamplingParams
 from ernie_engine.sequence import Request, Sequence
 
@@ -93,6 +93,18 @@ def test_min_tokens_masks_eos_until_reached():
     logits = [0, 0, 0, 0, 0, 0, 1.0, 9.0]
     assert sample_one(logits, make_seq(temperature=0.0, min_tokens=2, output=[1])).token_id == 6
     assert sample_one(logits, make_seq(temperature=0.0, min_tokens=2, output=[1, 1])).token_id == EOS
+
+
+def test_argmax_only_when_nothing_edits_or_reports_the_logits():
+    assert argmax_only(make_seq(temperature=0.0))
+    assert argmax_only(make_seq(temperature=0.0, min_tokens=1, output=[1]))
+    edits = ({"temperature": 1.0}, {"logprobs": 0}, {"repetition_penalty": 1.2}, {"presence_penalty": 0.5},
+             {"frequency_penalty": 0.5}, {"min_tokens": 1}, {"bad_words_ids": [[3]]})
+    for params in edits:
+        assert not argmax_only(make_seq(**{"temperature": 0.0, **params})), params
+    forced = make_seq(temperature=0.0)
+    forced.forced_token_id = 5
+    assert not argmax_only(forced)
 
 
 def test_forced_token_wins():

@@ -3,7 +3,8 @@ killed mid-generation.
 
 Every TP engine spawns real worker processes (one per rank) that load only their shard; TP=1 is the
 in-process engine. Logits are compared over a prefill and decode steps through the paged KV cache, greedy
-(and seeded sampled) outputs through the engine.
+(and seeded sampled) outputs through the engine. Pre-quantized checkpoints (W4A8 with static C8 scales, and an
+MoE with group-wise int4 experts) compare greedy tokens and their logprobs through the engine.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import paddle
 import pytest
 import sentencepiece as spm
 import torch
@@ -23,8 +25,11 @@ from ernie_engine.config import ModelConfig
 from ernie_engine.distributed.executor import TensorParallelExecutor, WorkerFailure
 from ernie_engine.distributed.messages import StepBatch
 from ernie_engine.distributed.sharding import ShardPlan, check_supported
-from ernie_engine.loader import load_model
+from ernie_engine.layers.quant.config import QUANTIZED_SUFFIXES
+from ernie_engine.layers.quant.weights import quantize_weight
+from ernie_engine.loader import load_model, paddle_spec
 from ernie_engine.outputs import merge_outputs
+from safetensors.numpy import load_file, save_file
 
 from scripts.make_random_model import tokenizer_files, train_tokenizer
 from tests.reference_utils import edit_checkpoint, make_tiny_checkpoint, paged_greedy, scattered_block_tables
@@ -35,8 +40,10 @@ TOL = 1e-4
 NEW_TOKENS = 32
 # 8 query heads over 2 KV heads: TP=2 splits the KV heads, TP=4 replicates each over two ranks. A vocab
 # of 302 does not split evenly in 4 (76, 76, 76, 74 rows). Tied embeddings: the LM head is the table.
-DENSE = {"vocab_size": 302, "num_attention_heads": 8, "num_key_value_heads": 2, "head_dim": 8}
-# MoE in layers 1 and 3 (dense MLP in 0 and 2), two shared experts, an untied LM head.
+# Biases: column-parallel ones are split with their heads, row-parallel ones (o_proj, down_proj) added once.
+DENSE = {"vocab_size": 302, "num_attention_heads": 8, "num_key_value_heads": 2, "head_dim": 8,
+         "use_bias": True}
+# MoE in layers 1 and 3 (dense MLP in 0 and 2), two shared experts, an untied LM head; 4 heads, 2 KV heads.
 MOE = {
     "model_type": "ernie4_5_moe",
     "vocab_size": 300,
@@ -161,9 +168,10 @@ def test_dense_tp2_and_tp4_match_tp1(dense_dir: Path):
     check_tp(dense_dir, 4, logits, outputs)
 
 
-def test_moe_tp2_matches_tp1(moe_dir: Path):
+def test_moe_tp2_and_tp4_match_tp1(moe_dir: Path):
     logits, outputs = reference(moe_dir)
     check_tp(moe_dir, 2, logits, outputs)
+    check_tp(moe_dir, 4, logits, outputs)  # one query head per rank, KV heads replicated
 
 
 def test_shard_plan_heads_and_vocab():
@@ -199,3 +207,109 @@ def test_killed_worker_fails_the_request_and_the_health_check(dense_dir: Path):
         assert late[-1].error
     finally:
         engine.shutdown()
+
+
+# Pre-quantized checkpoints ------------------------------------------------------------------------------
+
+W4A8C8 = {"quantization": "w4a8", "is_quantized": True}  # C8 is switched on by the engine's kv_cache_dtype
+# FastDeploy's mix: W4A8 dense projections and shared experts, group-wise int4 (wint4) routed experts.
+MIX = {"quantization": "mix_quant", "dense_quant_type": "w4a8", "moe_quant_type": "wint4",
+       "is_quantized": True}
+EXPERT_GROUP = 16  # routed experts' down_proj: 32 input rows, 2 groups, one per rank at TP=2
+# Static C8 absmax per KV head, different enough that handing a rank the other head's scale changes outputs.
+KV_ABSMAX = {"k": [1.5, 6.0], "v": [6.0, 1.5]}
+
+
+def prequantize(src: Path, dst: Path, quantization_config: dict, expert_group: int = -1) -> Path:
+    """`src` (-Paddle layout) as a pre-quantized checkpoint in the layout of docs/QUANTIZATION.md: packed int4
+    weights with per-channel scales [out] (group-wise [G, out] for routed experts when `expert_group` > 0),
+    and static C8 scales per KV head."""
+    targets = tuple(f".{suffix}.weight" for suffix in QUANTIZED_SUFFIXES)
+    tensors = {}
+    for name, value in load_file(str(src / "model.safetensors")).items():
+        if not name.endswith(targets):
+            tensors[name] = value
+            continue
+        qw = quantize_weight(paddle.to_tensor(value), 4, expert_group if ".experts." in name else -1)
+        base = name.removesuffix(".weight")
+        tensors[f"{base}.weight"] = qw.qweight.numpy()
+        scale = qw.scale.numpy()
+        tensors[f"{base}.weight_scale"] = scale.reshape(-1) if scale.shape[0] == 1 else scale
+    config = json.loads((src / "config.json").read_text())
+    for layer in range(config["num_hidden_layers"]):
+        for kv, absmax in KV_ABSMAX.items():
+            tensors[f"ernie.layers.{layer}.self_attn.cache{kv}_matmul.activation_scale"] = np.array(
+                absmax, np.float32)
+    dst.mkdir(parents=True)
+    for path in src.iterdir():
+        if path.name not in ("config.json", "model.safetensors"):
+            (dst / path.name).write_bytes(path.read_bytes())
+    (dst / "config.json").write_text(json.dumps({**config, "quantization_config": quantization_config}))
+    save_file(tensors, str(dst / "model.safetensors"))
+    return dst
+
+
+def greedy_logprobs(engine: LLMEngine) -> dict[str, tuple[list[int], np.ndarray]]:
+    """Each prompt's greedy tokens and their logprobs (rows that come back from the ranks as logits)."""
+    params = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True, logprobs=0)
+    for i, prompt in enumerate(PROMPTS):
+        engine.add_request(f"p{i}", prompt_token_ids=prompt, sampling_params=params)
+    deltas: dict[str, list] = {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            assert out.error is None, out.error
+            deltas.setdefault(out.request_id, []).append(out)
+    merged = {rid: merge_outputs(outs).outputs[0] for rid, outs in deltas.items()}
+    return {rid: (c.token_ids, np.array([lp.logprob for lp in c.logprobs])) for rid, c in merged.items()}
+
+
+def check_prequantized_tp(model_dir: Path, tp: int, expected: dict, **kw) -> None:
+    engine = LLMEngine(engine_config(model_dir, tp, **kw))
+    try:
+        got = greedy_logprobs(engine)
+    finally:
+        engine.shutdown()
+    for rid, (tokens, logprobs) in expected.items():
+        assert got[rid][0] == tokens, rid
+        np.testing.assert_allclose(got[rid][1], logprobs, atol=TOL, rtol=0)  # summation order only
+
+
+def test_prequantized_w4a8c8_tp2_matches_tp1(dense_dir: Path, tmp_path: Path):
+    """The seed's W4A8C8 rows: int4 weights and per-channel scales split per rank, C8 scales per KV head."""
+    ckpt = prequantize(dense_dir, tmp_path / "w4a8c8", W4A8C8)
+    expected = greedy_logprobs(LLMEngine(engine_config(ckpt, 1, kv_cache_dtype="int8")))
+    fp32_cache = greedy_logprobs(LLMEngine(engine_config(ckpt, 1)))
+    assert any(fp32_cache[rid][0] != expected[rid][0] for rid in expected)  # the static C8 scales matter
+    assert len(set(expected["p0"][0])) > 3
+    check_prequantized_tp(ckpt, 2, expected, kv_cache_dtype="int8")
+
+
+def test_prequantized_moe_with_group_scales_tp2_matches_tp1(tmp_path_factory: pytest.TempPathFactory):
+    """Routed experts' group scales split by groups (down_proj) and by channels (up_gate_proj)."""
+    float_dir = make_checkpoint(tmp_path_factory.mktemp("tp-moe-paddle"), MOE, "paddle", seed=5)
+    ckpt = prequantize(float_dir, tmp_path_factory.mktemp("tp-moe-quant") / "ckpt", MIX, EXPERT_GROUP)
+    expected = greedy_logprobs(LLMEngine(engine_config(ckpt, 1)))
+    assert len(set(expected["p0"][0])) > 3
+    check_prequantized_tp(ckpt, 2, expected)
+
+
+def test_shard_plan_splits_quantized_rows_on_byte_and_group_boundaries():
+    # TP=4: o_proj has 64 input rows (16 per rank), down_proj 12 (3 per rank: not whole int4 bytes).
+    config = ModelConfig(num_attention_heads=8, num_key_value_heads=2, head_dim=8, hidden_size=64,
+                         intermediate_size=12, vocab_size=302)
+    plan = ShardPlan(config, 1, 4)
+
+    def shard(param: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+        return plan.shard(paddle_spec(param, shape, config)).shape
+
+    # Row-parallel: 32 int4 bytes -> 8 per rank; 4 groups of 16 rows -> 1; per-channel scales replicated.
+    assert shard("layers.0.self_attn.o_proj.weight", (32, 64)) == (8, 64)
+    assert shard("layers.0.self_attn.o_proj.weight_scale", (4, 64)) == (1, 64)
+    assert shard("layers.0.self_attn.o_proj.weight_scale", (64,)) == (64,)
+    # Column-parallel: output channels (and their scales) per part, as for float weights.
+    assert shard("layers.0.mlp.up_gate_proj.weight", (32, 24)) == (32, 6)
+    assert shard("layers.0.self_attn.qkv_proj.weight_scale", (2, 96)) == (2, 32)  # 2 q heads + 1 kv head
+    with pytest.raises(ValueError, match=r"ernie.layers.0.mlp.down_proj.weight has 6 input rows .*int4 byte"):
+        shard("layers.0.mlp.down_proj.weight", (6, 64))
+    with pytest.raises(ValueError, match=r"down_proj.weight_scale has 2 scale groups, not a multiple of 4"):
+        shard("layers.0.mlp.down_proj.weight_scale", (2, 64))

@@ -30,6 +30,8 @@ from ernie_engine.multimodal.processor import split_mm_processor_kwargs
 from ernie_engine.multimodal.video import draw_timestamp, timestamp_text
 from PIL import Image, ImageDraw, ImageFont
 
+from tests.media_utils import CharTokens
+
 FONT = Path("/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf")
 VIDEO, VIDEO_START, VIDEO_END = 303, 304, 305
 TOKEN_IDS = {
@@ -157,16 +159,7 @@ def test_without_a_font_drawing_is_skipped_and_logged(
     np.testing.assert_array_equal(np.asarray(processor.prepare_frames(video)[0]), np.asarray(video.frames[0]))
 
 
-class Tokens:
-    specials = {"<|VIDEO_START|>": VIDEO_START, "<|VIDEO_END|>": VIDEO_END}
-
-    def encode(self, text: str) -> list[int]:
-        ids, i = [], 0
-        while i < len(text):
-            special = next((s for s in self.specials if text.startswith(s, i)), None)
-            ids.append(self.specials[special] if special else 3 + ord(text[i]) % 250)
-            i += len(special) if special else 1
-        return ids
+TOKENS = CharTokens({"<|VIDEO_START|>": VIDEO_START, "<|VIDEO_END|>": VIDEO_END})
 
 
 def video_prompt(mm_processor_kwargs: dict, num_frames: int, limits: dict | None = None, count: int = 1):
@@ -175,7 +168,7 @@ def video_prompt(mm_processor_kwargs: dict, num_frames: int, limits: dict | None
     kwargs = {"video_min_pixels": 28 * 28 * 4, "video_max_pixels": 28 * 28 * 12, **mm_processor_kwargs}
     _, video_kwargs = split_mm_processor_kwargs(kwargs)
     video_processor = VideoProcessor(**{"font": None, **video_kwargs})
-    processor = ErnieVLProcessor(Tokens(), TOKEN_IDS, ErnieVLImageProcessor(), video_processor, limits=limits)
+    processor = ErnieVLProcessor(TOKENS, TOKEN_IDS, ErnieVLImageProcessor(), video_processor, limits=limits)
     parts = [{"type": "video_url", "video_url": {"url": url}}] * count + [{"type": "text", "text": "What?"}]
     return processor([{"role": "user", "content": parts}])
 

@@ -20,11 +20,13 @@ from .sequence import Sequence
 logger = logging.getLogger(__name__)
 
 
-def block_hash(prev_hash: int, token_ids: list[int]) -> int:
-    """Stable across processes (unlike `hash()`), so cache hits are reproducible."""
+def block_hash(prev_hash: int, token_ids: list[int], extra: bytes = b"") -> int:
+    """Stable across processes (unlike `hash()`), so cache hits are reproducible. `extra`: the content of
+    the images among the tokens (their placeholder ids alone do not tell two images apart)."""
     digest = hashlib.blake2b(digest_size=16)
     digest.update(prev_hash.to_bytes(16, "little"))
     digest.update(np.asarray(token_ids, dtype=np.int64).tobytes())
+    digest.update(extra)
     return int.from_bytes(digest.digest(), "little")
 
 
@@ -70,10 +72,11 @@ class BlockManager:
     # Prefix cache -----------------------------------------------------------------------------------
 
     def _extend_hashes(self, seq: Sequence, num_full_blocks: int) -> None:
-        bs = self.block_size
+        bs, mm = self.block_size, seq.request.mm
         for i in range(len(seq.block_hashes), num_full_blocks):
             prev = seq.block_hashes[i - 1] if i else 0
-            seq.block_hashes.append(block_hash(prev, seq.token_ids[i * bs : (i + 1) * bs]))
+            extra = mm.cache_key(i * bs, (i + 1) * bs) if mm is not None else b""
+            seq.block_hashes.append(block_hash(prev, seq.token_ids[i * bs : (i + 1) * bs], extra))
 
     def match_prefix(self, seq: Sequence) -> PrefixMatch:
         """The longest cached prefix of a sequence without blocks; the last token always stays uncached."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 
 import paddle
 
@@ -18,6 +19,14 @@ logger = logging.getLogger(__name__)
 
 _DTYPES = {"float32", "bfloat16", "float16"}
 _CPU_DTYPES = {"float32"}
+# Paddle's MKL and OpenMP read these when they first run (the first matmul, not `import paddle`), so
+# `set_device` sets them early enough; values already in the environment win.
+_CPU_MATH_ENV = {
+    "OMP_WAIT_POLICY": "PASSIVE",  # idle OpenMP threads sleep instead of spinning: cores are shared
+}
+_AMD_CPU_MATH_ENV = {
+    "MKL_DEBUG_CPU_TYPE": "5",  # MKL's AVX2 kernels on AMD CPUs (its default path there is ~2.5x slower)
+}
 
 
 def xpu_available() -> bool:
@@ -75,6 +84,20 @@ def cpu_weight_dtype(dtype: str | None, checkpoint_dtype: str) -> str:
     return "float32"
 
 
+def _amd_cpu() -> bool:
+    try:
+        return "AuthenticAMD" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+
+
+def set_cpu_math_env() -> None:
+    """Environment for Paddle's CPU math libraries (MKL's CPU type must not be forced on Intel CPUs)."""
+    settings = _CPU_MATH_ENV | (_AMD_CPU_MATH_ENV if _amd_cpu() else {})
+    for key, value in settings.items():
+        os.environ.setdefault(key, value)
+
+
 def set_device(device: str | None = None) -> str:
     """Make `device` (default: `default_device()`) Paddle's current device and return its name."""
     device = device or default_device()
@@ -82,6 +105,8 @@ def set_device(device: str | None = None) -> str:
         raise ValueError(f"unsupported device {device!r}; expected 'cpu' or 'xpu[:N]'")
     if device_type(device) == "xpu" and not xpu_available():
         raise ValueError(f"device {device!r} requested but no XPU is visible to this Paddle build")
+    if device_type(device) == "cpu":
+        set_cpu_math_env()
     paddle.set_device(device)
     logger.info("paddle device: %s", device)
     return device

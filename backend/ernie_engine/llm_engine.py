@@ -18,6 +18,8 @@ from .config import EngineConfig
 from .distributed.executor import TensorParallelExecutor
 from .metrics import EngineMetrics
 from .model_runner import ModelRunner
+from .models.registry import get_model_class
+from .multimodal.engine_inputs import EngineProcessor, MultimodalInputs, build_processor
 from .output_processor import OutputProcessor
 from .outputs import RequestOutput
 from .parsers.reasoning import THINK_END, THINK_START
@@ -66,6 +68,9 @@ class LLMEngine:
             self.tokenizer, model_config.vocab_size, self.vocab_size, self.eos_token_ids,
             think_end_id=self.tokenizer.added_tokens.get(THINK_END) if config.reasoning_parser else None,
         )
+        self.mm_processor: EngineProcessor | None = None  # multimodal checkpoints: all messages go through it
+        if hasattr(get_model_class(model_config.architecture), "embed_multimodal"):
+            self.mm_processor = build_processor(model_config, model_dir, self.tokenizer, config)
         self.metrics = EngineMetrics()
         self.requests: dict[str, Request] = {}
         self._update_gauges()
@@ -115,6 +120,8 @@ class LLMEngine:
         template_kwargs = chat_template_kwargs or {}
         if not isinstance(template_kwargs, dict):
             raise ValueError("chat_template_kwargs must be an object")
+        if messages is not None and self.mm_processor is not None:
+            return self._make_multimodal_request(request_id, messages, tools, template_kwargs, params)
         thinking = False
         if messages is not None:
             prompt = self.chat_template.render(messages, tools, add_generation_prompt=True, **template_kwargs)
@@ -128,7 +135,28 @@ class LLMEngine:
             prompt_token_ids = self._check_token_ids(prompt_token_ids)
             tail = self.tokenizer.decode(prompt_token_ids[-4:], skip_special_tokens=False)
             thinking = tail.rstrip().endswith(THINK_START)
+        processor = self.mm_processor
+        if processor is not None and not processor.placeholder_ids.isdisjoint(prompt_token_ids):
+            raise ValueError("image / video placeholder tokens need their media: send messages with images")
         return self._build_request(request_id, prompt, prompt_token_ids, params, thinking, bool(tools))
+
+    def _make_multimodal_request(
+        self,
+        request_id: str,
+        messages: list[dict[str, Any]],
+        tools: list[dict[str, Any]] | None,
+        template_kwargs: dict[str, Any],
+        params: SamplingParams,
+    ) -> Request:
+        """Messages through the checkpoint's processor: media fetched, preprocessed, placeholders expanded."""
+        processor = self.mm_processor
+        prompt = processor(messages, tools, template_kwargs)
+        thinking = processor.template.thinking_enabled(template_kwargs)
+        ids = prompt.prompt_token_ids
+        request = self._build_request(request_id, prompt.prompt, ids, params, thinking, bool(tools))
+        if prompt.images is not None:
+            request.mm = MultimodalInputs.from_prompt(prompt, processor.placeholder_ids)
+        return request
 
     def _check_token_ids(self, ids: Any) -> list[int]:
         if not isinstance(ids, list | tuple) or not ids:
@@ -240,6 +268,7 @@ class LLMEngine:
             failed = dict.fromkeys(seq.request.request_id for seq in out.scheduled)
             return [o for rid in failed if (o := self.abort(rid, f"engine step failed: {err!r}"))]
         self.scheduler.update(out)
+        _release_media(out)
         outputs = []
         for request, seqs, tokens in _group_by_request(out.sampling, sampled):
             for seq, token in zip(seqs, tokens, strict=True):
@@ -302,6 +331,17 @@ class LLMEngine:
 
     def get_metrics(self) -> dict[str, Any]:
         return self.metrics.snapshot()
+
+
+def _release_media(out: SchedulerOutput) -> None:
+    """Drop image embeddings once every sequence of their request is past the prompt (the pixels stay, so a
+    preempted sequence recomputes them)."""
+    for seq in out.scheduled:
+        mm, seqs = seq.request.mm, seq.request.sequences
+        if mm is not None and mm.embeds is not None and all(
+            s.num_computed_tokens >= s.num_prompt_tokens for s in seqs
+        ):
+            mm.embeds = None
 
 
 def _group_by_request(

@@ -11,6 +11,8 @@ layout builds the spec from the parameter name:
 MoE experts are stored one tensor per expert (`mlp.experts.<j>.up_gate_proj.weight` / `gate_proj` + `up_proj`,
 `mlp.experts.<j>.down_proj.weight`) but held stacked ([E, ...], layers/moe.py): a stacked parameter is planned
 as one spec per expert, each filling `param[j]` exactly as the per-expert Linear weight it is stored as.
+Pre-quantized experts (-Paddle layout, docs/QUANTIZATION.md) are planned the same way: int8 `.weight` and
+`.weight_scale` per expert into the stacked buffers that layers/quant/apply.py prepared.
 
 Fused parameters are described as their parts in both layouts (three ranges of the -Paddle qkv tensor, three
 transformers tensors), so a tensor-parallel `shard` hook can narrow every part to one rank's heads and read
@@ -59,8 +61,11 @@ _QUANT_SCALES = re.compile(r"\.activation_scale$|\.cache_[kv]_scale$")
 _FUSED_PARTS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "up_gate_proj": ("gate_proj", "up_proj")}
 # 2-D `.weight` parameters that are not Linear weights (so never transposed between layouts).
 _NOT_LINEAR = ("embed_tokens.weight",)
-# Stacked routed-expert weights ("layers.1.mlp.experts.up_gate_proj", [E, in, out]).
-_STACKED_EXPERTS = re.compile(r"^(?P<experts>.+\.experts)\.(?P<name>up_gate_proj|down_proj)$")
+# Stacked routed-expert weights ("layers.1.mlp.experts.up_gate_proj", [E, in, out]) and, pre-quantized, their
+# scales ("...experts.up_gate_proj_scale", stored per expert as `experts.<j>.up_gate_proj.weight_scale`).
+_STACKED_EXPERTS = re.compile(
+    r"^(?P<experts>.+\.experts)\.(?P<name>up_gate_proj|down_proj)(?P<scale>_scale)?$"
+)
 _MAX_LISTED = 20  # problems listed in one error message
 _LARGE_NUMEL = 100_000_000  # checkpoints from this many values on log their progress every 10%
 
@@ -193,9 +198,10 @@ def _param_specs(name: str, shape: tuple[int, ...], config: ModelConfig, layout:
     if stacked is None:
         return [LAYOUTS[layout](name, shape, config)]
     experts, weight = stacked["experts"], stacked["name"]
+    stored = "weight_scale" if stacked["scale"] else "weight"
     return [
         dataclasses.replace(
-            LAYOUTS[layout](f"{experts}.{j}.{weight}.weight", shape[1:], config), param=name, index=j
+            LAYOUTS[layout](f"{experts}.{j}.{weight}.{stored}", shape[1:], config), param=name, index=j
         )
         for j in range(shape[0])
     ]
@@ -333,8 +339,11 @@ def _assembled_shape(spec: ParamSpec) -> tuple[int, ...]:
     return shapes[0][: spec.axis] + (total,) + shapes[0][spec.axis + 1 :]
 
 
-def check_plan(specs: list[ParamSpec], checkpoint: Checkpoint, config: ModelConfig) -> None:
-    """Raise one ValueError listing every missing, mis-shaped and unexpected tensor."""
+def check_plan(
+    specs: list[ParamSpec], checkpoint: Checkpoint, config: ModelConfig, unused: re.Pattern[str] | None = None
+) -> None:
+    """Raise one ValueError listing every missing, mis-shaped and unexpected tensor (`unused`: names of
+    tensors a checkpoint may hold without a role in inference)."""
     problems: list[str] = []
     used: set[str] = set()
     for spec in specs:
@@ -356,6 +365,7 @@ def check_plan(specs: list[ParamSpec], checkpoint: Checkpoint, config: ModelConf
                     f"{_fmt(piece.shape)} (for parameter {spec.param})"
                 )
     skipped = set(skipped_tensors(checkpoint.names(), config))
+    skipped |= {name for name in checkpoint.names() if unused is not None and unused.search(name)}
     for name in checkpoint.names():
         if name not in used and name not in skipped:
             problems.append(
@@ -403,7 +413,7 @@ def load_weights(
         check_plan(specs, checkpoint, config)
         file_order = {path: i for i, path in enumerate(checkpoint.files)}
         specs.sort(key=lambda s: file_order[checkpoint.tensor_file[s.pieces[0].tensor]])
-        _fill(params, specs, checkpoint)
+        fill_parameters(params, specs, checkpoint)
     logger.info(
         "loaded %d parameters (%s layout) from %s in %.1f s",
         len(specs),
@@ -414,7 +424,7 @@ def load_weights(
     return layout
 
 
-def _fill(params: dict[str, paddle.Tensor], specs: list[ParamSpec], checkpoint: Checkpoint) -> None:
+def fill_parameters(params: dict[str, paddle.Tensor], specs: list[ParamSpec], checkpoint: Checkpoint) -> None:
     total = sum(math.prod(spec.shape) for spec in specs) or 1
     done, reported, current_file = 0, 0, None
     progress_level = logging.INFO if total >= _LARGE_NUMEL else logging.DEBUG
@@ -486,6 +496,30 @@ def load_model(
         cpu_kernels.prepare_model(model, bf16_weights=bf16)
     model.eval()
     return model, config
+
+
+def prepare_prequantized_shard(
+    model: nn.Layer, model_dir: str | Path, config: ModelConfig, quantization: QuantConfig, shard: ShardFn
+) -> dict[str, tuple[int, ...]]:
+    """Tensor parallelism: `prepare_prequantized` with each tensor's rank-local shape (the `shard` hook
+    applied to its -Paddle spec); returns the unsharded shapes of the buffers made, for `load_weights`."""
+    with Checkpoint(model_dir) as checkpoint:
+
+        def local_shape(param: str) -> tuple[int, ...] | None:
+            shape = _paddle_shape(checkpoint, param)
+            return None if shape is None else shard(paddle_spec(param, shape, config)).shape
+
+        prepare_prequantized(model, quantization, local_shape)
+        full: dict[str, tuple[int, ...]] = {}
+        for name, buffer in quantized_buffers(model).items():
+            stacked = _STACKED_EXPERTS.match(name)
+            if stacked is None:
+                full[name] = _paddle_shape(checkpoint, name)
+                continue
+            stored = "weight_scale" if stacked["scale"] else "weight"
+            expert0 = _paddle_shape(checkpoint, f"{stacked['experts']}.0.{stacked['name']}.{stored}")
+            full[name] = (buffer.shape[0], *expert0)  # every rank holds every expert
+    return full
 
 
 def checkpoint_dtype(model_dir: str | Path) -> str:

@@ -5,12 +5,19 @@ Owns the model and the paged KV caches (one (keys, values) pair per layer, each
 cache is C8). Only the last token of each sequence that samples this step goes through the LM head:
 prefill chunks short of the prompt's end produce no logits, and the [T, vocab] matrix of a long prefill
 is never built.
+
+Multimodal models (`embed_multimodal`): a request's image embeddings are computed at its first prefill chunk
+holding placeholders (one vision pass for all such requests of the step), the placeholders of each chunk take
+their rows through `inputs_embeds`, and positions are [3, T] (t, h, w) while any multimodal prompt is being
+prefilled, else [T] with each sequence's mrope delta added.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import paddle
@@ -20,9 +27,12 @@ from .layers.attention import AttentionMetadata, KVCache
 from .layers.quant.config import QuantConfig
 from .layers.quant.kv_cache import Int8KVCache, kv_cache_bytes_per_token, read_static_kv_scales
 from .loader import load_model
-from .sampler import SampledToken, Sampler
+from .sampler import SampledToken, Sampler, argmax_only
 from .scheduler import SchedulerOutput
 from .sequence import Sequence
+
+if TYPE_CHECKING:
+    from .multimodal.engine_inputs import MultimodalInputs
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +47,12 @@ def host_memory_available() -> int:
     raise RuntimeError("MemAvailable missing from /proc/meminfo")
 
 
+def _token_embedding(model: paddle.nn.Layer) -> paddle.nn.Embedding:
+    """Text models hold it at the top, multimodal ones in their language model."""
+    language_model = getattr(model, "language_model", None)
+    return model.embed_tokens if language_model is None else language_model.embed_tokens
+
+
 class ModelRunner:
     def __init__(self, config: EngineConfig, model_dir: Path, vocab_limit: int | None = None):
         self.config = config
@@ -47,13 +63,19 @@ class ModelRunner:
         self.kv_static_scales = None  # C8 per-head scales, when the checkpoint ships them
         if self.quant.kv_cache_int8:
             self.kv_static_scales = read_static_kv_scales(model_dir, self.model_config.num_hidden_layers)
-        self.dtype = self.model.embed_tokens.weight.dtype
+        self.dtype = _token_embedding(self.model).weight.dtype
         self.block_size = config.block_size
         # Ids the tokenizer cannot decode (padded embedding rows) are never sampled.
         vocab = self.model_config.vocab_size
         self.vocab_limit = min(vocab, vocab_limit) if vocab_limit else vocab
         self.kv_caches: list[KVCache] = []
         self.sampler = Sampler()
+        self.multimodal = hasattr(self.model, "embed_multimodal")
+        # ERNIE-4.5-VL's MoE sends vision tokens to its vision experts; generated tokens never are.
+        takes_mask = "vision_mask" in inspect.signature(self.model.forward).parameters
+        self.vision_token_ids = self.model.vision_token_ids if takes_mask else None
+        placeholders = getattr(self.model, "placeholder_ids", None)
+        self.placeholder_ids = frozenset(placeholders or [getattr(self.model, "image_token_id", -1)])
 
     # KV cache ---------------------------------------------------------------------------------------
 
@@ -105,14 +127,18 @@ class ModelRunner:
         """Run the scheduled tokens; returns one sampled token per `out.sampling` sequence, in order."""
         seqs = list(out.scheduled)
         input_ids, positions, meta = self._prepare(seqs, [out.scheduled[seq] for seq in seqs])
-        hidden = self.model(input_ids, positions, meta, self.kv_caches)
+        extra = self._multimodal_inputs(seqs, [out.scheduled[seq] for seq in seqs], input_ids)
+        hidden = self.model(input_ids, positions, meta, self.kv_caches, **extra)
         if not out.sampling:
             return []
         sampling = set(out.sampling)
         ends = np.cumsum(meta.query_lens) - 1
         rows = np.array([end for seq, end in zip(seqs, ends, strict=True) if seq in sampling], dtype=np.int64)
         logits = self.model.compute_logits(paddle.gather(hidden, paddle.to_tensor(rows)))
-        return self.sampler(logits[:, : self.vocab_limit].numpy(), out.sampling)
+        logits = logits[:, : self.vocab_limit]
+        if all(argmax_only(seq) for seq in out.sampling):  # plain greedy batch: only [B] ids leave the device
+            return [SampledToken(int(t)) for t in paddle.argmax(logits, axis=1).numpy()]
+        return self.sampler(logits.numpy(), out.sampling)
 
     def _prepare(
         self, seqs: list[Sequence], query_lens: list[int]
@@ -125,8 +151,73 @@ class ModelRunner:
             dtype=np.int64,
             count=sum(query_lens),
         )
-        positions = np.concatenate([np.arange(s, e, dtype=np.int64) for s, e in zip(starts, context_lens,
-                                                                                      strict=True)])
+        positions = self._positions(seqs, starts, context_lens)
         tables = [seq.block_table for seq in seqs]
         meta = AttentionMetadata.build(query_lens, context_lens, tables, self.block_size)
         return paddle.to_tensor(input_ids), paddle.to_tensor(positions), meta
+
+    @staticmethod
+    def _positions(seqs: list[Sequence], starts: list[int], ends: list[int]) -> np.ndarray:
+        """[T] indices; [3, T] (t, h, w) while a multimodal prompt is in the batch (text: equal on all axes);
+        after a multimodal prompt, index + its mrope delta."""
+        mms = [seq.request.mm for seq in seqs]
+        ranges = [np.arange(s, e, dtype=np.int64) for s, e in zip(starts, ends, strict=True)]
+        if all(mm is None for mm in mms):
+            return np.concatenate(ranges)
+        prefilling = any(
+            mm is not None and s < seq.num_prompt_tokens for seq, s, mm in zip(seqs, starts, mms, strict=True)
+        )
+        if not prefilling:
+            deltas = [mm.prompt.mrope_delta if mm else 0 for mm in mms]
+            return np.concatenate([r + d for r, d in zip(ranges, deltas, strict=True)])
+        columns = [
+            mm.prompt.positions_for(s, e) if mm is not None else np.broadcast_to(r, (3, len(r)))
+            for s, e, r, mm in zip(starts, ends, ranges, mms, strict=True)
+        ]
+        return np.concatenate(columns, axis=1)
+
+    def _multimodal_inputs(
+        self, seqs: list[Sequence], query_lens: list[int], input_ids: paddle.Tensor
+    ) -> dict[str, Any]:
+        """`inputs_embeds` when image placeholders are in the batch; ERNIE-4.5-VL's `vision_mask`."""
+        if not self.multimodal:
+            return {}
+        spans = [(seq, seq.num_computed_tokens, seq.num_computed_tokens + n)
+                 for seq, n in zip(seqs, query_lens, strict=True)]
+        extra: dict[str, Any] = {}
+        if self.vision_token_ids is not None:
+            extra["vision_mask"] = paddle.to_tensor(np.concatenate([
+                np.isin(seq.token_ids[s:e], self.vision_token_ids) & (np.arange(s, e) < seq.num_prompt_tokens)
+                for seq, s, e in spans
+            ]))
+        media = [seq.request.mm for seq, s, e in spans if seq.request.mm and seq.request.mm.has_media(s, e)]
+        if media:
+            self._encode_media([mm for mm in media if mm.embeds is None])
+            rows = paddle.concat([row for span in spans for row in self._placeholder_rows(*span)])
+            extra["inputs_embeds"] = self.model.get_input_embeddings(input_ids, rows)
+        return extra
+
+    def _placeholder_rows(self, seq: Sequence, start: int, end: int) -> list[paddle.Tensor]:
+        """Embedding rows for the placeholder ids among a sequence's tokens [start, end), in order."""
+        rows = []
+        mm = seq.request.mm
+        if mm is not None and mm.has_media(start, end):
+            rows.append(mm.embed_rows(start, end))
+        generated = seq.token_ids[max(start, seq.num_prompt_tokens) : end]
+        sampled = [t for t in generated if t in self.placeholder_ids]
+        if sampled:  # a placeholder id the model itself sampled is just that token's embedding
+            rows.append(_token_embedding(self.model)(paddle.to_tensor(sampled)))
+        return rows
+
+    def _encode_media(self, pending: list[MultimodalInputs]) -> None:
+        """One vision pass over the images of every request that needs its embeddings this step."""
+        pending = list(dict.fromkeys(pending))  # n > 1: siblings share their request's inputs
+        if not pending:
+            return
+        pixels = np.concatenate([mm.prompt.images.pixel_values for mm in pending])
+        grids = np.concatenate([mm.prompt.images.grid_thw for mm in pending])
+        embeds = self.model.embed_multimodal(pixels, grids)
+        sizes = [mm.num_placeholders for mm in pending]
+        for mm, rows in zip(pending, paddle.split(embeds, sizes), strict=True):
+            mm.embeds = rows
+        logger.debug("vision pass: %d requests, %d patches", len(pending), pixels.shape[0])

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from .parsers import merge_tool_call_deltas
+
 
 @dataclass
 class TokenLogprob:
@@ -59,6 +61,8 @@ def merge_outputs(deltas: list[RequestOutput]) -> RequestOutput:
             acc.finish_reason = out.finish_reason or acc.finish_reason
             acc.stop_reason = out.stop_reason if out.stop_reason is not None else acc.stop_reason
             acc.num_output_tokens = max(acc.num_output_tokens, out.num_output_tokens)
+    for acc in merged.values():  # one whole call per index, as a non-streaming answer holds
+        acc.tool_calls = merge_tool_call_deltas(acc.tool_calls)
     first, last = deltas[0], deltas[-1]
     return RequestOutput(
         request_id=first.request_id,

@@ -24,6 +24,23 @@ class SampledToken:
     top_logprobs: list[tuple[int, float]] = field(default_factory=list)
 
 
+def argmax_only(seq: Sequence) -> bool:
+    """Greedy with nothing that edits or reports the logits: the argmax alone is the answer, so the runner
+    may take it on the device instead of copying [B, vocab] logits to the host."""
+    request, params = seq.request, seq.params
+    return (
+        params.greedy
+        and params.logprobs is None
+        and seq.forced_token_id is None
+        and seq.grammar is None
+        and not request.bad_words_ids
+        and seq.num_output_tokens >= params.min_tokens
+        and params.repetition_penalty == 1.0
+        and not params.presence_penalty
+        and not params.frequency_penalty
+    )
+
+
 class Sampler:
     def __call__(self, logits: np.ndarray, seqs: list[Sequence]) -> list[SampledToken]:
         """`logits` is modified in place (it becomes the processed logits)."""

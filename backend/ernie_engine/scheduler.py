@@ -79,7 +79,8 @@ class Scheduler:
             if seq in out.scheduled:  # admitted by this step's max-prefill pass
                 i += 1
                 continue
-            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            start = seq.num_computed_tokens
+            num_new = self._chunk(seq, start, min(seq.num_tokens - start, budget))
             while not self.block_manager.can_append(seq, num_new):
                 victim = self.running[-1]
                 budget += self._preempt(victim, out)
@@ -101,8 +102,9 @@ class Scheduler:
             if self._must_wait_for_leader(seq):
                 break
             match = bm.match_prefix(seq)
-            remaining = seq.num_tokens - match.num_blocks * bm.block_size
-            num_new = min(remaining, budget)
+            start = match.num_blocks * bm.block_size
+            remaining = seq.num_tokens - start
+            num_new = self._chunk(seq, start, min(remaining, budget))
             # A prompt too long for one step is chunked; in max-prefill mode only when it is alone.
             chunk_ok = self.enable_chunked_prefill and not (whole_prefills and out.scheduled)
             if num_new < remaining and not chunk_ok:
@@ -118,6 +120,12 @@ class Scheduler:
             out.scheduled[seq] = num_new
             budget -= num_new
         return budget
+
+    @staticmethod
+    def _chunk(seq: Sequence, start: int, num_new: int) -> int:
+        """Tokens to compute from `start`: a prefill chunk never ends inside an image (multimodal prompts)."""
+        mm = seq.request.mm
+        return num_new if mm is None else mm.chunk_end(start, start + num_new) - start
 
     def _must_wait_for_leader(self, seq: Sequence) -> bool:
         """Siblings of an n > 1 request wait until the leader's prompt is cached, then share its blocks."""

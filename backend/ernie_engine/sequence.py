@@ -18,6 +18,7 @@ import numpy as np
 from .sampling_params import SamplingParams
 
 if TYPE_CHECKING:
+    from .multimodal.engine_inputs import MultimodalInputs
     from .structured_output import GrammarMatcher
 
 
@@ -39,6 +40,7 @@ class Request:
     prompt: str | None = None
     thinking: bool = False  # the prompt leaves the model thinking (its output starts with reasoning)
     has_tools: bool = False  # the request offered tools (else tool-call markup stays content)
+    mm: MultimodalInputs | None = None  # images / videos of a multimodal model's prompt
     arrival_time: float = field(default_factory=time.monotonic)
     first_scheduled_time: float | None = None
     first_token_time: float | None = None

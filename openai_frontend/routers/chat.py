@@ -67,17 +67,22 @@ def _as_tool_call(out: GenerateOutput, name: str | None, state: RequestState) ->
     out.tool_calls, out.text = [delta], ""
 
 
-def _delta_choice(out: GenerateOutput, index: int, return_token_ids: bool) -> ChatChunkChoice:
-    delta = DeltaMessage(
+def delta_choices(out: GenerateOutput, index: int, return_token_ids: bool) -> list[ChatChunkChoice]:
+    """One chunk per tool-call delta, as OpenAI streams a call's header and each arguments fragment apart;
+    text, reasoning, logprobs and token ids ride on the first, the finish reason on the last."""
+    calls = out.tool_calls
+    deltas = [DeltaMessage(
         # An empty string rather than null, so clients printing `delta.content` print nothing.
-        content=out.text if out.text or not out.tool_calls else None,
+        content=out.text if out.text or not calls else None,
         reasoning_content=out.reasoning or None,
-        tool_calls=out.tool_calls or None,
+        tool_calls=calls[:1] or None,
         prompt_token_ids=out.prompt_token_ids if return_token_ids else None,
         completion_token_ids=out.token_ids if return_token_ids else None,
-    )
-    return ChatChunkChoice(index=index, delta=delta, logprobs=chat_logprobs(out.logprobs),
-                           finish_reason=out.finish_reason)
+    )] + [DeltaMessage(tool_calls=[call]) for call in calls[1:]]
+    choices = [ChatChunkChoice(index=index, delta=delta) for delta in deltas]
+    choices[0].logprobs = chat_logprobs(out.logprobs)
+    choices[-1].finish_reason = out.finish_reason
+    return choices
 
 
 async def _chunks(req: ChatCompletionRequest, stream: TritonStream, meta: ResponseMeta) -> AsyncIterator[str]:
@@ -93,7 +98,8 @@ async def _chunks(req: ChatCompletionRequest, stream: TritonStream, meta: Respon
         _as_tool_call(out, named_tool(req), state)
         choice = state.add(out)
         if out.has_delta:
-            yield chunk([_delta_choice(out, choice.index, bool(req.return_token_ids))])
+            for delta_choice in delta_choices(out, choice.index, bool(req.return_token_ids)):
+                yield chunk([delta_choice])
     totals = usage([state])
     meta.count_usage(totals)
     if req.include_usage:

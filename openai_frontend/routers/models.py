@@ -12,6 +12,8 @@ router = APIRouter()
 
 # Names clients send when they do not care (the seed's examples use "null" and "default").
 PLACEHOLDERS = frozenset({"", "null", "none", "default"})
+# How old a ready-model list may be when it names the requested model (an unloaded one then fails in Triton).
+READY_MAX_AGE_S = 2.0
 
 
 def _not_found(requested: str | None, ready: list[str]) -> OpenAIError:
@@ -21,6 +23,10 @@ def _not_found(requested: str | None, ready: list[str]) -> OpenAIError:
 
 
 async def resolve_model(triton: TritonClient, requested: str | None) -> str:
+    # A served name is trusted from a recent list (no index call per request); anything else is decided on a
+    # fresh one, so loads and unloads show at once there.
+    if requested in await triton.ready_models(max_age=READY_MAX_AGE_S):
+        return requested
     ready = await triton.ready_models()
     if requested in ready:
         return requested

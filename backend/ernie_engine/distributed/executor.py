@@ -91,7 +91,8 @@ def worker_env(
         PADDLE_CURRENT_ENDPOINT=endpoints[rank],
     )
     if kind == "cpu":
-        env["PADDLE_DISTRI_BACKEND"] = "gloo"
+        # gloo's pairs on loopback. (Paddle's TCPStore on rank 0 binds every interface: docs/ARCHITECTURE.md.)
+        env.update(PADDLE_DISTRI_BACKEND="gloo", GLOO_SOCKET_IFNAME="lo")
         # Ranks share the host's cores: each gets its part of what the engine process would have used.
         total = int(os.environ.get("OMP_NUM_THREADS") or len(os.sched_getaffinity(0)))
         threads = str(max(1, total // world_size))
@@ -128,7 +129,7 @@ class TensorParallelExecutor:
         self._failure: str | None = None
         self._procs: list[subprocess.Popen] = []
         self._conns: list[Connection] = []
-        self._finalizer = weakref.finalize(self, _kill, self._procs)
+        self._finalizer = weakref.finalize(self, _kill, self._procs)  # also when the executor is dropped
         started = time.monotonic()
         self._spawn(model_dir)
         info = self._collect(STARTUP_TIMEOUT_S, "start")
@@ -160,13 +161,14 @@ class TensorParallelExecutor:
     # Calls ------------------------------------------------------------------------------------------
 
     def _fail(self, reason: str) -> WorkerFailure:
-        """Mark the executor failed and kill every worker (a partial group cannot run another step)."""
+        """Mark the executor failed and kill every worker (a partial group cannot run another step).
+
+        May run on a health-checking thread while the step thread waits on the pipes: those then see EOF.
+        """
         if self._failure is None:
             self._failure = reason
             logger.error("tensor parallel executor failed: %s; stopping all workers", reason)
             _kill(self._procs)
-            for conn in self._conns:
-                conn.close()
         return WorkerFailure(self._failure)
 
     def _lost(self, rank: int) -> WorkerFailure:
@@ -251,13 +253,6 @@ class TensorParallelExecutor:
         if self._failure is not None:
             raise WorkerFailure(self._failure)
 
-    def is_healthy(self) -> bool:
-        try:
-            self.check_health()
-        except WorkerFailure:
-            return False
-        return True
-
     @property
     def worker_pids(self) -> list[int]:
         return [proc.pid for proc in self._procs]
@@ -275,6 +270,6 @@ class TensorParallelExecutor:
                 except subprocess.TimeoutExpired:
                     logger.warning("tensor-parallel worker pid %d did not stop; killing it", proc.pid)
             self._failure = "the executor was shut down"
-        _kill(self._procs)
+        self._finalizer()  # kills what is left, once
         for conn in self._conns:
             conn.close()

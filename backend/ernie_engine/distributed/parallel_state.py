@@ -1,4 +1,4 @@
-"""This process's place in the tensor-parallel group, and the collectives the sharded layers use.
+"""The tensor-parallel process group of a worker, and the collectives the sharded layers use.
 
 The group is all ranks (one TP group per engine). Until `init_process_group` runs, the world is one rank
 and every collective is the identity, so sharded layers also run in a plain single process.
@@ -10,6 +10,8 @@ the launcher (executor.py) sets the PADDLE_* variables `paddle.distributed.init_
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import time
 
 import paddle
@@ -17,37 +19,51 @@ import paddle.distributed as dist
 
 logger = logging.getLogger(__name__)
 
-_rank = 0
+STORE_TIMEOUT_S = 60.0
 _world_size = 1
 
 
 def init_process_group(rank: int, world_size: int) -> None:
     """Join the group described by the PADDLE_* environment (rank and size are checked against it)."""
-    global _rank, _world_size
+    global _world_size
     started = time.monotonic()
+    if rank > 0:
+        _wait_for_store(os.environ["PADDLE_TRAINER_ENDPOINTS"].split(",")[0], STORE_TIMEOUT_S)
     dist.init_parallel_env()
     if (dist.get_rank(), dist.get_world_size()) != (rank, world_size):
         raise RuntimeError(
             f"process group says rank {dist.get_rank()} of {dist.get_world_size()}, "
             f"expected {rank} of {world_size}"
         )
-    _rank, _world_size = rank, world_size
+    _world_size = world_size
     logger.info("rank %d of %d joined the process group in %.1f s", rank, world_size,
                 time.monotonic() - started)
 
 
-def rank() -> int:
-    return _rank
-
-
-def world_size() -> int:
-    return _world_size
+def _wait_for_store(endpoint: str, timeout: float) -> None:
+    """Wait until rank 0's TCP store listens: Paddle's own client sleeps 3 s after a refused connection."""
+    host, port = endpoint.rsplit(":", 1)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection((host, int(port)), timeout=1.0).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    # Not up yet: init_parallel_env keeps retrying on its own.
 
 
 def all_reduce(x: paddle.Tensor) -> paddle.Tensor:
     """Sum over ranks, in place; returns `x`."""
     if _world_size > 1:
         dist.all_reduce(x)
+    return x
+
+
+def all_reduce_max(x: paddle.Tensor) -> paddle.Tensor:
+    """Element-wise maximum over ranks, in place; returns `x`."""
+    if _world_size > 1:
+        dist.all_reduce(x, op=dist.ReduceOp.MAX)
     return x
 
 

@@ -22,7 +22,7 @@ from ..layers.parallel import gather_vocab_logits
 from ..layers.quant.apply import quantize_model
 from ..layers.quant.config import QuantConfig
 from ..layers.quant.kv_cache import read_static_kv_scales
-from ..loader import build_model, checkpoint_dtype, load_weights
+from ..loader import build_model, checkpoint_dtype, load_weights, prepare_prequantized_shard
 from ..model_runner import ModelRunner
 from .messages import StepBatch, StepResult
 from .sharding import ShardPlan
@@ -39,13 +39,13 @@ def full_parameter_shapes(config: ModelConfig, dtype: str) -> dict[str, tuple[in
 
 def load_shard(model_dir: Path, plan: ShardPlan, dtype: str | None, quant: QuantConfig) -> nn.Layer:
     """This rank's model with its slices of the checkpoint (the sharded counterpart of loader.load_model)."""
-    if quant.prequantized:
-        raise ValueError("pre-quantized checkpoints cannot be loaded with tensor_parallel_size > 1 yet")
     device = paddle.get_device()
     compute_dtype = resolve_dtype(dtype, device)
     shapes = full_parameter_shapes(plan.config, compute_dtype)
     model = build_model(plan.local_config(), compute_dtype)
     plan.parallelize(model)
+    if quant.prequantized:  # int8 buffers of this rank's slice shapes; the plan needs their full shapes
+        shapes.update(prepare_prequantized_shard(model, model_dir, plan.config, quant, plan.shard))
     load_weights(model, model_dir, plan.config, shard=plan.shard, full_shapes=shapes)
     plan.drop_partial_biases(model)
     quantize_model(model, quant)

@@ -8,6 +8,11 @@ Per rank r of W:
   up half separately (the rank's up_gate_proj is [gate_r | up_r]); down_proj keeps the matching rows.
 - o_proj rows follow the query heads. The router, norms and MoE statics are replicated.
 - vocabulary: rows [r*S, min((r+1)*S, V)) of the embedding and columns of an untied LM head, S = ceil(V/W).
+- pre-quantized weights (docs/QUANTIZATION.md layout): column-parallel `weight` / `weight_scale` split their
+  output channels like a float weight. Row-parallel ones split along the input: packed int4 rows hold two
+  input rows each and group scales one group each, so the rank's share must be whole bytes and whole groups
+  (checked, naming the tensor); a per-channel scale serves every input row and is replicated. C8 KV scales
+  follow the KV heads (shard_runner.py).
 
 The model is built at rank-local sizes (`local_config`), then `parallelize` swaps in the vocab-parallel
 embedding and the partial-sum reductions; the loader reads only the slices `shard` names.
@@ -23,13 +28,14 @@ import paddle
 from paddle import nn
 
 from ..config import ModelConfig
+from ..layers.moe import GroupedExperts
 from ..layers.parallel import VocabParallelEmbedding, reduce_output
 from ..loader import ParamSpec, Piece
 from ..models.ernie4_5 import Ernie4_5DecoderLayer
 
 # Architectures whose parameters `shard` knows (multimodal models load their own nested parts).
 SUPPORTED_ARCHITECTURES = {"Ernie4_5ForCausalLM", "Ernie4_5_ForCausalLM", "Ernie4_5_MoeForCausalLM"}
-_STACKED_EXPERTS = re.compile(r"\.experts\.(?P<name>up_gate_proj|down_proj)$")
+_STACKED_EXPERTS = re.compile(r"\.experts\.(?P<name>up_gate_proj|down_proj)(?P<scale>_scale)?$")
 # Row-parallel projections: partial sums, so their bias is added on rank 0 only.
 _ROW_PARALLEL = ("o_proj", "down_proj")
 
@@ -117,7 +123,7 @@ class ShardPlan:
         names = spec.param.split(".")
         stacked = _STACKED_EXPERTS.search(spec.param)
         module = stacked["name"] if stacked else (names[-2] if len(names) >= 2 else "")
-        leaf = "weight" if stacked else names[-1]
+        leaf = ("weight_scale" if stacked["scale"] else "weight") if stacked else names[-1]
         if module == "qkv_proj":
             dim = self.config.head_dim
             (q0, q1), (k0, k1) = self.q_heads, self.kv_heads
@@ -125,16 +131,27 @@ class ShardPlan:
             return _narrow_parts(spec, ranges)
         if module == "up_gate_proj":
             return _narrow_parts(spec, [self.even(p.value_shape()[spec.axis]) for p in spec.pieces])
-        if module == "o_proj" and leaf == "weight":
-            q0, q1 = self.q_heads
-            return _narrow(spec, 0, (q0 * self.config.head_dim, q1 * self.config.head_dim))
-        if module == "down_proj" and leaf == "weight":
-            return _narrow(spec, 0, self.even(spec.shape[0]))
+        if module in _ROW_PARALLEL and leaf == "weight":  # o_proj rows follow the query heads: an even split
+            return _narrow(spec, 0, self.input_rows(spec, "input rows (int4: bytes of two rows)"))
+        if module in _ROW_PARALLEL and leaf == "weight_scale":
+            if len(spec.shape) == 1 or spec.shape[0] == 1:
+                return spec  # per output channel
+            return _narrow(spec, 0, self.input_rows(spec, "scale groups"))
         if module == "embed_tokens":
             return _narrow(spec, 0, self.vocab)
         if module == "lm_head":
             return _narrow(spec, len(spec.shape) - 1, self.vocab)
         return spec  # replicated
+
+    def input_rows(self, spec: ParamSpec, unit: str) -> Range:
+        """This rank's equal share of a row-parallel tensor's rows (input rows, int4 bytes, scale groups)."""
+        rows, size = spec.shape[0], self.world_size
+        if rows % size:  # float sizes were checked up front: this is packing or grouping
+            raise ValueError(
+                f"tensor_parallel_size {size}: {spec.pieces[0].tensor} has {rows} {unit}, not a multiple of "
+                f"{size}; a rank's share of the input would split an int4 byte or a scale group"
+            )
+        return self.even(rows)
 
     # Model ------------------------------------------------------------------------------------------
 
@@ -147,6 +164,9 @@ class ShardPlan:
                 raise TypeError(f"cannot parallelize decoder layer {type(layer).__name__}")
             reduce_output(layer.self_attn)  # partial over this rank's heads (o_proj rows)
             reduce_output(layer.mlp)  # partial over the intermediate slice (dense, or experts + shared)
+        for name, sublayer in model.named_sublayers():
+            if name.endswith(_ROW_PARALLEL) or isinstance(sublayer, GroupedExperts):
+                sublayer.input_sharded = True
 
     def drop_partial_biases(self, model: nn.Layer) -> None:
         """After loading: a row-parallel bias is added once over the all-reduce, so only rank 0 keeps it."""

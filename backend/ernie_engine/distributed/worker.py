@@ -63,7 +63,9 @@ def main() -> int:
     spec = json.loads(os.environ[SPEC_ENV])
     rank = spec["rank"]
     logging.basicConfig(
-        level=spec["log_level"], format=f"%(asctime)s tp-rank{rank} %(name)s %(levelname)s: %(message)s"
+        level=spec["log_level"],
+        format=f"%(asctime)s tp-rank{rank} %(name)s %(levelname)s: %(message)s",
+        force=True,  # Paddle installs its own root handler at import
     )
     conn = Connection(int(os.environ[CONN_FD_ENV]))
     try:

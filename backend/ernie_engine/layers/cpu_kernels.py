@@ -1,9 +1,13 @@
-"""CPU custom operators (csrc/): bf16 / int8 / int4 linear and paged attention, where Paddle has none.
+"""CPU custom operators (ernie_engine/csrc/): bf16 / int8 / int4 linear and paged attention, where Paddle has
+none.
 
-The extension is compiled once per checkout into `.runtime/cpu_kernels/` (scripts/setup.sh builds it ahead of
-time through scripts/build_kernels.py; otherwise the first `available()` call does) and loaded once per
-process. When it cannot be built, the CPU lacks AVX512, or `ERNIE_CPU_KERNELS=0`, `available()` is False and
-every layer keeps its Paddle path (the one XPU uses with paddlepaddle-xpu's kernels).
+The sources ship inside the package, so a backend installed elsewhere (scripts/install_backend.sh) builds its
+own. The extension is compiled once per copy of the package into `.runtime/cpu_kernels/` in the package's
+parent folder (backend/ in a checkout, <backends>/ernie when installed; ERNIE_CPU_KERNELS_DIR overrides);
+scripts/setup.sh and install_backend.sh build it ahead of time, otherwise the first `available()` call does.
+It is loaded once per process. When it cannot be built, the CPU lacks AVX512, or `ERNIE_CPU_KERNELS=0`,
+`available()` is False and every layer keeps its Paddle path (the one XPU uses with paddlepaddle-xpu's
+kernels). Prefill-sized batches multiply a dequantized fp32 copy with Paddle's sgemm (`DENSE_MIN_ROWS`).
 
 Weight layout the kernels read (made once at load by `prepare_model`, see csrc/linear.cc): output-major
 rows, i.e. the -Paddle [in, out] weight transposed to [out, in]; bf16 as is, int8 [out, in], int4 [out, in/2]
@@ -34,9 +38,9 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-ROOT = Path(__file__).resolve().parents[3]
-CSRC = ROOT / "csrc"
-BUILD_DIR = Path(os.environ.get("ERNIE_CPU_KERNELS_DIR", ROOT / ".runtime" / "cpu_kernels"))
+PACKAGE = Path(__file__).resolve().parents[1]  # ernie_engine/
+CSRC = PACKAGE / "csrc"
+BUILD_DIR = Path(os.environ.get("ERNIE_CPU_KERNELS_DIR", PACKAGE.parent / ".runtime" / "cpu_kernels"))
 NAME = "ernie_cpu_kernels"
 SOURCES = ("linear.cc", "paged_attention.cc", "bandwidth.cc")
 HEADERS = ("cpu_kernels.h", "thread_pool.h")
@@ -45,6 +49,9 @@ CFLAGS = ["-O3", "-std=c++17", "-Wall"]
 LDFLAGS = ["-pthread"]
 REQUIRED_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq")
 QUANT_FORMATS = {"wint8": 8, "wint4": 4, "w4a8": 4}
+# From this many rows (prefill chunks) a Linear runs as Paddle's sgemm on a dequantized fp32 copy of its
+# weight: the streaming kernels are built for decode and reach ~1/3 of sgemm's rate at M = 512.
+DENSE_MIN_ROWS = 128
 
 _module: ModuleType | None = None
 _loaded = False  # tried (successfully or not) in this process
@@ -161,18 +168,36 @@ def linear_int(
     return out.reshape(x.shape[:-1] + [weight.shape[0]])
 
 
+def dequantize(weight: paddle.Tensor, scale: paddle.Tensor | None, bits: int) -> paddle.Tensor:
+    """fp32 [N, K] copy of a kernel-layout weight (bits 16: bf16, no scale; 8 / 4: int8 with its scale)."""
+    return ops().ernie_dequantize(weight, scale, bits)
+
+
+def linear_dense(layer: nn.Layer, x: paddle.Tensor) -> paddle.Tensor:
+    """The prefill path: same weight values, fp32 sgemm (Paddle's MKL) instead of the streaming kernel."""
+    fmt = layer.cpu_kernel
+    if fmt == "bf16":
+        weight = dequantize(layer.weight, None, 16)
+    else:
+        weight = dequantize(layer.weight, layer.weight_scale, QUANT_FORMATS[fmt])
+    out = paddle.matmul(x, weight, transpose_y=True)
+    return out if layer.bias is None else out + layer.bias
+
+
 def linear(layer: nn.Layer, x: paddle.Tensor) -> paddle.Tensor:
     """Linear.forward for a layer that `prepare_linear` converted (`layer.cpu_kernel` names the format)."""
     if x.dtype != paddle.float32:
         x = x.astype("float32")
     fmt = layer.cpu_kernel
+    if fmt != "w4a8" and x.size >= DENSE_MIN_ROWS * x.shape[-1]:
+        return linear_dense(layer, x)
     if fmt == "bf16":
         return linear_bf16(x, layer.weight, layer.bias)
     if fmt == "w4a8":  # int8 activations (per token) times int4 weights: integer-exact sums, then both scales
         from .quant.weights import quantize_activation
 
         flat = x.reshape([-1, x.shape[-1]])
-        xq, x_scale = quantize_activation(flat)
+        xq, x_scale = quantize_activation(flat, layer.input_sharded)
         out = linear_int(xq, layer.weight, layer.weight_scale, 4) * x_scale
         out = out.reshape(x.shape[:-1] + [out.shape[-1]])
         return out if layer.bias is None else out + layer.bias

@@ -29,6 +29,9 @@ class Linear(nn.Layer):
         self.quant_device_layout = False
         # Set by cpu_kernels.prepare_model on CPU: the weight format a custom op runs ("" = Paddle path).
         self.cpu_kernel = ""
+        # Set by distributed/sharding.py on row-parallel layers: each rank holds a slice of the input row, so
+        # W4A8's per-token activation scale is reduced over the ranks.
+        self.input_sharded = False
 
     def forward(self, x: paddle.Tensor) -> paddle.Tensor:
         if self.cpu_kernel:

@@ -72,6 +72,7 @@ class GroupedExperts(nn.Layer):
             [num_experts, intermediate_size, hidden_size], default_initializer=ZEROS
         )
         self.quant_method = ""  # set by layers/quant/apply.py: the stacked weights are then int8 buffers
+        self.input_sharded = False  # set by distributed/sharding.py: down_proj's input is a slice per rank
 
     def forward(self, x: paddle.Tensor, weights: paddle.Tensor, expert_ids: paddle.Tensor) -> paddle.Tensor:
         """x [T, h], weights / expert_ids [T, k] -> sum over k of weight * expert(x), [T, h]."""

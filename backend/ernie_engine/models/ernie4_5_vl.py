@@ -37,9 +37,7 @@ from __future__ import annotations
 
 import logging
 import re
-import time
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -49,7 +47,7 @@ from paddle import nn
 
 from ..config import ModelConfig
 from ..layers.attention import AttentionMetadata, KVCache
-from ..layers.linear import ZEROS, Linear
+from ..layers.linear import Linear
 from ..layers.moe import SparseMoeBlock
 from ..layers.norm import RMSNorm
 from ..layers.rotary import RotaryEmbedding
@@ -61,6 +59,7 @@ from ..layers.vision import (
     vision_position_ids,
 )
 from .ernie4_5 import Ernie4_5DecoderLayer, Ernie4_5MLP, Rope
+from .vl_common import MRopeTextModel, VisionLanguageModel
 
 if TYPE_CHECKING:
     from ..loader import ParamSpec
@@ -357,44 +356,23 @@ class VLDecoderLayer(Ernie4_5DecoderLayer):
         return x + (self.mlp(h, vision_mask) if isinstance(self.mlp, ModalityIsolatedMoe) else self.mlp(h))
 
 
-class VLTextModel(nn.Layer):
+def _feed_forward(config: ModelConfig, moe: MoeLayout, sparse: bool) -> nn.Layer:
+    if sparse:
+        return ModalityIsolatedMoe(config, moe)
+    return Ernie4_5MLP(config.hidden_size, config.intermediate_size, bias=config.use_bias)
+
+
+class VLTextModel(MRopeTextModel):
     def __init__(self, config: ModelConfig, moe: MoeLayout) -> None:
-        super().__init__()
-        self.embed_tokens = nn.Embedding(
-            config.vocab_size, config.hidden_size, weight_attr=paddle.ParamAttr(initializer=ZEROS)
-        )
-        self.rotary_emb = VLRotaryEmbedding(config.head_dim, config.rope_theta, mrope_section(config))
-        self.layers = nn.LayerList(
-            [
-                VLDecoderLayer(
-                    config,
-                    ModalityIsolatedMoe(config, moe)
-                    if sparse
-                    else Ernie4_5MLP(config.hidden_size, config.intermediate_size, bias=config.use_bias),
-                )
-                for sparse in moe.sparse_layers
-            ]
-        )
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-
-    def forward(
-        self,
-        x: paddle.Tensor,
-        positions: paddle.Tensor,
-        meta: AttentionMetadata,
-        kv_caches: list[KVCache] | None,
-        vision_mask: paddle.Tensor,
-    ) -> paddle.Tensor:
-        if kv_caches is not None and len(kv_caches) != len(self.layers):
-            raise ValueError(f"got {len(kv_caches)} KV caches for {len(self.layers)} layers")
-        rope = self.rotary_emb(positions)
-        for i, layer in enumerate(self.layers):
-            x = layer(x, rope, meta, None if kv_caches is None else kv_caches[i], vision_mask)
-        return self.norm(x)
+        layers = [VLDecoderLayer(config, _feed_forward(config, moe, sparse)) for sparse in moe.sparse_layers]
+        rotary = VLRotaryEmbedding(config.head_dim, config.rope_theta, mrope_section(config))
+        super().__init__(config, rotary, layers)
 
 
-class Ernie4_5_VLMoeForConditionalGeneration(nn.Layer):
+class Ernie4_5_VLMoeForConditionalGeneration(VisionLanguageModel, nn.Layer):
     """Inference-only: parameters are filled by `load_checkpoint` and never need gradients."""
+
+    media_kinds = "image/video"
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -407,9 +385,7 @@ class Ernie4_5_VLMoeForConditionalGeneration(nn.Layer):
             self.vision_config, config.hidden_size, config.rms_norm_eps
         )
         self.language_model = VLTextModel(config, self.moe_layout)
-        self.lm_head = None if config.tie_word_embeddings else Linear(config.hidden_size, config.vocab_size)
-        for param in self.parameters():
-            param.stop_gradient = True
+        self.add_lm_head_and_freeze()
 
     @property
     def placeholder_ids(self) -> list[int]:
@@ -425,32 +401,14 @@ class Ernie4_5_VLMoeForConditionalGeneration(nn.Layer):
     ) -> paddle.Tensor:
         """Packed patches [N, C*p*p] of images (t = 1) and videos (t even) with grids [items, 3], in any
         mix -> [tokens, hidden]: each item's rows in item order (t*h*w/4 per image, t*h*w/8 per video)."""
-        grid_thw = np.asarray(grid_thw, dtype=np.int64).reshape(-1, 3)
-        if int(np.prod(grid_thw, axis=1).sum()) != pixel_values.shape[0]:
-            raise ValueError(f"{pixel_values.shape[0]} patches do not match grid_thw {grid_thw.tolist()}")
+        dtype = self.vision_model.patch_embed.proj.weight.dtype
+        pixels, grid_thw = self.packed_pixels(pixel_values, grid_thw, dtype)
         odd = [g for g in grid_thw.tolist() if g[0] > 1 and g[0] % 2]
         if odd:
             raise ValueError(
                 f"videos need an even number of frames (pad with the last frame), got grids {odd}"
             )
-        pixels = paddle.to_tensor(pixel_values) if isinstance(pixel_values, np.ndarray) else pixel_values
-        dtype = self.vision_model.patch_embed.proj.weight.dtype
-        return self.resampler_model(self.vision_model(pixels.astype(dtype), grid_thw), grid_thw)
-
-    def get_input_embeddings(
-        self, input_ids: paddle.Tensor, mm_embeds: paddle.Tensor | None = None
-    ) -> paddle.Tensor:
-        """Token embeddings [T, hidden]; image/video placeholders take the rows of `mm_embeds`, in order."""
-        x = self.language_model.embed_tokens(input_ids)
-        is_media = paddle.isin(input_ids, paddle.to_tensor(self.placeholder_ids, dtype=input_ids.dtype))
-        num_placeholders = int(is_media.astype("int64").sum())
-        num_embeds = 0 if mm_embeds is None else mm_embeds.shape[0]
-        if num_placeholders != num_embeds:
-            raise ValueError(f"{num_placeholders} image/video placeholder tokens but {num_embeds} embeddings")
-        if num_embeds == 0:
-            return x
-        rows = paddle.nonzero(is_media).reshape([-1])
-        return paddle.scatter(x, rows, mm_embeds.astype(x.dtype), overwrite=True)
+        return self.resampler_model(self.vision_model(pixels, grid_thw), grid_thw)
 
     def forward(
         self,
@@ -469,44 +427,15 @@ class Ernie4_5_VLMoeForConditionalGeneration(nn.Layer):
             )
         return self.language_model(x, positions, meta, kv_caches, vision_mask.astype("bool"))
 
-    def compute_logits(self, hidden: paddle.Tensor) -> paddle.Tensor:
-        """hidden [N, hidden] -> logits [N, vocab] float32."""
-        if self.lm_head is None:
-            logits = paddle.matmul(hidden, self.language_model.embed_tokens.weight, transpose_y=True)
-        else:
-            logits = self.lm_head(hidden)
-        return logits.astype("float32")
-
     # ---- checkpoint ----------------------------------------------------------------------------------------
 
-    def load_checkpoint(self, model_dir: str | Path) -> None:
-        """Fill every parameter from the safetensors in `model_dir` (transformers or -Paddle layout)."""
-        from ..loader import Checkpoint, check_plan  # the loader imports the model registry, hence here
-
-        started = time.monotonic()
-        params = dict(self.named_parameters())
-        with Checkpoint(model_dir) as checkpoint:
-            names = set(checkpoint.names())
-            mapping = CheckpointMapping.detect(names, self.config, self.moe_layout)
-            specs = [spec for name, p in params.items() for spec in mapping.specs(name, tuple(p.shape))]
-            check_plan(specs, checkpoint, self.config)
-            for spec in specs:
-                param = params[spec.param]
-                values = [checkpoint.read(piece, param.dtype) for piece in spec.pieces]
-                value = values[0] if len(values) == 1 else paddle.concat(values, axis=spec.axis)
-                if spec.index is None:
-                    param.set_value(value)
-                else:
-                    with paddle.no_grad():
-                        param[spec.index] = value
-        elapsed = time.monotonic() - started
-        logger.info(
-            "loaded %d parameters (%s layout) from %s in %.1f s",
-            len(params),
-            mapping.layout,
-            model_dir,
-            elapsed,
-        )
+    def checkpoint_specs(
+        self, params: dict[str, paddle.Tensor], names: set[str]
+    ) -> tuple[list[ParamSpec], str]:
+        """The transformers or -Paddle layout, whichever the tensor names are in."""
+        mapping = CheckpointMapping.detect(names, self.config, self.moe_layout)
+        specs = [spec for name, p in params.items() for spec in mapping.specs(name, tuple(p.shape))]
+        return specs, mapping.layout
 
 
 _MOE_PARAM = re.compile(

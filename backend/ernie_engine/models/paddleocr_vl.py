@@ -31,9 +31,7 @@ from __future__ import annotations
 
 import logging
 import re
-import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -44,7 +42,6 @@ from paddle import nn
 from ..config import ModelConfig
 from ..layers.attention import AttentionMetadata, KVCache
 from ..layers.linear import ZEROS, Linear
-from ..layers.norm import RMSNorm
 from ..layers.rotary import MRotaryEmbedding
 from ..layers.vision import (
     PatchEmbedding,
@@ -56,9 +53,10 @@ from ..layers.vision import (
     vision_position_ids,
 )
 from .ernie4_5 import Ernie4_5DecoderLayer, Ernie4_5MLP
+from .vl_common import MRopeTextModel, VisionLanguageModel
 
 if TYPE_CHECKING:
-    from ..loader import Checkpoint, ParamSpec
+    from ..loader import ParamSpec
 
 logger = logging.getLogger(__name__)
 
@@ -191,42 +189,24 @@ class Projector(nn.Layer):
 # ---- language model ---------------------------------------------------------------------------------------
 
 
-class PaddleOCRTextModel(nn.Layer):
+class PaddleOCRTextModel(MRopeTextModel):
     """ERNIE-4.5 decoder layers with 3D (t, h, w) rotary positions."""
 
     def __init__(self, config: ModelConfig) -> None:
-        super().__init__()
-        self.embed_tokens = nn.Embedding(
-            config.vocab_size, config.hidden_size, weight_attr=paddle.ParamAttr(initializer=ZEROS)
-        )
-        self.rotary_emb = MRotaryEmbedding(config.head_dim, config.rope_theta, mrope_section(config))
-        self.layers = nn.LayerList(
-            [
-                Ernie4_5DecoderLayer(
-                    config, Ernie4_5MLP(config.hidden_size, config.intermediate_size, bias=config.use_bias)
-                )
-                for _ in range(config.num_hidden_layers)
-            ]
-        )
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-
-    def forward(
-        self,
-        x: paddle.Tensor,
-        positions: paddle.Tensor,
-        meta: AttentionMetadata,
-        kv_caches: list[KVCache] | None,
-    ) -> paddle.Tensor:
-        if kv_caches is not None and len(kv_caches) != len(self.layers):
-            raise ValueError(f"got {len(kv_caches)} KV caches for {len(self.layers)} layers")
-        rope = self.rotary_emb(positions)
-        for i, layer in enumerate(self.layers):
-            x = layer(x, rope, meta, None if kv_caches is None else kv_caches[i])
-        return self.norm(x)
+        layers = [
+            Ernie4_5DecoderLayer(
+                config, Ernie4_5MLP(config.hidden_size, config.intermediate_size, bias=config.use_bias)
+            )
+            for _ in range(config.num_hidden_layers)
+        ]
+        rotary = MRotaryEmbedding(config.head_dim, config.rope_theta, mrope_section(config))
+        super().__init__(config, rotary, layers)
 
 
-class PaddleOCRVLForConditionalGeneration(nn.Layer):
+class PaddleOCRVLForConditionalGeneration(VisionLanguageModel, nn.Layer):
     """Inference-only: parameters are filled by `load_checkpoint` and never need gradients."""
+
+    unused_tensors = _UNUSED_TENSORS
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -236,39 +216,23 @@ class PaddleOCRVLForConditionalGeneration(nn.Layer):
         self.visual = SiglipVisionModel(self.vision_config)
         self.projector = Projector(self.vision_config, config.hidden_size)
         self.language_model = PaddleOCRTextModel(config)
-        self.lm_head = None if config.tie_word_embeddings else Linear(config.hidden_size, config.vocab_size)
-        for param in self.parameters():
-            param.stop_gradient = True
+        self.add_lm_head_and_freeze()
 
     @property
     def spatial_merge_size(self) -> int:
         return self.vision_config.spatial_merge_size
 
+    @property
+    def placeholder_ids(self) -> list[int]:
+        return [self.image_token_id]
+
     def embed_multimodal(
         self, pixel_values: paddle.Tensor | np.ndarray, grid_thw: np.ndarray
     ) -> paddle.Tensor:
         """Packed patches [N, C, p, p] of the images with grids [num_images, 3] -> [N / merge^2, hidden]."""
-        grid_thw = np.asarray(grid_thw, dtype=np.int64).reshape(-1, 3)
-        if int(np.prod(grid_thw, axis=1).sum()) != pixel_values.shape[0]:
-            raise ValueError(f"{pixel_values.shape[0]} patches do not match grid_thw {grid_thw.tolist()}")
-        pixels = paddle.to_tensor(pixel_values) if isinstance(pixel_values, np.ndarray) else pixel_values
         dtype = self.visual.embeddings.patch_embedding.weight.dtype
-        return self.projector(self.visual(pixels.astype(dtype), grid_thw), grid_thw)
-
-    def get_input_embeddings(
-        self, input_ids: paddle.Tensor, mm_embeds: paddle.Tensor | None = None
-    ) -> paddle.Tensor:
-        """Token embeddings [T, hidden]; the image placeholders take the rows of `mm_embeds`, in order."""
-        x = self.language_model.embed_tokens(input_ids)
-        is_image = input_ids == self.image_token_id
-        num_placeholders = int(is_image.astype("int64").sum())
-        num_embeds = 0 if mm_embeds is None else mm_embeds.shape[0]
-        if num_placeholders != num_embeds:
-            raise ValueError(f"{num_placeholders} image placeholder tokens but {num_embeds} image embeddings")
-        if num_embeds == 0:
-            return x
-        rows = paddle.nonzero(is_image).reshape([-1])
-        return paddle.scatter(x, rows, mm_embeds.astype(x.dtype), overwrite=True)
+        pixels, grid_thw = self.packed_pixels(pixel_values, grid_thw, dtype)
+        return self.projector(self.visual(pixels, grid_thw), grid_thw)
 
     def forward(
         self,
@@ -282,40 +246,25 @@ class PaddleOCRVLForConditionalGeneration(nn.Layer):
         x = self.language_model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         return self.language_model(x, positions, meta, kv_caches)
 
-    def compute_logits(self, hidden: paddle.Tensor) -> paddle.Tensor:
-        """hidden [N, hidden] -> logits [N, vocab] float32."""
-        if self.lm_head is None:
-            logits = paddle.matmul(hidden, self.language_model.embed_tokens.weight, transpose_y=True)
-        else:
-            logits = self.lm_head(hidden)
-        return logits.astype("float32")
-
     # ---- checkpoint ----------------------------------------------------------------------------------------
 
-    def load_checkpoint(self, model_dir: str | Path) -> None:
-        """Fill every parameter from the safetensors in `model_dir` (shipped or transformers names)."""
-        from ..loader import Checkpoint  # the loader imports the model registry, hence here
+    def checkpoint_specs(
+        self, params: dict[str, paddle.Tensor], names: set[str]
+    ) -> tuple[list[ParamSpec], str]:
+        """The shipped names or transformers' saves, whichever the tensor names are in."""
+        shipped = any(name.startswith("mlp_AR.") for name in names)
+        specs = [self._spec(name, tuple(p.shape), shipped) for name, p in params.items()]
+        return specs, "shipped" if shipped else "transformers"
 
-        started = time.monotonic()
-        params = dict(self.named_parameters())
-        with Checkpoint(model_dir) as checkpoint:
-            names = set(checkpoint.names())
-            specs = [self._spec(name, tuple(p.shape), names) for name, p in params.items()]
-            self._check(specs, checkpoint)
-            for spec in specs:
-                param = params[spec.param]
-                values = [checkpoint.read(piece, param.dtype) for piece in spec.pieces]
-                value = values[0] if len(values) == 1 else paddle.concat(values, axis=spec.axis)
-                if ".self_attn.qkv_proj." in spec.param:
-                    value = self._interleave_qk(value)
-                param.set_value(value)
-        elapsed = time.monotonic() - started
-        logger.info("loaded %d parameters from %s in %.1f s", len(specs), model_dir, elapsed)
+    def after_load(self) -> None:
+        """Interleave the q/k features of every loaded qkv projection (see the module docstring)."""
+        for name, param in self.named_parameters():
+            if ".self_attn.qkv_proj." in name:
+                param.set_value(self._interleave_qk(param))
 
-    def _spec(self, param: str, shape: tuple[int, ...], names: set[str]) -> ParamSpec:
+    def _spec(self, param: str, shape: tuple[int, ...], shipped: bool) -> ParamSpec:
         from ..loader import ParamSpec, Piece, transformers_spec
 
-        shipped = any(name.startswith("mlp_AR.") for name in names)
         if param.startswith("language_model."):
             # The text model is ERNIE-4.5 in transformers' layout under `model.` (shipped) or
             # `model.language_model.` (transformers' saves).
@@ -336,31 +285,6 @@ class PaddleOCRVLForConditionalGeneration(nn.Layer):
         linear = len(shape) == 2 and param.endswith(".weight") and "position_embedding" not in param
         stored = tuple(reversed(shape)) if linear else shape
         return ParamSpec(param, shape, (Piece(tensor, stored, transpose=linear),))
-
-    def _check(self, specs: list[ParamSpec], checkpoint: Checkpoint) -> None:
-        """One error naming every missing, mis-shaped and unexpected tensor."""
-        problems, used = [], set()
-        for spec in specs:
-            for piece in spec.pieces:
-                used.add(piece.tensor)
-                if piece.tensor not in checkpoint.tensor_file:
-                    problems.append(f"missing tensor {piece.tensor} (for parameter {spec.param})")
-                elif checkpoint.shape(piece.tensor) != piece.shape:
-                    problems.append(
-                        f"tensor {piece.tensor} has shape {list(checkpoint.shape(piece.tensor))}, "
-                        f"expected {list(piece.shape)}"
-                    )
-        tied_head = {"lm_head.weight"} if self.lm_head is None else set()
-        problems += [
-            f"unexpected tensor {name}"
-            for name in checkpoint.names()
-            if name not in used and name not in tied_head and not _UNUSED_TENSORS.search(name)
-        ]
-        if problems:
-            raise ValueError(
-                f"checkpoint {checkpoint.model_dir} does not match PaddleOCR-VL "
-                f"({len(problems)} problem(s)):\n  " + "\n  ".join(sorted(problems)[:20])
-            )
 
     def _interleave_qk(self, qkv: paddle.Tensor) -> paddle.Tensor:
         """Reorder each q/k head's features from half-split to interleaved pairs (see module docstring)."""

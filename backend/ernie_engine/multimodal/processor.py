@@ -18,6 +18,7 @@ import hashlib
 import io
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -196,10 +197,19 @@ def load_image(part: dict[str, Any]) -> Image.Image:
         raise ValueError(f"only data: image URLs are accepted here, got {url[:40]!r}")
     try:
         data = base64.b64decode(match["data"], validate=True) if match["b64"] else match["data"].encode()
-        image = Image.open(io.BytesIO(data))
-        image.load()
-    except (binascii.Error, UnidentifiedImageError, OSError) as err:
+    except binascii.Error as err:
         raise ValueError(f"cannot decode image data URL: {err}") from None
+    return decode_image(lambda: data, "image data URL")
+
+
+def decode_image(read: Callable[[], bytes], what: str = "image") -> Image.Image:
+    """Open and fully decode the bytes `read()` returns; a ValueError (a 400) when it fails, as an
+    unreadable source (OSError) or bytes that are no image."""
+    try:
+        image = Image.open(io.BytesIO(read()))
+        image.load()
+    except (UnidentifiedImageError, OSError) as err:
+        raise ValueError(f"cannot decode {what}: {err}") from None
     return image
 
 
@@ -232,12 +242,15 @@ class MultimodalProcessor:
         image_processor: ImageProcessor,
         template: ChatTemplate | None = None,
         max_images: int = 0,
+        fetcher: MediaFetcher | None = None,
     ) -> None:
         self.tokenizer = tokenizer
         self.image_processor = image_processor
         self.template = template or ChatTemplate(PADDLEOCR_VL_TEMPLATE)
         self.image_token_id = tokenizer.token_to_id(IMAGE_PLACEHOLDER)
         self.max_images = max_images  # 0: unlimited (--limit-mm-per-prompt '{"image": N}')
+        # None: data: URLs only; a MediaFetcher adds local files / downloads under the server's policy.
+        self.fetcher = fetcher
 
     @classmethod
     def from_dir(
@@ -252,14 +265,15 @@ class MultimodalProcessor:
         """The prompt text (one placeholder per image) and the images in prompt order."""
         if not isinstance(messages, list) or not messages:
             raise ValueError("messages must be a non-empty list")
-        normalized, images = [], []
+        normalized, image_parts = [], []
         for message in messages:
             parts = _parts(message.get("content"))
             # The template puts a message's images before its text, so that is their prompt order.
-            images += [load_image(p) for p in parts if p["type"] == "image"]
+            image_parts += [p for p in parts if p["type"] == "image"]
             normalized.append({**message, "content": parts})
-        if self.max_images:
-            check_media_limits({"image": len(images)}, {"image": self.max_images})
+        if self.max_images:  # before anything is fetched or decoded
+            check_media_limits({"image": len(image_parts)}, {"image": self.max_images})
+        images = [self._image(p) for p in image_parts]
         context = {**self.template.special_tokens}
         text = compile_template(self.template.source).render(
             messages=normalized, add_generation_prompt=add_generation_prompt, **context
@@ -271,6 +285,12 @@ class MultimodalProcessor:
     ) -> MultimodalPrompt:
         text, images = self.render(messages, add_generation_prompt)
         return self.from_prompt(text, images)
+
+    def _image(self, part: dict[str, Any]) -> Image.Image:
+        if self.fetcher is None or part.get("image_url") is None:
+            return load_image(part)
+        fetcher = self.fetcher
+        return decode_image(lambda: fetcher.fetch(_media_url({**part, "type": "image_url"})))
 
     def from_prompt(self, text: str, images: list[Image.Image]) -> MultimodalPrompt:
         """A rendered prompt with one IMAGE_PLACEHOLDER per image, and the images in that order."""
@@ -485,12 +505,7 @@ class ErnieVLProcessor:
     def _image(self, part: dict[str, Any]) -> Image.Image:
         if isinstance(part.get("image"), Image.Image):
             return part["image"]
-        try:
-            image = Image.open(io.BytesIO(self.fetcher.fetch(_media_url(part))))
-            image.load()
-        except (UnidentifiedImageError, OSError) as err:
-            raise ValueError(f"cannot decode image: {err}") from None
-        return image
+        return decode_image(lambda: self.fetcher.fetch(_media_url(part)))
 
     def _video(self, part: dict[str, Any]) -> VideoFrames:
         if isinstance(part.get("video"), VideoFrames):

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .reasoning import REASONING_PARSERS, ReasoningDelta, ReasoningParser
-from .tool_calls import TOOL_PARSERS, ToolCall, ToolDelta, ToolParser
+from .tool_calls import TOOL_PARSERS, ToolCall, ToolDelta, ToolParser, merge_tool_call_deltas
 
 __all__ = [
     "REASONING_PARSERS",
@@ -23,6 +23,7 @@ __all__ = [
     "get_reasoning_parser_class",
     "get_tool_parser_class",
     "make_output_parser",
+    "merge_tool_call_deltas",
     "parse_output",
 ]
 

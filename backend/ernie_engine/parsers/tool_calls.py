@@ -1,9 +1,10 @@
 """Tool-call parsers: find tool calls in the content stream (after the reasoning parser).
 
-Design choice: a call is emitted when its block closes, as one OpenAI streaming delta carrying index, id,
-type, name and the complete arguments. Streaming argument fragments earlier would commit to a call before
-its JSON is known to be valid; holding the block keeps "malformed JSON degrades to the raw text as content"
-true and makes streamed and whole-text results identical for any split of the text.
+Design choice: a call is emitted when its block closes. Streaming argument fragments earlier would commit to
+a call before its JSON is known to be valid; holding the block keeps "malformed JSON degrades to the raw text
+as content" true and makes streamed and whole-text results identical for any split of the text. A validated
+call then goes out in OpenAI's streaming shape: a first delta with index, id, type, name and empty arguments,
+then the arguments as deltas (one per top-level member) whose concatenation is the call's `arguments`.
 """
 
 from __future__ import annotations
@@ -36,9 +37,39 @@ class ToolCall:
             "function": {"name": self.name, "arguments": self.arguments},
         }
 
-    def to_delta(self, index: int) -> dict[str, Any]:
-        """Streaming shape (`delta.tool_calls[i]`)."""
-        return {"index": index, **self.to_openai()}
+    def to_deltas(self, index: int) -> list[dict[str, Any]]:
+        """Streaming shape (`delta.tool_calls[i]`): the header (id, type, name), then argument pieces."""
+        header = {
+            "index": index,
+            "id": self.id,
+            "type": "function",
+            "function": {"name": self.name, "arguments": ""},
+        }
+        pieces = argument_pieces(json.loads(self.arguments))
+        return [header] + [{"index": index, "function": {"arguments": piece}} for piece in pieces]
+
+
+def argument_pieces(arguments: dict[str, Any]) -> list[str]:
+    """`json.dumps(arguments, ensure_ascii=False)` cut after each top-level member: the streamed fragments."""
+    members = [json.dumps({k: v}, ensure_ascii=False)[1:-1] for k, v in arguments.items()]
+    if not members:
+        return ["{}"]
+    pieces = ["{" + members[0]] + [", " + member for member in members[1:]]
+    pieces[-1] += "}"
+    return pieces
+
+
+def merge_tool_call_deltas(deltas: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Fold streaming deltas into one delta per call (index, id, type, name, whole arguments), by index."""
+    calls: dict[int, dict[str, Any]] = {}
+    for delta in deltas:
+        call = calls.setdefault(delta["index"], {"index": delta["index"]})
+        call.update({k: delta[k] for k in ("id", "type") if k in delta})
+        merged = call.setdefault("function", {"name": "", "arguments": ""})
+        function = delta.get("function", {})
+        merged["name"] = function.get("name") or merged["name"]
+        merged["arguments"] += function.get("arguments", "")
+    return [calls[i] for i in sorted(calls)]
 
 
 @dataclass
@@ -139,7 +170,7 @@ class ErnieToolParser(ToolParser):
         if call is None:
             delta.content += self._gap + TOOL_CALL_START + body + (TOOL_CALL_END if closed else "")
             return
-        delta.tool_calls.append(call.to_delta(len(self.calls)))
+        delta.tool_calls.extend(call.to_deltas(len(self.calls)))
         self.calls.append(call)
 
     def finish(self) -> ToolDelta:

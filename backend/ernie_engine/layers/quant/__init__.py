@@ -7,15 +7,20 @@ Methods (`EngineConfig.quantization`, case-insensitive): "" (none), "wint8", "wi
 Weights. A Linear holds its weight as [in, out]; stacked expert weights are [E, in, out]. Quantization is
 symmetric along the input axis with one fp32 scale per output channel, or per group of `group_size` input rows
 (wint4 only): scale = absmax / qmax (qmax 127 for int8, 7 for int4), q = clip(round(w / scale)), so every
-element's round-trip error is at most scale / 2. Int4 values are packed two per byte into int8 storage along
-the input axis: row 2i in the low nibble, row 2i+1 in the high nibble, giving [..., in/2, out]. Scales are
-stored as [..., G, out] (G = 1 per channel, else in / group_size). Only the projections named in
+element's round-trip error is at most scale / 2. Int4 weights quantized at load (wint4, w4a8) instead take
+scale = ratio * absmax / 7 per (group, channel), the ratio of `INT4_CLIP_RATIOS` (1.0 down to 0.5) with the
+least squared error: clipping a few outliers buys a finer step for the rest (the clipped values saturate, so
+the scale / 2 bound holds for the others). Int4 values are packed two per byte into int8 storage along the
+input axis: row 2i in the low nibble, row 2i+1 in the high nibble, giving [..., in/2, out]. Scales are stored
+as [..., G, out] (G = 1 per channel, else in / group_size). Only the projections named in
 `QUANTIZED_SUFFIXES` are quantized; embeddings, norms, the MoE router (`mlp.gate`), lm_head and the vision
 tower stay in the model dtype, as FastDeploy does.
 
 Execution. On XPU the weight-only methods repack with `paddle.nn.quant.weight_quantize` and run
-`weight_only_linear`. Paddle has no such CPU kernels, so on CPU each call dequantizes that one layer's weight
-into a transient fp32 buffer and runs an fp32 matmul; the resident weights stay int8. W4A8 quantizes the
+`weight_only_linear`. Paddle has no such CPU kernels: on CPU quantized Linears run the custom int8 / int4
+kernels (layers/cpu_kernels.py) when they are available; otherwise, and for routed experts, each call
+dequantizes that one weight into a transient fp32 buffer for an fp32 matmul. Either way the resident weights
+stay int8. W4A8 quantizes the
 activation per token on the fly (scale = row absmax / 127) and multiplies int8 x int4 values: every partial
 sum is an integer below 127 * 7 * in_features < 2**24 for in_features <= 18,000, so the fp32 matmul
 accumulates it exactly, and the result equals an integer reference before the two scales are applied.
@@ -24,6 +29,8 @@ Pre-quantized checkpoints (config.json `quantization_config` with `is_quantized:
 quantized projection `<name>` (e.g. `ernie.layers.0.self_attn.qkv_proj`):
   `<name>.weight`        int8, [in, out] for 8-bit, or [in/2, out] packed int4 as above (-Paddle orientation)
   `<name>.weight_scale`  fp32/bf16, [out] (per channel) or [in/group_size, out]
+Routed experts use the same two tensors per expert (`<layer>.mlp.experts.<j>.up_gate_proj.weight` /
+`.weight_scale`, likewise `down_proj`); the loader stacks them into [E, ...] buffers.
 Optional keys (`dense_quant_type`, `moe_quant_type`) select per-part methods as in FastDeploy's "mix_quant".
 C8 static scales, per layer and per KV head ([num_kv_heads]), holding the absmax of the keys / values seen in
 calibration (FastDeploy's convention; the dequantization step is absmax / 127):

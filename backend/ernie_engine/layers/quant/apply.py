@@ -3,7 +3,9 @@
 A quantized Linear keeps its parameter names so the state dict matches a pre-quantized checkpoint:
 `weight` becomes an int8 buffer ([in, out], or [in/2, out] packed int4) and `weight_scale` an fp32 buffer
 [G, out]; `quant_method` tells `Linear.forward` to call `quantized_linear`. Stacked experts get
-`up_gate_proj` / `down_proj` as int8 buffers [E, ...] plus `up_gate_proj_scale` / `down_proj_scale`.
+`up_gate_proj` / `down_proj` as int8 buffers [E, ...] plus `up_gate_proj_scale` / `down_proj_scale`; a
+pre-quantized checkpoint stores them per expert (`<experts>.<j>.up_gate_proj.weight` / `.weight_scale`), which
+the loader stacks into those buffers.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from paddle import nn
 
 from ..linear import Linear
 from ..moe import GroupedExperts
-from .config import QuantConfig
+from .config import NO_CLIP, QuantConfig
 from .weights import (
     QuantizedWeight,
     load_prequantized,
@@ -39,18 +41,26 @@ def _replace_with_buffers(layer: nn.Layer, name: str, qw: QuantizedWeight, scale
     layer.register_buffer(scale_name, qw.scale)
 
 
-def quantize_linear(layer: Linear, method: str, group_size: int) -> None:
-    qw = to_device_layout(quantize_for_method(layer.weight, method, group_size), method, group_size)
+def quantize_linear(
+    layer: Linear, method: str, group_size: int, int4_clip_ratios: tuple[float, ...] = NO_CLIP
+) -> None:
+    qw = quantize_for_method(layer.weight, method, group_size, int4_clip_ratios)
+    qw = to_device_layout(qw, method, group_size)
     _replace_with_buffers(layer, "weight", qw, "weight_scale")
     layer.quant_method = method
     layer.quant_device_layout = qw.device_layout
 
 
-def quantize_experts(layer: GroupedExperts, method: str, group_size: int) -> None:
+def quantize_experts(
+    layer: GroupedExperts, method: str, group_size: int, int4_clip_ratios: tuple[float, ...] = NO_CLIP
+) -> None:
     """Expert by expert, so only one expert's float weight is converted at a time."""
     for name in EXPERT_WEIGHTS:
         stacked = getattr(layer, name)
-        parts = [quantize_for_method(stacked[e], method, group_size) for e in range(layer.num_experts)]
+        parts = [
+            quantize_for_method(stacked[e], method, group_size, int4_clip_ratios)
+            for e in range(layer.num_experts)
+        ]
         qw = QuantizedWeight(
             paddle.stack([p.qweight for p in parts]),
             paddle.stack([p.scale for p in parts]),
@@ -72,10 +82,13 @@ def quantize_model(model: nn.Layer, config: QuantConfig) -> None:
             if layer.quant_method:
                 _finish_prequantized(layer, config.group_size)
             elif method:
-                quantize_linear(layer, method, config.group_size)
+                quantize_linear(layer, method, config.group_size, config.int4_clip_ratios)
             count += bool(method)
-        elif isinstance(layer, GroupedExperts) and config.moe_method and not layer.quant_method:
-            quantize_experts(layer, config.moe_method, config.group_size)
+        elif isinstance(layer, GroupedExperts) and layer.quant_method:
+            _finish_prequantized_experts(layer)
+            count += 1
+        elif isinstance(layer, GroupedExperts) and config.moe_method:
+            quantize_experts(layer, config.moe_method, config.group_size, config.int4_clip_ratios)
             count += 1
     logger.info(
         "quantized %d layers; resident quantized weights %.1f MB", count, quantized_bytes(model) / 2**20
@@ -90,15 +103,46 @@ def prepare_prequantized(
     `shape_of(name)` gives a checkpoint tensor's shape by parameter name (None: absent, stays float).
     """
     for name, layer in model.named_sublayers():
+        if isinstance(layer, GroupedExperts) and config.moe_method:
+            _prepare_prequantized_experts(layer, name, config.moe_method, shape_of)
         method = config.method_for(name) if isinstance(layer, Linear) else ""
         weight_shape, scale_shape = shape_of(f"{name}.weight"), shape_of(f"{name}.weight_scale")
         if not method or weight_shape is None or scale_shape is None:
             continue
-        placeholder = QuantizedWeight(
-            paddle.zeros(weight_shape, dtype="int8"), paddle.zeros(scale_shape), method_bits(method), 0
-        )
-        _replace_with_buffers(layer, "weight", placeholder, "weight_scale")
+        _replace_with_buffers(layer, "weight", _placeholder(weight_shape, scale_shape), "weight_scale")
         layer.quant_method = method
+
+
+def _placeholder(weight_shape: tuple[int, ...], scale_shape: tuple[int, ...]) -> QuantizedWeight:
+    """Zero int8 weight and fp32 scale buffers of the stored shapes (the loader fills them)."""
+    return QuantizedWeight(paddle.zeros(weight_shape, dtype="int8"), paddle.zeros(scale_shape), 0, 0)
+
+
+def _prepare_prequantized_experts(
+    layer: GroupedExperts, name: str, method: str, shape_of: Callable[[str], tuple[int, ...] | None]
+) -> None:
+    """Stacked int8 buffers [E, *stored shape] for experts the checkpoint stores as weight + weight_scale.
+
+    Expert 0's tensors give the shapes; the loader checks every expert against them. Experts stored in
+    float (no `weight_scale`) stay float and are quantized after loading.
+    """
+    bits = method_bits(method)
+    shapes = {
+        w: (shape_of(f"{name}.0.{w}.weight"), shape_of(f"{name}.0.{w}.weight_scale")) for w in EXPERT_WEIGHTS
+    }
+    if any(scale is None for _, scale in shapes.values()):
+        return
+    for weight, (weight_shape, scale_shape) in shapes.items():
+        _, in_features, out_features = getattr(layer, weight).shape
+        stored = [weight_shape[0] * (2 if bits == 4 else 1), weight_shape[1]]
+        if stored != [in_features, out_features]:
+            raise ValueError(
+                f"pre-quantized {name}.0.{weight}.weight {list(weight_shape)} ({method}) does not fit an "
+                f"expert weight [{in_features}, {out_features}]"
+            )
+        stacked = (layer.num_experts, *weight_shape), (layer.num_experts, *scale_shape)
+        _replace_with_buffers(layer, weight, _placeholder(*stacked), f"{weight}_scale")
+    layer.quant_method = method
 
 
 def _finish_prequantized(layer: Linear, group_size: int) -> None:
@@ -114,12 +158,24 @@ def _finish_prequantized(layer: Linear, group_size: int) -> None:
     layer.quant_device_layout = qw.device_layout
 
 
+def _finish_prequantized_experts(layer: GroupedExperts) -> None:
+    """Per-channel scales stored [out] per expert become [E, 1, out], as quantizing at load makes them."""
+    for weight in EXPERT_WEIGHTS:
+        bits = method_bits(layer.quant_method)
+        qw = load_prequantized(getattr(layer, weight), getattr(layer, f"{weight}_scale"), bits)
+        _replace_with_buffers(layer, weight, qw, f"{weight}_scale")
+
+
 def quantized_buffers(model: nn.Layer) -> dict[str, paddle.Tensor]:
-    """Named int weights and scales of quantized Linears (the loader fills them like parameters)."""
+    """Named int weights and scales of pre-quantized layers (the loader fills them like parameters)."""
     found = {}
     for name, layer in model.named_sublayers():
         if isinstance(layer, Linear) and layer.quant_method:
             found[f"{name}.weight"], found[f"{name}.weight_scale"] = layer.weight, layer.weight_scale
+        elif isinstance(layer, GroupedExperts) and layer.quant_method:
+            for weight in EXPERT_WEIGHTS:
+                found[f"{name}.{weight}"] = getattr(layer, weight)
+                found[f"{name}.{weight}_scale"] = getattr(layer, f"{weight}_scale")
     return found
 
 

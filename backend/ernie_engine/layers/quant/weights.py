@@ -5,10 +5,13 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+import numpy as np
 import paddle
 from paddle import nn
 
 from ...device import device_type
+from ...distributed import parallel_state
+from .config import NO_CLIP
 
 logger = logging.getLogger(__name__)
 
@@ -62,8 +65,36 @@ def round_half_away(x: paddle.Tensor) -> paddle.Tensor:
     return paddle.round(x)  # Paddle rounds halves away from zero (C `round`); references must match
 
 
-def quantize_weight(weight: paddle.Tensor, bits: int, group_size: int = -1) -> QuantizedWeight:
-    """Symmetric quantization along the input axis of [..., in, out]; error per element <= scale / 2."""
+def search_scale(grouped: paddle.Tensor, qmax: float, clip_ratios: tuple[float, ...]) -> paddle.Tensor:
+    """Per (group, channel) of grouped [..., G, rows, out]: the scale ratio * absmax / qmax with the least
+    squared round-trip error over the group. Clipping a few large values buys a finer step for all the
+    others; ratio 1.0 (no clipping) is always a candidate, so the error never grows (ties of the rounding
+    aside: the search rounds half to even). Runs in numpy, ~10x faster than Paddle's CPU elementwise ops."""
+    absmax = grouped.abs().max(axis=-2, keepdim=True)  # [..., G, 1, out]
+    if tuple(clip_ratios) == NO_CLIP:
+        return paddle.clip(absmax / qmax, min=MIN_SCALE)
+    w, base = grouped.numpy(), absmax.numpy() / np.float32(qmax)
+    ratio_of = np.ones_like(base)
+    best_err = np.full(base.shape[:-2] + base.shape[-1:], np.inf, dtype=np.float32)  # [..., G, out]
+    scaled, q = np.empty_like(w), np.empty_like(w)
+    for ratio in clip_ratios:
+        scale = np.maximum(base * np.float32(ratio), np.float32(MIN_SCALE))
+        np.divide(w, scale, out=scaled)
+        np.clip(np.rint(scaled, out=q), -qmax, qmax, out=q)
+        np.subtract(q, scaled, out=q)  # error in steps
+        err = np.einsum("...ij,...ij->...j", q, q) * scale[..., 0, :] ** 2
+        better = err < best_err  # strict: the earlier (larger) ratio wins ties
+        best_err = np.where(better, err, best_err)
+        ratio_of = np.where(better[..., None, :], np.float32(ratio), ratio_of)
+    return paddle.clip(absmax / qmax * paddle.to_tensor(ratio_of, place=grouped.place), min=MIN_SCALE)
+
+
+def quantize_weight(
+    weight: paddle.Tensor, bits: int, group_size: int = -1, clip_ratios: tuple[float, ...] = NO_CLIP
+) -> QuantizedWeight:
+    """Symmetric quantization along the input axis of [..., in, out]. Without clipping (the default) the error
+    per element is <= scale / 2; with `clip_ratios` the scale is searched per group (`search_scale`) and
+    values beyond the clipped absmax saturate at +-qmax."""
     w = weight.astype("float32")
     in_features, out_features = w.shape[-2], w.shape[-1]
     groups = 1
@@ -74,7 +105,7 @@ def quantize_weight(weight: paddle.Tensor, bits: int, group_size: int = -1) -> Q
     lead = w.shape[:-2]
     grouped = w.reshape(lead + [groups, in_features // groups, out_features])
     qmax = QMAX[bits]
-    scale = paddle.clip(grouped.abs().max(axis=-2, keepdim=True) / qmax, min=MIN_SCALE)  # [..., G, 1, out]
+    scale = search_scale(grouped, qmax, clip_ratios)  # [..., G, 1, out]
     q = paddle.clip(round_half_away(grouped / scale), -qmax, qmax).astype("int8")
     q = q.reshape(lead + [in_features, out_features])
     if bits == 4:
@@ -121,27 +152,38 @@ def to_device_layout(qw: QuantizedWeight, method: str, group_size: int) -> Quant
     return QuantizedWeight(qweight, scale, qw.bits, qw.in_features, device_layout=True)
 
 
-def quantize_activation(x: paddle.Tensor) -> tuple[paddle.Tensor, paddle.Tensor]:
-    """Dynamic per-token int8: integer-valued fp32 [T, in] and scale [T, 1] (row absmax / 127)."""
-    scale = paddle.clip(x.abs().max(axis=-1, keepdim=True) / QMAX[8], min=MIN_SCALE)
+def quantize_activation(
+    x: paddle.Tensor, sharded_input: bool = False
+) -> tuple[paddle.Tensor, paddle.Tensor]:
+    """Dynamic per-token int8: integer-valued fp32 [T, in] and scale [T, 1] (row absmax / 127).
+
+    `sharded_input` (row-parallel layers): `x` is this rank's slice of each row; the absmax is taken over the
+    whole row (all-reduce max), so every rank quantizes exactly as a single device would.
+    """
+    absmax = x.abs().max(axis=-1, keepdim=True)
+    if sharded_input:
+        absmax = parallel_state.all_reduce_max(absmax)
+    scale = paddle.clip(absmax / QMAX[8], min=MIN_SCALE)
     return paddle.clip(round_half_away(x / scale), -QMAX[8], QMAX[8]), scale
 
 
-def w4a8_matmul(x: paddle.Tensor, qw: QuantizedWeight) -> paddle.Tensor:
+def w4a8_matmul(x: paddle.Tensor, qw: QuantizedWeight, sharded_input: bool = False) -> paddle.Tensor:
     """int8 activations x int4 weights (per-channel scales), integer-exact accumulation in fp32."""
     if qw.num_groups != 1:
         raise ValueError("w4a8 needs per-channel weight scales (group-wise partial sums are not integers)")
-    xq, x_scale = quantize_activation(x.astype("float32"))
+    xq, x_scale = quantize_activation(x.astype("float32"), sharded_input)
     acc = paddle.matmul(xq, unpack_weight_int(qw).astype("float32"))
     return acc * x_scale * qw.scale.reshape([1, -1])
 
 
-def quantized_matmul(x: paddle.Tensor, qw: QuantizedWeight, method: str) -> paddle.Tensor:
+def quantized_matmul(
+    x: paddle.Tensor, qw: QuantizedWeight, method: str, sharded_input: bool = False
+) -> paddle.Tensor:
     """x [..., in] @ W [in, out] for one quantized Linear (no bias)."""
     lead = x.shape[:-1]
     flat = x.reshape([-1, x.shape[-1]])
     if method == "w4a8":
-        out = w4a8_matmul(flat, qw)
+        out = w4a8_matmul(flat, qw, sharded_input)
     elif qw.device_layout:
         dtype = "int8" if qw.bits == 8 else "int4"
         out = paddle.nn.quant.weight_only_linear(flat, qw.qweight, weight_scale=qw.scale, weight_dtype=dtype)
@@ -154,11 +196,14 @@ def method_bits(method: str) -> int:
     return 8 if method == "wint8" else 4
 
 
-def quantize_for_method(weight: paddle.Tensor, method: str, group_size: int) -> QuantizedWeight:
-    """wint8 and w4a8 are per channel; wint4 is group-wise when the input size allows."""
+def quantize_for_method(
+    weight: paddle.Tensor, method: str, group_size: int, int4_clip_ratios: tuple[float, ...] = NO_CLIP
+) -> QuantizedWeight:
+    """wint8 and w4a8 are per channel; wint4 is group-wise when the input size allows. The 4-bit methods
+    search their scales over `int4_clip_ratios`; wint8 keeps plain absmax scales."""
     bits = method_bits(method)
     group = group_size if method == "wint4" else -1
-    return quantize_weight(weight, bits, group)
+    return quantize_weight(weight, bits, group, int4_clip_ratios if bits == 4 else NO_CLIP)
 
 
 # ---- layer hooks: Linear.forward and GroupedExperts.expert_forward call these once quantized ----
@@ -173,7 +218,7 @@ def linear_weight(layer: nn.Layer) -> QuantizedWeight:
 
 def quantized_linear(layer: nn.Layer, x: paddle.Tensor) -> paddle.Tensor:
     """Linear.forward for a quantized layer."""
-    out = quantized_matmul(x, linear_weight(layer), layer.quant_method)
+    out = quantized_matmul(x, linear_weight(layer), layer.quant_method, layer.input_sharded)
     return out if layer.bias is None else out + layer.bias
 
 
@@ -185,4 +230,5 @@ def expert_weight(layer: nn.Layer, name: str, expert: int) -> QuantizedWeight:
 
 
 def quantized_expert_matmul(layer: nn.Layer, name: str, expert: int, x: paddle.Tensor) -> paddle.Tensor:
-    return quantized_matmul(x, expert_weight(layer, name, expert), layer.quant_method)
+    sharded = name == "down_proj" and layer.input_sharded
+    return quantized_matmul(x, expert_weight(layer, name, expert), layer.quant_method, sharded)

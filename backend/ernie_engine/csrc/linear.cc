@@ -19,20 +19,30 @@
 namespace ernie {
 namespace {
 
-// Storage formats. `kVecs` fp32 vectors come out of one `kStepBytes` chunk of a weight row.
+// Storage formats. `kVecs` fp32 vectors come out of one `kStepBytes` chunk of a weight row, which holds 16
+// `units` (the lanes of one masked load).
 struct Bf16 {
   static constexpr int kVecs = 1, kStepBytes = 32;
   static int64_t row_bytes(int64_t k) { return 2 * k; }
+  static int64_t units(int64_t k) { return k; }
   static float get(const uint8_t* row, int64_t k) { return bf16_to_float(reinterpret_cast<const uint16_t*>(row)[k]); }
+};
+// bf16 rows of even length read as pairs: one 64-byte load gives the even k (low halves shifted up) and the
+// odd k (high halves masked) as two fp32 vectors, with no widening shuffles (x is reordered as for int4).
+struct Bf16Pairs : Bf16 {
+  static constexpr int kVecs = 2, kStepBytes = 64;
+  static int64_t units(int64_t k) { return k / 2; }
 };
 struct Int8 {
   static constexpr int kVecs = 1, kStepBytes = 16;
   static int64_t row_bytes(int64_t k) { return k; }
+  static int64_t units(int64_t k) { return k; }
   static float get(const uint8_t* row, int64_t k) { return static_cast<int8_t>(row[k]); }
 };
 struct Int4 {
   static constexpr int kVecs = 2, kStepBytes = 16;
   static int64_t row_bytes(int64_t k) { return k / 2; }
+  static int64_t units(int64_t k) { return k / 2; }
   static float get(const uint8_t* row, int64_t k) {
     const int8_t byte = static_cast<int8_t>(row[k / 2]);
     return (k % 2) ? (byte >> 4) : static_cast<int8_t>(static_cast<uint8_t>(byte << 4)) >> 4;
@@ -69,6 +79,11 @@ void linear_scalar(const float* x, int64_t m_rows, int64_t k_dim, const uint8_t*
 inline void load_weights(Bf16, const uint8_t* p, __mmask16 mask, __m512* out) {
   const __m256i raw = _mm256_maskz_loadu_epi16(mask, p);
   out[0] = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+inline void load_weights(Bf16Pairs, const uint8_t* p, __mmask16 mask, __m512* out) {
+  const __m512i raw = _mm512_maskz_loadu_epi32(mask, p);
+  out[0] = _mm512_castsi512_ps(_mm512_slli_epi32(raw, 16));
+  out[1] = _mm512_castsi512_ps(_mm512_and_si512(raw, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
 }
 inline void load_weights(Int8, const uint8_t* p, __mmask16 mask, __m512* out) {
   out[0] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mask, p)));
@@ -145,11 +160,11 @@ void linear_avx512_impl(const float* x, int64_t m_rows, int64_t k_dim, const uin
                         const float* scale, int64_t groups, const float* bias, float* y) {
   // Units (elements or bytes) a weight row holds, and the steps covering them.
   const int64_t row_bytes = F::row_bytes(k_dim);
-  const int64_t units = F::kStepBytes == 32 ? k_dim : row_bytes;
+  const int64_t units = F::units(k_dim);
   const int64_t steps = (units + 15) / 16, tail = units - (steps - 1) * 16;
   const int64_t kp = steps * 16 * F::kVecs;  // prepared x row length (zero padded)
 
-  // Prepared x: rows padded to whole steps; for int4 each step is [16 even k, 16 odd k].
+  // Prepared x: rows padded to whole steps; for int4 and bf16 pairs each step is [16 even k, 16 odd k].
   std::vector<float> xp(static_cast<size_t>(m_rows * kp), 0.f);
   for (int64_t m = 0; m < m_rows; ++m) {
     const float* src = x + m * k_dim;
@@ -200,7 +215,64 @@ void linear_avx512_impl(const float* x, int64_t m_rows, int64_t k_dim, const uin
   }
 }
 
+// fp32 copy of weight rows [n0, n1): out[n, k] = W[n, k] * scale (of k's group).
+template <class F>
+void dequantize_rows_avx512(const uint8_t* w, int64_t n0, int64_t n1, int64_t k_dim, const float* scale,
+                            int64_t groups, float* out) {
+  const int64_t row_bytes = F::row_bytes(k_dim);
+  const int64_t units = F::units(k_dim);
+  const int64_t steps = (units + 15) / 16, tail = units - (steps - 1) * 16;
+  const int64_t group_steps = groups > 1 ? steps / groups : steps;  // grouped rows have no partial step
+  // int4 steps yield 16 even and 16 odd k: interleave them back into k order.
+  const __m512i lo_idx = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+  const __m512i hi_idx = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* row = w + n * row_bytes;
+    float* dst = out + n * k_dim;
+    for (int64_t s = 0; s < steps; ++s) {
+      const int64_t left = s + 1 < steps ? 16 : tail;
+      __m512 v[2];
+      load_weights(F{}, row + s * F::kStepBytes, lane_mask(left), v);
+      const __m512 sc = _mm512_set1_ps(scale ? scale[n * groups + s / group_steps] : 1.f);
+      if constexpr (F::kVecs == 1) {
+        _mm512_mask_storeu_ps(dst + s * 16, lane_mask(left), _mm512_mul_ps(v[0], sc));
+      } else {
+        const __m512 even = _mm512_mul_ps(v[0], sc), odd = _mm512_mul_ps(v[1], sc);
+        _mm512_mask_storeu_ps(dst + s * 32, lane_mask(2 * left), _mm512_permutex2var_ps(even, lo_idx, odd));
+        _mm512_mask_storeu_ps(dst + s * 32 + 16, lane_mask(std::max<int64_t>(0, 2 * left - 16)),
+                              _mm512_permutex2var_ps(even, hi_idx, odd));
+      }
+    }
+  }
+}
+
 #pragma GCC pop_options
+
+template <class F>
+void dequantize_rows_scalar(const uint8_t* w, int64_t n0, int64_t n1, int64_t k_dim, const float* scale,
+                            int64_t groups, float* out) {
+  const int64_t row_bytes = F::row_bytes(k_dim), group_k = k_dim / std::max<int64_t>(groups, 1);
+  for (int64_t n = n0; n < n1; ++n) {
+    for (int64_t k = 0; k < k_dim; ++k) {
+      const float sc = scale ? scale[n * groups + k / group_k] : 1.f;
+      out[n * k_dim + k] = F::get(w + n * row_bytes, k) * sc;
+    }
+  }
+}
+
+template <class F>
+void dequantize(const uint8_t* w, int64_t n_cols, int64_t k_dim, const float* scale, int64_t groups, float* out) {
+  const bool avx512 = use_avx512();
+  const int64_t per_chunk = std::max<int64_t>(1, n_cols / 64);
+  ThreadPool::instance().run((n_cols + per_chunk - 1) / per_chunk, [&](int64_t c) {
+    const int64_t n0 = c * per_chunk, n1 = std::min(n_cols, n0 + per_chunk);
+    if (avx512) {
+      dequantize_rows_avx512<F>(w, n0, n1, k_dim, scale, groups, out);
+    } else {
+      dequantize_rows_scalar<F>(w, n0, n1, k_dim, scale, groups, out);
+    }
+  });
+}
 
 template <class F>
 void linear_dispatch(const float* x, int64_t m_rows, int64_t k_dim, const uint8_t* w, int64_t n_cols,
@@ -230,8 +302,13 @@ std::vector<paddle::Tensor> LinearBf16(const paddle::Tensor& x, const paddle::Te
   const int64_t n_cols = w.dims()[0], k_dim = w.dims()[1], m_rows = x.dims()[0];
   check_x(x, k_dim);
   auto y = paddle::empty({m_rows, n_cols}, paddle::DataType::FLOAT32, x.place());
-  linear_dispatch<Bf16>(x.data<float>(), m_rows, k_dim, static_cast<const uint8_t*>(w.data()), n_cols, nullptr, 0,
-                        bias_ptr(bias, n_cols), y.data<float>());
+  const auto* wp = static_cast<const uint8_t*>(w.data());
+  const float* bp = bias_ptr(bias, n_cols);
+  if (k_dim % 2 == 0) {
+    linear_dispatch<Bf16Pairs>(x.data<float>(), m_rows, k_dim, wp, n_cols, nullptr, 0, bp, y.data<float>());
+  } else {
+    linear_dispatch<Bf16>(x.data<float>(), m_rows, k_dim, wp, n_cols, nullptr, 0, bp, y.data<float>());
+  }
   return {y};
 }
 
@@ -259,6 +336,29 @@ std::vector<paddle::Tensor> LinearInt(const paddle::Tensor& x, const paddle::Ten
   return {y};
 }
 
+// fp32 copy [N, K] of a kernel-layout weight: bits 16 (bf16 `w`, no scale), 8 or 4 (int8 `w`, fp32 `scale`
+// [N, G]). Prefill-sized batches multiply it with Paddle's sgemm, which beats streaming at large M.
+std::vector<paddle::Tensor> Dequantize(const paddle::Tensor& w, const paddle::optional<paddle::Tensor>& scale,
+                                       int bits) {
+  PD_CHECK(bits == 16 || bits == 8 || bits == 4, "bits must be 16, 8 or 4");
+  PD_CHECK(w.dims().size() == 2 && w.dtype() == (bits == 16 ? paddle::DataType::BFLOAT16 : paddle::DataType::INT8),
+           "w must be bf16 (bits 16) or int8 [N, K or K/2]");
+  PD_CHECK((bits == 16) == !scale, "int weights need a scale, bf16 ones none");
+  const int64_t n_cols = w.dims()[0], k_dim = w.dims()[1] * (bits == 4 ? 2 : 1);
+  const float* sp = scale ? scale->data<float>() : nullptr;
+  const int64_t groups = scale ? scale->dims()[1] : 1;
+  PD_CHECK(!scale || (scale->dtype() == paddle::DataType::FLOAT32 && scale->dims()[0] == n_cols &&
+                      k_dim % groups == 0 && (groups == 1 || (k_dim / groups) % (bits == 4 ? 32 : 16) == 0)),
+           "scale must be fp32 [N, G] with whole vector steps per group");
+  auto out = paddle::empty({n_cols, k_dim}, paddle::DataType::FLOAT32, w.place());
+  const auto* wp = static_cast<const uint8_t*>(w.data());
+  if (bits == 16 && k_dim % 2 == 0) dequantize<Bf16Pairs>(wp, n_cols, k_dim, sp, groups, out.data<float>());
+  if (bits == 16 && k_dim % 2 == 1) dequantize<Bf16>(wp, n_cols, k_dim, sp, groups, out.data<float>());
+  if (bits == 8) dequantize<Int8>(wp, n_cols, k_dim, sp, groups, out.data<float>());
+  if (bits == 4) dequantize<Int4>(wp, n_cols, k_dim, sp, groups, out.data<float>());
+  return {out};
+}
+
 std::vector<std::vector<int64_t>> LinearBf16Shape(const std::vector<int64_t>& x, const std::vector<int64_t>& w,
                                                   const paddle::optional<std::vector<int64_t>>&) {
   return {{x[0], w[0]}};
@@ -268,6 +368,15 @@ std::vector<std::vector<int64_t>> LinearIntShape(const std::vector<int64_t>& x, 
                                                  const std::vector<int64_t>&,
                                                  const paddle::optional<std::vector<int64_t>>&) {
   return {{x[0], w[0]}};
+}
+
+std::vector<std::vector<int64_t>> DequantizeShape(const std::vector<int64_t>& w,
+                                                  const paddle::optional<std::vector<int64_t>>&, int bits) {
+  return {{w[0], w[1] * (bits == 4 ? 2 : 1)}};
+}
+
+std::vector<paddle::DataType> DequantizeDtype(const paddle::DataType&, const paddle::optional<paddle::DataType>&) {
+  return {paddle::DataType::FLOAT32};
 }
 
 std::vector<paddle::DataType> LinearBf16Dtype(const paddle::DataType&, const paddle::DataType&,
@@ -296,3 +405,11 @@ PD_BUILD_OP(ernie_linear_int)
     .SetKernelFn(PD_KERNEL(ernie::LinearInt))
     .SetInferShapeFn(PD_INFER_SHAPE(ernie::LinearIntShape))
     .SetInferDtypeFn(PD_INFER_DTYPE(ernie::LinearIntDtype));
+
+PD_BUILD_OP(ernie_dequantize)
+    .Inputs({"W", paddle::Optional("Scale")})
+    .Outputs({"Out"})
+    .Attrs({"bits: int"})
+    .SetKernelFn(PD_KERNEL(ernie::Dequantize))
+    .SetInferShapeFn(PD_INFER_SHAPE(ernie::DequantizeShape))
+    .SetInferDtypeFn(PD_INFER_DTYPE(ernie::DequantizeDtype));

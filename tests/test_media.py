@@ -1,0 +1,164 @@
+"""Media fetching policy: data: URLs, local files only under the media root, http(s) only to allowed hosts,
+with size and time limits. Downloads are exercised against a local HTTP server on 127.0.0.1."""
+
+from __future__ import annotations
+
+import base64
+import http.server
+import io
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from ernie_engine.multimodal import ErnieVLImageProcessor, ErnieVLProcessor, MediaFetcher, VideoProcessor
+from PIL import Image
+
+PNG = io.BytesIO()
+Image.new("RGB", (30, 20), (200, 10, 10)).save(PNG, format="PNG")
+PNG_BYTES = PNG.getvalue()
+
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+        if self.path == "/image.png":
+            self._send(PNG_BYTES)
+        elif self.path == "/big":
+            self._send(b"x" * 5000)
+        elif self.path == "/slow":
+            self.send_response(200)
+            self.end_headers()
+            try:
+                for _ in range(20):
+                    self.wfile.write(b"x" * 10)
+                    self.wfile.flush()
+                    time.sleep(0.1)
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # the client gave up, as it should
+        elif self.path == "/to-elsewhere":
+            self.send_response(302)
+            self.send_header("Location", "http://example.com/image.png")
+            self.end_headers()
+        elif self.path == "/to-image":
+            self.send_response(302)
+            self.send_header("Location", "/image.png")
+            self.end_headers()
+        else:
+            self.send_response(404)
+            self.end_headers()
+
+    def _send(self, body: bytes) -> None:
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[str]:
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+    thread.join()
+
+
+@pytest.fixture
+def media_root(tmp_path: Path) -> Path:
+    root = tmp_path / "media"
+    (root / "sub").mkdir(parents=True)
+    (root / "sub" / "image.png").write_bytes(PNG_BYTES)
+    (tmp_path / "secret.png").write_bytes(PNG_BYTES)
+    (root / "link.png").symlink_to(tmp_path / "secret.png")
+    return root
+
+
+def test_data_urls() -> None:
+    fetcher = MediaFetcher()
+    assert fetcher.fetch("data:image/png;base64," + base64.b64encode(PNG_BYTES).decode()) == PNG_BYTES
+    assert fetcher.fetch("data:text/plain,hello%20there") == b"hello there"
+    with pytest.raises(ValueError, match="not valid base64"):
+        fetcher.fetch("data:image/png;base64,@@@")
+    with pytest.raises(ValueError, match="over the media size limit of 100 bytes"):
+        MediaFetcher(max_bytes=100).fetch("data:image/png;base64," + base64.b64encode(PNG_BYTES * 2).decode())
+
+
+def test_local_files_only_under_the_media_root(media_root: Path) -> None:
+    fetcher = MediaFetcher(media_root=str(media_root))
+    assert fetcher.fetch("sub/image.png") == PNG_BYTES
+    assert fetcher.fetch(str(media_root / "sub" / "image.png")) == PNG_BYTES
+    assert fetcher.fetch(f"file://{media_root}/sub/image.png") == PNG_BYTES
+    for escape in (
+        "../secret.png",
+        "sub/../../secret.png",
+        str(media_root.parent / "secret.png"),
+        "/etc/passwd",
+    ):
+        with pytest.raises(ValueError, match="is outside the media root"):
+            fetcher.fetch(escape)
+    with pytest.raises(ValueError, match="outside the media root"):
+        fetcher.fetch("link.png")  # a symlink out of the root is followed, then refused
+    with pytest.raises(ValueError, match="does not exist under the media root"):
+        fetcher.fetch("sub/missing.png")
+    with pytest.raises(ValueError, match="over the media size limit"):
+        MediaFetcher(media_root=str(media_root), max_bytes=10).fetch("sub/image.png")
+    with pytest.raises(ValueError, match="local media files are not allowed"):
+        MediaFetcher().fetch(str(media_root / "sub" / "image.png"))
+
+
+def test_downloads_only_to_allowed_hosts(server: str) -> None:
+    with pytest.raises(ValueError, match="downloads are disabled"):
+        MediaFetcher().fetch(f"{server}/image.png")
+    with pytest.raises(ValueError, match="media host '127.0.0.1' is not allowed"):
+        MediaFetcher(allowed_hosts=("images.example.com",)).fetch(f"{server}/image.png")
+    fetcher = MediaFetcher.from_settings(allowed_hosts="images.example.com, 127.0.0.1")
+    assert fetcher.fetch(f"{server}/image.png") == PNG_BYTES
+    assert fetcher.fetch(f"{server}/to-image") == PNG_BYTES  # a redirect within the allow-list
+    with pytest.raises(ValueError, match="media host 'example.com' is not allowed"):
+        fetcher.fetch(f"{server}/to-elsewhere")
+    with pytest.raises(ValueError, match="HTTP 404"):
+        fetcher.fetch(f"{server}/missing")
+    with pytest.raises(ValueError, match="unsupported media URL scheme 'ftp'"):
+        fetcher.fetch("ftp://127.0.0.1/image.png")
+
+
+def test_download_size_and_time_limits(server: str) -> None:
+    with pytest.raises(ValueError, match="5000 bytes, over the media size limit of 1000 bytes"):
+        MediaFetcher(allowed_hosts=("127.0.0.1",), max_bytes=1000).fetch(f"{server}/big")
+    with pytest.raises(ValueError, match="over the media size limit of 50 bytes"):
+        MediaFetcher(allowed_hosts=("127.0.0.1",), max_bytes=50).fetch(f"{server}/slow")  # no Content-Length
+    started = time.monotonic()
+    with pytest.raises(ValueError, match="took longer than 0.5 s"):
+        MediaFetcher(allowed_hosts=("127.0.0.1",), timeout_s=0.5).fetch(f"{server}/slow")
+    assert time.monotonic() - started < 1.5
+
+
+class Tokens:
+    def encode(self, text: str) -> list[int]:
+        return [3 + ord(c) % 250 for c in text]
+
+
+def test_processor_fetches_under_the_policy(media_root: Path) -> None:
+    token_ids = dict.fromkeys(
+        ("image_start_token_id", "image_end_token_id", "video_start_token_id", "video_end_token_id"), 1
+    )
+    token_ids |= {"image_token_id": 300, "video_token_id": 303}
+    fetcher = MediaFetcher(media_root=str(media_root))
+    processor = ErnieVLProcessor(
+        Tokens(), token_ids, ErnieVLImageProcessor(), VideoProcessor(font=None), fetcher=fetcher
+    )
+
+    def message(url: str) -> list[dict]:
+        return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}]}]
+
+    prompt = processor(message("sub/image.png"))
+    assert prompt.images.grid_thw.tolist() == [[1, 4, 6]]  # 30x20 px scaled up to the 56*56 px minimum
+    with pytest.raises(ValueError, match="outside the media root"):
+        processor(message("../secret.png"))
+    with pytest.raises(ValueError, match="media downloads are disabled"):
+        processor(message("https://example.com/a.png"))
