@@ -2,7 +2,6 @@
 
     python scripts/bench_quant.py           # 0.3B-shaped random checkpoint (made at /tmp/ernie-0.3b-random)
     python scripts/bench_quant.py --model checkpoints/ernie-4.5-tiny --text corpus    # trained demo model
-    python scripts/bench_quant.py --methods wint4,wint4:noclip     # int4 scale clip search on / off
     python scripts/bench_quant.py --decode --batches 1,16          # decode step time, bf16 vs wint8
 
 Accuracy, per method: resident bytes of the quantized layers (against the same layers in fp32) and of the
@@ -10,8 +9,7 @@ whole model, KV cache bytes per token, and over teacher-forced positions the top
 model, the mean KL(fp32 || quantized) in nats, and the RMS logit error ("dlogit", to set against the fp32
 top-1 - top-2 logit gap in the header: top-1 flips where the error spans the gap). "c8" keeps fp32 weights
 and runs every sequence through the paged attention path with an int8 KV cache (prefill writes int8,
-attention reads it back). A method spelled
-"wint4:noclip" / "w4a8:noclip" quantizes with plain absmax scales (no per-group clip search).
+attention reads it back).
 
 Text. `--text random`: uniform random token sequences, every position scored. `--text corpus`:
 conversations of scripts/demo_corpus.py rendered with the checkpoint's own chat template and tokenizer (as
@@ -54,7 +52,7 @@ from ernie_engine.layers import cpu_kernels  # noqa: E402
 from ernie_engine.layers.attention import AttentionMetadata  # noqa: E402
 from ernie_engine.layers.linear import Linear  # noqa: E402
 from ernie_engine.layers.quant.apply import quantized_bytes, resident_bytes  # noqa: E402
-from ernie_engine.layers.quant.config import NO_CLIP, QuantConfig  # noqa: E402
+from ernie_engine.layers.quant.config import QuantConfig  # noqa: E402
 from ernie_engine.layers.quant.kv_cache import Int8KVCache, kv_cache_bytes_per_token  # noqa: E402
 from ernie_engine.loader import load_model  # noqa: E402
 from ernie_engine.tokenizer import Tokenizer  # noqa: E402
@@ -154,15 +152,6 @@ def int8_caches(model: paddle.nn.Layer, num_tokens: int) -> list[Int8KVCache]:
     ]
 
 
-def quant_config(spec: str) -> QuantConfig:
-    """Method "wint4" as the engine builds it; "wint4:noclip" with plain absmax int4 scales."""
-    method, _, variant = spec.partition(":")
-    config = QuantConfig.build(method)
-    if variant not in ("", "noclip"):
-        raise ValueError(f"unknown method variant {spec!r}; only ':noclip'")
-    return dataclasses.replace(config, int4_clip_ratios=NO_CLIP) if variant else config
-
-
 def load_fp32(model_dir: Path, config: QuantConfig | None = None) -> paddle.nn.Layer:
     model, _ = load_model(model_dir, dtype="float32", quantization=config)
     return model
@@ -176,7 +165,7 @@ def run_method(
         model, qbytes, target = ref_model, 0, 1
         outs = [forward_logits(model, s.tokens, int8_caches(model, len(s.tokens))) for s in seqs]
     else:
-        config = quant_config(spec)
+        config = QuantConfig.build(spec)
         target = target_fp32_bytes(ref_model, config)
         model = load_fp32(model_dir, config)
         qbytes = quantized_bytes(model)

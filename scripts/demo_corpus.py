@@ -319,7 +319,7 @@ def build_corpus(seed: int = 0) -> list[Conversation]:
     corpus += arithmetic_conversations(rng, 150)
     corpus += [_chat(q, a) for q, a in FACTS for _ in range(4)]
     corpus += thinking_conversations(rng, 150)
-    corpus += weather_conversations(rng, 100)
+    corpus += weather_conversations(rng, 60)
     rng.shuffle(corpus)
     return corpus
 

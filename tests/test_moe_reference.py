@@ -392,8 +392,7 @@ def write_prequantized(src: Path, dst: Path, quant: QuantConfig) -> None:
             if not method:
                 tensors[name] = value
                 continue
-            weight = paddle.to_tensor(value)
-            qw = quantize_for_method(weight, method, quant.group_size, quant.int4_clip_ratios)
+            qw = quantize_for_method(paddle.to_tensor(value), method, quant.group_size)
             scale = qw.scale.numpy()
             tensors[f"ernie.{param}.weight"] = qw.qweight.numpy()
             tensors[f"ernie.{param}.weight_scale"] = scale.reshape(-1) if scale.shape[0] == 1 else scale

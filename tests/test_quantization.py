@@ -11,7 +11,7 @@ import pytest
 from ernie_engine.layers.attention import AttentionMetadata
 from ernie_engine.layers.linear import Linear
 from ernie_engine.layers.quant.apply import quantize_linear, quantized_bytes
-from ernie_engine.layers.quant.config import INT4_CLIP_RATIOS, QuantConfig, normalize_method
+from ernie_engine.layers.quant.config import QuantConfig, normalize_method
 from ernie_engine.layers.quant.kv_cache import Int8KVCache, kv_cache_bytes_per_token
 from ernie_engine.layers.quant.weights import (
     dequantize_weight,
@@ -113,37 +113,6 @@ def test_group_scales_beat_per_channel_on_uneven_rows():
     per_channel = np.abs(dequantize_weight(quantize_weight(paddle.to_tensor(w), 4, -1)).numpy() - w).mean()
     grouped = np.abs(dequantize_weight(quantize_weight(paddle.to_tensor(w), 4, 64)).numpy() - w).mean()
     assert grouped < per_channel
-
-
-@pytest.mark.parametrize("group", [-1, 64])
-def test_int4_clip_search_picks_the_least_squared_error_scale(group):
-    """Each (group, channel) scale is one candidate ratio * absmax / 7, its squared error is the least over
-    the candidates (float64 reference), and never above plain absmax scaling's."""
-    w = RNG.standard_normal((256, 48)).astype(np.float32)
-    w[::17] *= 8.0  # outlier rows: some groups want clipping, others not
-    groups = 1 if group < 0 else 256 // group
-    qw = quantize_weight(paddle.to_tensor(w), 4, group, INT4_CLIP_RATIOS)
-    plain = quantize_weight(paddle.to_tensor(w), 4, group)
-
-    def group_sq_err(qweight) -> np.ndarray:  # [G, out]
-        err = (dequantize_weight(qweight).numpy() - w).astype(np.float64)
-        return (err**2).reshape(groups, -1, 48).sum(1)
-
-    wg = w.astype(np.float64).reshape(groups, -1, 48)
-    base = np.abs(wg).max(axis=1) / 7.0
-    candidates = []
-    for ratio in INT4_CLIP_RATIOS:
-        scale = base * ratio
-        q = np.clip(np.round(wg / scale[:, None]), -7, 7)
-        candidates.append(((q * scale[:, None] - wg) ** 2).sum(1))
-    best = np.min(candidates, axis=0)
-    ratio = qw.scale.numpy() / (plain.scale.numpy() + 1e-30)
-    nearest = np.abs(ratio[..., None] - np.array(INT4_CLIP_RATIOS)).min(-1)
-    assert (nearest < 1e-5).all() and len(np.unique(ratio.round(3))) > 1
-    got = group_sq_err(qw)
-    np.testing.assert_allclose(got, best, rtol=1e-4, atol=1e-9)
-    assert (got <= group_sq_err(plain) * (1 + 1e-5) + 1e-9).all()
-    assert got.sum() < 0.95 * group_sq_err(plain).sum()  # g64 here: 9% less
 
 
 def test_int4_pack_unpack_exact_and_nibble_layout():
@@ -296,8 +265,7 @@ def test_prequantized_checkpoint_loads_as_quantized(tiny_ckpt, tmp_path):
     tensors = {}
     for name, value in load_file(str(tiny_ckpt / "model.safetensors")).items():
         if quant.method_for(name.removeprefix("ernie.")):
-            weight = value.astype("float32")
-            qw = quantize_for_method(weight, "w4a8", quant.group_size, quant.int4_clip_ratios)
+            qw = quantize_for_method(value.astype("float32"), "w4a8", quant.group_size)
             name = name.removesuffix(".weight")
             tensors[f"{name}.weight"] = qw.qweight.numpy()
             tensors[f"{name}.weight_scale"] = qw.scale.numpy().reshape(-1)  # per channel: stored [out]

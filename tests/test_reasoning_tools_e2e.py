@@ -4,8 +4,9 @@ Two rows, each behind its own tritonserver and frontend:
 * THINKING_ROW: a random checkpoint rendered with the `ernie-4.5-thinking` template and both seed parsers on
   (`ernie-45-vl-thinking`), max_model_len 1024 so the seed's tool prompts (~570 tokens) fit. The seed's tool
   requests succeed, streamed or not; thinking switches off through either request key; reasoning_max_tokens
-  bounds the reasoning. A random model's text is noise, so these check structure, and check that what the
-  response splits into reasoning / content / tool calls is the parsers' reading of the generated token ids.
+  bounds the reasoning; a forced (named tool_choice) call streams in OpenAI's shape. A random model's text
+  is noise, so these check structure, and check that what the response splits into reasoning / content /
+  tool calls is the parsers' reading of the generated token ids.
 * model_repository/ernie-4.5-tiny-thinking over the trained demo model (checkpoints/ernie-4.5-tiny): the
   weather round trip's meaning, through Triton's `reasoning_output` / `tool_calls` and the frontend's
   `reasoning_content` / `tool_calls` / finish reason "tool_calls". Skipped when that checkpoint is not the
@@ -230,6 +231,38 @@ def test_seed_tool_request_streamed(thinking_client: openai.OpenAI, tokenizer: T
     )
     reply = reply_of_stream(stream)
     assert_parsed_from_tokens(reply, tokenizer, thinking=True, tools=True)
+
+
+CITY_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "city_weather",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"enum": ["Beijing", "Paris"]}, "unit": {"enum": ["c", "f"]}},
+            "required": ["city", "unit"],
+            "additionalProperties": False,
+        },
+    },
+}
+
+
+def test_named_tool_choice_streams_in_the_same_shape(thinking_client: openai.OpenAI) -> None:
+    """A forced call (schema-constrained arguments) streams like a parsed one: name first, then arguments."""
+
+    def ask(stream: bool) -> Reply:
+        response = thinking_client.chat.completions.create(
+            model="null", messages=CAPITAL, tools=[CITY_TOOL], temperature=0, max_tokens=32, stream=stream,
+            tool_choice={"type": "function", "function": {"name": "city_weather"}},
+            extra_body={"chat_template_kwargs": {"enable_thinking": False}},
+        )
+        return reply_of_stream(response) if stream else reply_of(response)
+
+    whole, streamed = ask(False), ask(True)
+    ((_, name, arguments),) = whole.tool_calls
+    assert name == "city_weather" and set(json.loads(arguments)) == {"city", "unit"}
+    assert [c[1:] for c in streamed.tool_calls] == [c[1:] for c in whole.tool_calls]
+    assert whole.content == streamed.content == ""
 
 
 # Thinking on / off and the reasoning budget --------------------------------------------------------------

@@ -27,6 +27,7 @@ from .layers.attention import AttentionMetadata, KVCache
 from .layers.quant.config import QuantConfig
 from .layers.quant.kv_cache import Int8KVCache, kv_cache_bytes_per_token, read_static_kv_scales
 from .loader import load_model
+from .multimodal.engine_inputs import step_positions, step_vision_mask
 from .sampler import SampledToken, Sampler, argmax_only
 from .scheduler import SchedulerOutput
 from .sequence import Sequence
@@ -47,10 +48,16 @@ def host_memory_available() -> int:
     raise RuntimeError("MemAvailable missing from /proc/meminfo")
 
 
-def _token_embedding(model: paddle.nn.Layer) -> paddle.nn.Embedding:
+def token_embedding(model: paddle.nn.Layer) -> paddle.nn.Embedding:
     """Text models hold it at the top, multimodal ones in their language model."""
     language_model = getattr(model, "language_model", None)
     return model.embed_tokens if language_model is None else language_model.embed_tokens
+
+
+def vision_token_ids(model: paddle.nn.Layer) -> list[int] | None:
+    """The tokens ERNIE-4.5-VL's MoE sends to its vision experts; None for models taking no vision mask."""
+    takes_mask = "vision_mask" in inspect.signature(model.forward).parameters
+    return model.vision_token_ids if takes_mask else None
 
 
 class ModelRunner:
@@ -63,7 +70,7 @@ class ModelRunner:
         self.kv_static_scales = None  # C8 per-head scales, when the checkpoint ships them
         if self.quant.kv_cache_int8:
             self.kv_static_scales = read_static_kv_scales(model_dir, self.model_config.num_hidden_layers)
-        self.dtype = _token_embedding(self.model).weight.dtype
+        self.dtype = token_embedding(self.model).weight.dtype
         self.block_size = config.block_size
         # Ids the tokenizer cannot decode (padded embedding rows) are never sampled.
         vocab = self.model_config.vocab_size
@@ -71,9 +78,7 @@ class ModelRunner:
         self.kv_caches: list[KVCache] = []
         self.sampler = Sampler()
         self.multimodal = hasattr(self.model, "embed_multimodal")
-        # ERNIE-4.5-VL's MoE sends vision tokens to its vision experts; generated tokens never are.
-        takes_mask = "vision_mask" in inspect.signature(self.model.forward).parameters
-        self.vision_token_ids = self.model.vision_token_ids if takes_mask else None
+        self.vision_token_ids = vision_token_ids(self.model)
         placeholders = getattr(self.model, "placeholder_ids", None)
         self.placeholder_ids = frozenset(placeholders or [getattr(self.model, "image_token_id", -1)])
 
@@ -151,30 +156,10 @@ class ModelRunner:
             dtype=np.int64,
             count=sum(query_lens),
         )
-        positions = self._positions(seqs, starts, context_lens)
+        positions = step_positions(seqs, starts, context_lens)
         tables = [seq.block_table for seq in seqs]
         meta = AttentionMetadata.build(query_lens, context_lens, tables, self.block_size)
         return paddle.to_tensor(input_ids), paddle.to_tensor(positions), meta
-
-    @staticmethod
-    def _positions(seqs: list[Sequence], starts: list[int], ends: list[int]) -> np.ndarray:
-        """[T] indices; [3, T] (t, h, w) while a multimodal prompt is in the batch (text: equal on all axes);
-        after a multimodal prompt, index + its mrope delta."""
-        mms = [seq.request.mm for seq in seqs]
-        ranges = [np.arange(s, e, dtype=np.int64) for s, e in zip(starts, ends, strict=True)]
-        if all(mm is None for mm in mms):
-            return np.concatenate(ranges)
-        prefilling = any(
-            mm is not None and s < seq.num_prompt_tokens for seq, s, mm in zip(seqs, starts, mms, strict=True)
-        )
-        if not prefilling:
-            deltas = [mm.prompt.mrope_delta if mm else 0 for mm in mms]
-            return np.concatenate([r + d for r, d in zip(ranges, deltas, strict=True)])
-        columns = [
-            mm.prompt.positions_for(s, e) if mm is not None else np.broadcast_to(r, (3, len(r)))
-            for s, e, r, mm in zip(starts, ends, ranges, mms, strict=True)
-        ]
-        return np.concatenate(columns, axis=1)
 
     def _multimodal_inputs(
         self, seqs: list[Sequence], query_lens: list[int], input_ids: paddle.Tensor
@@ -186,10 +171,9 @@ class ModelRunner:
                  for seq, n in zip(seqs, query_lens, strict=True)]
         extra: dict[str, Any] = {}
         if self.vision_token_ids is not None:
-            extra["vision_mask"] = paddle.to_tensor(np.concatenate([
-                np.isin(seq.token_ids[s:e], self.vision_token_ids) & (np.arange(s, e) < seq.num_prompt_tokens)
-                for seq, s, e in spans
-            ]))
+            starts, ends = [s for _, s, _ in spans], [e for _, _, e in spans]
+            mask = step_vision_mask(seqs, starts, ends, self.vision_token_ids)
+            extra["vision_mask"] = paddle.to_tensor(mask)
         media = [seq.request.mm for seq, s, e in spans if seq.request.mm and seq.request.mm.has_media(s, e)]
         if media:
             self._encode_media([mm for mm in media if mm.embeds is None])
@@ -206,7 +190,7 @@ class ModelRunner:
         generated = seq.token_ids[max(start, seq.num_prompt_tokens) : end]
         sampled = [t for t in generated if t in self.placeholder_ids]
         if sampled:  # a placeholder id the model itself sampled is just that token's embedding
-            rows.append(_token_embedding(self.model)(paddle.to_tensor(sampled)))
+            rows.append(token_embedding(self.model)(paddle.to_tensor(sampled)))
         return rows
 
     def _encode_media(self, pending: list[MultimodalInputs]) -> None:

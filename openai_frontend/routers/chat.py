@@ -56,15 +56,17 @@ async def create_chat_completion(body: ChatCompletionRequest,
 
 
 def _as_tool_call(out: GenerateOutput, name: str | None, state: RequestState) -> None:
-    """Named tool_choice: the (schema-constrained) content is the call's arguments; id and name go first."""
+    """Named tool_choice: the (schema-constrained) content is the call's arguments. As the tool-call parser's
+    calls: a first delta with id, type, name and arguments "", then the arguments as they arrive."""
     if name is None or not out.text:
         return
-    delta: dict = {"index": 0, "function": {"arguments": out.text}}
+    deltas: list[dict] = [{"index": 0, "function": {"arguments": out.text}}]
     choice = state.choices.get(out.index)
     if choice is None or not choice.tool_calls:
-        delta.update(id=f"chatcmpl-tool-{uuid.uuid4().hex}", type="function")
-        delta["function"]["name"] = name
-    out.tool_calls, out.text = [delta], ""
+        header = {"index": 0, "id": f"chatcmpl-tool-{uuid.uuid4().hex}", "type": "function",
+                  "function": {"name": name, "arguments": ""}}
+        deltas.insert(0, header)
+    out.tool_calls, out.text = deltas, ""
 
 
 def delta_choices(out: GenerateOutput, index: int, return_token_ids: bool) -> list[ChatChunkChoice]:

@@ -134,6 +134,7 @@ class TensorParallelExecutor:
         self._spawn(model_dir)
         info = self._collect(STARTUP_TIMEOUT_S, "start")
         self.resident_bytes: list[int] = [item["resident_bytes"] for item in info]  # weights, per rank
+        self.vision_token_ids: list[int] | None = info[0]["vision_token_ids"]  # ERNIE-4.5-VL's MoE mask
         logger.info("tensor parallel: %d workers ready in %.1f s (weights per rank: %s MiB)", self.world_size,
                     time.monotonic() - started, ", ".join(f"{b / 2**20:.1f}" for b in self.resident_bytes))
 
@@ -228,7 +229,7 @@ class TensorParallelExecutor:
 
     def execute(self, out: SchedulerOutput) -> list[SampledToken]:
         """Run the scheduled tokens on every rank; one sampled token per `out.sampling` sequence, in order."""
-        batch = describe_step(out)
+        batch = describe_step(out, self.vision_token_ids)
         result = self.run(batch)
         tokens: list[SampledToken | None] = [None] * len(out.sampling)
         for i, token_id in zip(np.flatnonzero(batch.greedy), result.token_ids, strict=True):

@@ -3,12 +3,15 @@
 The shard is built at rank-local sizes and filled slice by slice through the loader's shard hook: no rank
 ever holds a full weight. Its KV cache holds only its KV heads. Every rank runs every step (the layers'
 collectives pair them up); logits are gathered over the vocabulary and rank 0 alone answers the engine.
+Multimodal models: each rank holds the whole vision encoder and encodes the media a step carries itself, so
+every rank's input embeddings are the same without a collective (messages.StepMedia).
 """
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import paddle
@@ -23,30 +26,33 @@ from ..layers.quant.apply import quantize_model
 from ..layers.quant.config import QuantConfig
 from ..layers.quant.kv_cache import read_static_kv_scales
 from ..loader import build_model, checkpoint_dtype, load_weights, prepare_prequantized_shard
-from ..model_runner import ModelRunner
-from .messages import StepBatch, StepResult
+from ..model_runner import ModelRunner, token_embedding, vision_token_ids
+from .messages import StepBatch, StepMedia, StepResult
 from .sharding import ShardPlan
 
 logger = logging.getLogger(__name__)
 
 
-def full_parameter_shapes(config: ModelConfig, dtype: str) -> dict[str, tuple[int, ...]]:
-    """Parameter names and unsharded shapes, from a model built lazily (no memory is allocated)."""
+def lazy_full_model(config: ModelConfig, dtype: str) -> nn.Layer:
+    """The unsharded model built lazily (no memory is allocated): its parameter names and full shapes."""
     with paddle.LazyGuard():
-        full = build_model(config, dtype)
-    return {name: tuple(param.shape) for name, param in full.named_parameters()}
+        return build_model(config, dtype)
 
 
 def load_shard(model_dir: Path, plan: ShardPlan, dtype: str | None, quant: QuantConfig) -> nn.Layer:
     """This rank's model with its slices of the checkpoint (the sharded counterpart of loader.load_model)."""
     device = paddle.get_device()
     compute_dtype = resolve_dtype(dtype, device)
-    shapes = full_parameter_shapes(plan.config, compute_dtype)
+    full = lazy_full_model(plan.config, compute_dtype)
+    shapes = {name: tuple(param.shape) for name, param in full.named_parameters()}
     model = build_model(plan.local_config(), compute_dtype)
     plan.parallelize(model)
     if quant.prequantized:  # int8 buffers of this rank's slice shapes; the plan needs their full shapes
         shapes.update(prepare_prequantized_shard(model, model_dir, plan.config, quant, plan.shard))
-    load_weights(model, model_dir, plan.config, shard=plan.shard, full_shapes=shapes)
+    if hasattr(model, "load_checkpoint"):  # multimodal: the full model maps the nested parts' tensors
+        model.load_checkpoint(model_dir, shard=plan.shard, full_model=full)
+    else:
+        load_weights(model, model_dir, plan.config, shard=plan.shard, full_shapes=shapes)
     plan.drop_partial_biases(model)
     quantize_model(model, quant)
     if device_type(device) == "cpu":
@@ -82,7 +88,8 @@ class ShardRunner(ModelRunner):
         if self.quant.kv_cache_int8:
             scales = read_static_kv_scales(model_dir, plan.config.num_hidden_layers)
             self.kv_static_scales = scales and [(self._own_heads(k), self._own_heads(v)) for k, v in scales]
-        self.dtype = self.model.embed_tokens.weight.dtype
+        self.dtype = token_embedding(self.model).weight.dtype
+        self.vision_token_ids = vision_token_ids(self.model)  # told to the engine, which builds the masks
         self.block_size = config.block_size
         self.vocab_limit = vocab_limit
         self.kv_caches: list[KVCache] = []
@@ -107,7 +114,7 @@ class ShardRunner(ModelRunner):
             batch.query_lens, batch.context_lens, batch.block_tables, self.block_size
         )
         ids, positions = paddle.to_tensor(batch.input_ids), paddle.to_tensor(batch.positions)
-        hidden = self.model(ids, positions, meta, self.kv_caches)
+        hidden = self.model(ids, positions, meta, self.kv_caches, **self._multimodal_inputs(batch, ids))
         logits = np.zeros((0, self.vocab_limit), np.float32)
         if batch.sample_rows.size:  # every rank takes part in the gather
             local = self.model.compute_logits(paddle.gather(hidden, paddle.to_tensor(batch.sample_rows)))
@@ -116,3 +123,23 @@ class ShardRunner(ModelRunner):
         if self.plan.rank != 0:
             return None
         return StepResult(logits[batch.greedy].argmax(axis=1).astype(np.int64), logits[~batch.greedy])
+
+    def _multimodal_inputs(self, batch: StepBatch, ids: paddle.Tensor) -> dict[str, Any]:
+        """ERNIE-4.5-VL's vision mask; the input embeddings when the step carries media."""
+        extra: dict[str, Any] = {}
+        if batch.vision_mask is not None:
+            extra["vision_mask"] = paddle.to_tensor(batch.vision_mask)
+        if batch.media is not None:
+            extra["inputs_embeds"] = self._embed_with_media(ids, batch.media)
+        return extra
+
+    def _embed_with_media(self, ids: paddle.Tensor, media: StepMedia) -> paddle.Tensor:
+        """Token embeddings with the placeholders' rows replaced by this rank's vision pass over the media
+        (a placeholder id the model sampled is not in `token_rows` and keeps its token embedding)."""
+        embeds = self.model.embed_multimodal(media.pixel_values, media.grid_thw)
+        if embeds.shape[0] != media.num_rows:
+            raise ValueError(f"vision pass gave {embeds.shape[0]} rows for {media.num_rows} placeholders")
+        x = token_embedding(self.model)(ids)  # vocab-parallel: every rank takes part
+        rows = paddle.gather(embeds, paddle.to_tensor(media.embed_rows)).astype(x.dtype)
+        logger.debug("rank %d: vision pass over %d items", self.plan.rank, media.grid_thw.shape[0])
+        return paddle.scatter(x, paddle.to_tensor(media.token_rows), rows, overwrite=True)

@@ -8,6 +8,10 @@ Per rank r of W:
   up half separately (the rank's up_gate_proj is [gate_r | up_r]); down_proj keeps the matching rows.
 - o_proj rows follow the query heads. The router, norms and MoE statics are replicated.
 - vocabulary: rows [r*S, min((r+1)*S, V)) of the embedding and columns of an untied LM head, S = ceil(V/W).
+- multimodal models (PaddleOCR-VL, ERNIE-4.5-VL): the language model (`language_model.*`) and the LM head as
+  above; ERNIE-4.5-VL's text and vision experts each split their own intermediate size, both routers are
+  replicated. The vision encoder and projector are replicated whole: small next to the language model, and
+  every rank encodes a step's media itself (docs/ARCHITECTURE.md, "Tensor parallelism").
 - pre-quantized weights (docs/QUANTIZATION.md layout): column-parallel `weight` / `weight_scale` split their
   output channels like a float weight. Row-parallel ones split along the input: packed int4 rows hold two
   input rows each and group scales one group each, so the rank's share must be whole bytes and whole groups
@@ -33,8 +37,13 @@ from ..layers.parallel import VocabParallelEmbedding, reduce_output
 from ..loader import ParamSpec, Piece
 from ..models.ernie4_5 import Ernie4_5DecoderLayer
 
-# Architectures whose parameters `shard` knows (multimodal models load their own nested parts).
-SUPPORTED_ARCHITECTURES = {"Ernie4_5ForCausalLM", "Ernie4_5_ForCausalLM", "Ernie4_5_MoeForCausalLM"}
+MULTIMODAL_ARCHITECTURES = {"PaddleOCRVLForConditionalGeneration", "Ernie4_5_VLMoeForConditionalGeneration"}
+# Architectures whose parameters `shard` knows.
+SUPPORTED_ARCHITECTURES = {
+    "Ernie4_5ForCausalLM", "Ernie4_5_ForCausalLM", "Ernie4_5_MoeForCausalLM", *MULTIMODAL_ARCHITECTURES
+}
+# What a multimodal model shards; everything else (vision encoder, projector) is replicated.
+_SHARDED_PREFIXES = ("language_model.", "lm_head.")
 _STACKED_EXPERTS = re.compile(r"\.experts\.(?P<name>up_gate_proj|down_proj)(?P<scale>_scale)?$")
 # Row-parallel projections: partial sums, so their bias is added on rank 0 only.
 _ROW_PARALLEL = ("o_proj", "down_proj")
@@ -54,7 +63,7 @@ def check_supported(config: ModelConfig, world_size: int) -> None:
         problems.append(f"num_key_value_heads {kv_heads} neither divides nor is a multiple of the TP size")
     if config.intermediate_size % world_size:
         problems.append(f"intermediate_size {config.intermediate_size} is not a multiple of the TP size")
-    if config.is_moe and config.moe_intermediate_size % world_size:
+    if any(size % world_size for size in _per_modality(config.moe_intermediate_size)):
         problems.append(
             f"moe_intermediate_size {config.moe_intermediate_size} is not a multiple of the TP size"
         )
@@ -62,6 +71,11 @@ def check_supported(config: ModelConfig, world_size: int) -> None:
         problems.append(f"vocab_size {config.vocab_size} is smaller than the TP size")
     if problems:
         raise ValueError(f"tensor_parallel_size {world_size}: " + "; ".join(problems))
+
+
+def _per_modality(size: int | list[int]) -> list[int]:
+    """A MoE size as a list: ERNIE-4.5-VL gives [text, vision], the text models one int."""
+    return list(size) if isinstance(size, list | tuple) else [size]
 
 
 @dataclass(frozen=True)
@@ -95,6 +109,10 @@ class ShardPlan:
         return head, head + 1
 
     @property
+    def multimodal(self) -> bool:
+        return self.config.architecture in MULTIMODAL_ARCHITECTURES
+
+    @property
     def vocab_shard_size(self) -> int:
         return -(-self.config.vocab_size // self.world_size)
 
@@ -112,7 +130,7 @@ class ShardPlan:
             num_attention_heads=c.num_attention_heads // w,
             num_key_value_heads=stop - start,
             intermediate_size=c.intermediate_size // w,
-            moe_intermediate_size=c.moe_intermediate_size // w,
+            moe_intermediate_size=_divide(c.moe_intermediate_size, w),
             vocab_size=self.vocab[1] - self.vocab[0],
         )
 
@@ -120,6 +138,8 @@ class ShardPlan:
 
     def shard(self, spec: ParamSpec) -> ParamSpec:
         """Narrow a full parameter spec to this rank's slice (the loader's `shard` hook)."""
+        if self.multimodal and not spec.param.startswith(_SHARDED_PREFIXES):
+            return spec  # vision encoder / projector
         names = spec.param.split(".")
         stacked = _STACKED_EXPERTS.search(spec.param)
         module = stacked["name"] if stacked else (names[-2] if len(names) >= 2 else "")
@@ -157,14 +177,15 @@ class ShardPlan:
 
     def parallelize(self, model: nn.Layer) -> None:
         """Make a model built from `local_config()` this rank's tensor-parallel shard (before loading)."""
-        old = model.embed_tokens
-        model.embed_tokens = VocabParallelEmbedding(*self.vocab, old.weight.shape[1], old.weight.dtype)
-        for layer in model.layers:
+        text = _text_model(model)
+        old = text.embed_tokens
+        text.embed_tokens = VocabParallelEmbedding(*self.vocab, old.weight.shape[1], old.weight.dtype)
+        for layer in text.layers:
             if not isinstance(layer, Ernie4_5DecoderLayer):
                 raise TypeError(f"cannot parallelize decoder layer {type(layer).__name__}")
             reduce_output(layer.self_attn)  # partial over this rank's heads (o_proj rows)
             reduce_output(layer.mlp)  # partial over the intermediate slice (dense, or experts + shared)
-        for name, sublayer in model.named_sublayers():
+        for name, sublayer in text.named_sublayers():
             if name.endswith(_ROW_PARALLEL) or isinstance(sublayer, GroupedExperts):
                 sublayer.input_sharded = True
 
@@ -172,10 +193,19 @@ class ShardPlan:
         """After loading: a row-parallel bias is added once over the all-reduce, so only rank 0 keeps it."""
         if self.rank == 0:
             return
-        for name, param in model.named_parameters():
+        for name, param in _text_model(model).named_parameters():
             parts = name.split(".")
             if parts[-1] == "bias" and len(parts) >= 2 and parts[-2] in _ROW_PARALLEL:
                 param.set_value(paddle.zeros_like(param))
+
+
+def _divide(size: int | list[int], world_size: int) -> int | list[int]:
+    return [s // world_size for s in size] if isinstance(size, list | tuple) else size // world_size
+
+
+def _text_model(model: nn.Layer) -> nn.Layer:
+    """The layers that are sharded: a multimodal model's language model, or the text model itself."""
+    return getattr(model, "language_model", model)
 
 
 def _narrow_piece(piece: Piece, axis: int, start: int, stop: int) -> Piece:

@@ -74,7 +74,8 @@ def main() -> int:
         logger.exception("rank %d failed to start", rank)
         conn.send(("error", f"rank {rank} failed to start: {err!r}"))
         return 1
-    conn.send(("ok", {"resident_bytes": resident_bytes(runner.model)}))
+    info = {"resident_bytes": resident_bytes(runner.model), "vision_token_ids": runner.vision_token_ids}
+    conn.send(("ok", info))
     handlers = {
         "step": runner.run,
         "num_kv_blocks": runner.num_kv_blocks,

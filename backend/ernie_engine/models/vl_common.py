@@ -24,7 +24,7 @@ from ..layers.linear import ZEROS, Linear
 from ..layers.norm import RMSNorm
 
 if TYPE_CHECKING:
-    from ..loader import ParamSpec
+    from ..loader import ParamSpec, ShardFn
 
 logger = logging.getLogger(__name__)
 
@@ -116,15 +116,27 @@ class VisionLanguageModel:
     def after_load(self) -> None:
         """Fix-ups of loaded values a layout needs (none by default)."""
 
-    def load_checkpoint(self, model_dir: str | Path) -> None:
-        """Fill every parameter from the safetensors in `model_dir`; one error lists every mismatch."""
+    def load_checkpoint(
+        self,
+        model_dir: str | Path,
+        shard: ShardFn | None = None,
+        full_model: VisionLanguageModel | None = None,
+    ) -> None:
+        """Fill every parameter from the safetensors in `model_dir`; one error lists every mismatch.
+
+        A tensor-parallel shard passes `full_model`, the same model built lazily at the checkpoint's sizes,
+        which maps the tensors, and `shard`, which narrows each mapping to this rank's slice.
+        """
         from ..loader import Checkpoint, check_plan, fill_parameters  # the loader imports the model registry
 
         started = time.monotonic()
         params = dict(self.named_parameters())
+        planner = full_model or self
         with Checkpoint(model_dir) as checkpoint:
-            specs, layout = self.checkpoint_specs(params, set(checkpoint.names()))
-            check_plan(specs, checkpoint, self.config, self.unused_tensors)
+            names = set(checkpoint.names())
+            specs, layout = planner.checkpoint_specs(dict(planner.named_parameters()), names)
+            specs = [shard(spec) for spec in specs] if shard else specs
+            check_plan(specs, checkpoint, planner.config, self.unused_tensors)
             fill_parameters(params, specs, checkpoint)
         self.after_load()
         elapsed = time.monotonic() - started

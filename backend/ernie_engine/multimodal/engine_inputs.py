@@ -16,7 +16,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -30,6 +30,9 @@ from .processor import (
     MultimodalPrompt,
     split_mm_processor_kwargs,
 )
+
+if TYPE_CHECKING:
+    from ..sequence import Sequence
 
 logger = logging.getLogger(__name__)
 
@@ -157,3 +160,39 @@ class MultimodalInputs:
     def embed_rows(self, start: int, end: int) -> Any:
         """The embedding rows of the placeholders among tokens [start, end)."""
         return self.embeds[self.prompt.image_rows_for(start, end)]
+
+    def media_item(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """Patches and grid [3] of the `index`-th image / video (what a vision pass over it alone takes)."""
+        images = self.prompt.images
+        offsets = np.cumsum([0, *images.num_patches])
+        return images.pixel_values[offsets[index] : offsets[index + 1]], images.grid_thw[index]
+
+
+def step_positions(seqs: list[Sequence], starts: list[int], ends: list[int]) -> np.ndarray:
+    """A step's positions: [T] indices; [3, T] (t, h, w) while a multimodal prompt is in the batch (text:
+    equal on all axes); after a multimodal prompt, index + its mrope delta."""
+    mms = [seq.request.mm for seq in seqs]
+    ranges = [np.arange(s, e, dtype=np.int64) for s, e in zip(starts, ends, strict=True)]
+    if all(mm is None for mm in mms):
+        return np.concatenate(ranges)
+    prefilling = any(
+        mm is not None and s < seq.num_prompt_tokens for seq, s, mm in zip(seqs, starts, mms, strict=True)
+    )
+    if not prefilling:
+        deltas = [mm.prompt.mrope_delta if mm else 0 for mm in mms]
+        return np.concatenate([r + d for r, d in zip(ranges, deltas, strict=True)])
+    columns = [
+        mm.prompt.positions_for(s, e) if mm is not None else np.broadcast_to(r, (3, len(r)))
+        for s, e, r, mm in zip(starts, ends, ranges, mms, strict=True)
+    ]
+    return np.concatenate(columns, axis=1)
+
+
+def step_vision_mask(
+    seqs: list[Sequence], starts: list[int], ends: list[int], vision_token_ids: list[int]
+) -> np.ndarray:
+    """[T] bool: the prompt tokens ERNIE-4.5-VL's MoE sends to its vision experts (generated ones never)."""
+    return np.concatenate([
+        np.isin(seq.token_ids[s:e], vision_token_ids) & (np.arange(s, e) < seq.num_prompt_tokens)
+        for seq, s, e in zip(seqs, starts, ends, strict=True)
+    ])

@@ -7,12 +7,9 @@ Methods (`EngineConfig.quantization`, case-insensitive): "" (none), "wint8", "wi
 Weights. A Linear holds its weight as [in, out]; stacked expert weights are [E, in, out]. Quantization is
 symmetric along the input axis with one fp32 scale per output channel, or per group of `group_size` input rows
 (wint4 only): scale = absmax / qmax (qmax 127 for int8, 7 for int4), q = clip(round(w / scale)), so every
-element's round-trip error is at most scale / 2. Int4 weights quantized at load (wint4, w4a8) instead take
-scale = ratio * absmax / 7 per (group, channel), the ratio of `INT4_CLIP_RATIOS` (1.0 down to 0.5) with the
-least squared error: clipping a few outliers buys a finer step for the rest (the clipped values saturate, so
-the scale / 2 bound holds for the others). Int4 values are packed two per byte into int8 storage along the
-input axis: row 2i in the low nibble, row 2i+1 in the high nibble, giving [..., in/2, out]. Scales are stored
-as [..., G, out] (G = 1 per channel, else in / group_size). Only the projections named in
+element's round-trip error is at most scale / 2. Int4 values are packed two per byte into int8 storage along
+the input axis: row 2i in the low nibble, row 2i+1 in the high nibble, giving [..., in/2, out]. Scales are
+stored as [..., G, out] (G = 1 per channel, else in / group_size). Only the projections named in
 `QUANTIZED_SUFFIXES` are quantized; embeddings, norms, the MoE router (`mlp.gate`), lm_head and the vision
 tower stay in the model dtype, as FastDeploy does.
 

@@ -18,7 +18,7 @@ from paddle import nn
 
 from ..linear import Linear
 from ..moe import GroupedExperts
-from .config import NO_CLIP, QuantConfig
+from .config import QuantConfig
 from .weights import (
     QuantizedWeight,
     load_prequantized,
@@ -41,26 +41,18 @@ def _replace_with_buffers(layer: nn.Layer, name: str, qw: QuantizedWeight, scale
     layer.register_buffer(scale_name, qw.scale)
 
 
-def quantize_linear(
-    layer: Linear, method: str, group_size: int, int4_clip_ratios: tuple[float, ...] = NO_CLIP
-) -> None:
-    qw = quantize_for_method(layer.weight, method, group_size, int4_clip_ratios)
-    qw = to_device_layout(qw, method, group_size)
+def quantize_linear(layer: Linear, method: str, group_size: int) -> None:
+    qw = to_device_layout(quantize_for_method(layer.weight, method, group_size), method, group_size)
     _replace_with_buffers(layer, "weight", qw, "weight_scale")
     layer.quant_method = method
     layer.quant_device_layout = qw.device_layout
 
 
-def quantize_experts(
-    layer: GroupedExperts, method: str, group_size: int, int4_clip_ratios: tuple[float, ...] = NO_CLIP
-) -> None:
+def quantize_experts(layer: GroupedExperts, method: str, group_size: int) -> None:
     """Expert by expert, so only one expert's float weight is converted at a time."""
     for name in EXPERT_WEIGHTS:
         stacked = getattr(layer, name)
-        parts = [
-            quantize_for_method(stacked[e], method, group_size, int4_clip_ratios)
-            for e in range(layer.num_experts)
-        ]
+        parts = [quantize_for_method(stacked[e], method, group_size) for e in range(layer.num_experts)]
         qw = QuantizedWeight(
             paddle.stack([p.qweight for p in parts]),
             paddle.stack([p.scale for p in parts]),
@@ -82,13 +74,13 @@ def quantize_model(model: nn.Layer, config: QuantConfig) -> None:
             if layer.quant_method:
                 _finish_prequantized(layer, config.group_size)
             elif method:
-                quantize_linear(layer, method, config.group_size, config.int4_clip_ratios)
+                quantize_linear(layer, method, config.group_size)
             count += bool(method)
         elif isinstance(layer, GroupedExperts) and layer.quant_method:
             _finish_prequantized_experts(layer)
             count += 1
         elif isinstance(layer, GroupedExperts) and config.moe_method:
-            quantize_experts(layer, config.moe_method, config.group_size, config.int4_clip_ratios)
+            quantize_experts(layer, config.moe_method, config.group_size)
             count += 1
     logger.info(
         "quantized %d layers; resident quantized weights %.1f MB", count, quantized_bytes(model) / 2**20

@@ -11,9 +11,6 @@ logger = logging.getLogger(__name__)
 VALID_METHODS = ("wint8", "wint4", "w4a8")
 VALID_KV_CACHE_DTYPES = ("", "auto", "int8")
 DEFAULT_GROUP_SIZE = 128  # wint4: group-wise scales keep accuracy at ~0.13x of fp32 bytes
-NO_CLIP = (1.0,)
-# int4 scales (wint4, w4a8) quantized at load: per group, the ratio of absmax with the least squared error.
-INT4_CLIP_RATIOS = tuple(round(1.0 - 0.05 * i, 2) for i in range(11))  # 1.0, 0.95, ..., 0.5
 # A Linear is quantized when its parameter path ends with one of these; everything else keeps its dtype.
 QUANTIZED_SUFFIXES = (
     "qkv_proj",
@@ -51,7 +48,6 @@ class QuantConfig:
     kv_cache_int8: bool = False
     prequantized: bool = False  # the checkpoint already holds int weights + scales
     group_size: int = DEFAULT_GROUP_SIZE  # wint4 only; wint8 and w4a8 are per channel
-    int4_clip_ratios: tuple[float, ...] = INT4_CLIP_RATIOS  # NO_CLIP: plain absmax scales
 
     @property
     def enabled(self) -> bool:

@@ -5,13 +5,11 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-import numpy as np
 import paddle
 from paddle import nn
 
 from ...device import device_type
 from ...distributed import parallel_state
-from .config import NO_CLIP
 
 logger = logging.getLogger(__name__)
 
@@ -65,36 +63,8 @@ def round_half_away(x: paddle.Tensor) -> paddle.Tensor:
     return paddle.round(x)  # Paddle rounds halves away from zero (C `round`); references must match
 
 
-def search_scale(grouped: paddle.Tensor, qmax: float, clip_ratios: tuple[float, ...]) -> paddle.Tensor:
-    """Per (group, channel) of grouped [..., G, rows, out]: the scale ratio * absmax / qmax with the least
-    squared round-trip error over the group. Clipping a few large values buys a finer step for all the
-    others; ratio 1.0 (no clipping) is always a candidate, so the error never grows (ties of the rounding
-    aside: the search rounds half to even). Runs in numpy, ~10x faster than Paddle's CPU elementwise ops."""
-    absmax = grouped.abs().max(axis=-2, keepdim=True)  # [..., G, 1, out]
-    if tuple(clip_ratios) == NO_CLIP:
-        return paddle.clip(absmax / qmax, min=MIN_SCALE)
-    w, base = grouped.numpy(), absmax.numpy() / np.float32(qmax)
-    ratio_of = np.ones_like(base)
-    best_err = np.full(base.shape[:-2] + base.shape[-1:], np.inf, dtype=np.float32)  # [..., G, out]
-    scaled, q = np.empty_like(w), np.empty_like(w)
-    for ratio in clip_ratios:
-        scale = np.maximum(base * np.float32(ratio), np.float32(MIN_SCALE))
-        np.divide(w, scale, out=scaled)
-        np.clip(np.rint(scaled, out=q), -qmax, qmax, out=q)
-        np.subtract(q, scaled, out=q)  # error in steps
-        err = np.einsum("...ij,...ij->...j", q, q) * scale[..., 0, :] ** 2
-        better = err < best_err  # strict: the earlier (larger) ratio wins ties
-        best_err = np.where(better, err, best_err)
-        ratio_of = np.where(better[..., None, :], np.float32(ratio), ratio_of)
-    return paddle.clip(absmax / qmax * paddle.to_tensor(ratio_of, place=grouped.place), min=MIN_SCALE)
-
-
-def quantize_weight(
-    weight: paddle.Tensor, bits: int, group_size: int = -1, clip_ratios: tuple[float, ...] = NO_CLIP
-) -> QuantizedWeight:
-    """Symmetric quantization along the input axis of [..., in, out]. Without clipping (the default) the error
-    per element is <= scale / 2; with `clip_ratios` the scale is searched per group (`search_scale`) and
-    values beyond the clipped absmax saturate at +-qmax."""
+def quantize_weight(weight: paddle.Tensor, bits: int, group_size: int = -1) -> QuantizedWeight:
+    """Symmetric quantization along the input axis of [..., in, out]; error per element <= scale / 2."""
     w = weight.astype("float32")
     in_features, out_features = w.shape[-2], w.shape[-1]
     groups = 1
@@ -105,7 +75,7 @@ def quantize_weight(
     lead = w.shape[:-2]
     grouped = w.reshape(lead + [groups, in_features // groups, out_features])
     qmax = QMAX[bits]
-    scale = search_scale(grouped, qmax, clip_ratios)  # [..., G, 1, out]
+    scale = paddle.clip(grouped.abs().max(axis=-2, keepdim=True) / qmax, min=MIN_SCALE)  # [..., G, 1, out]
     q = paddle.clip(round_half_away(grouped / scale), -qmax, qmax).astype("int8")
     q = q.reshape(lead + [in_features, out_features])
     if bits == 4:
@@ -196,14 +166,11 @@ def method_bits(method: str) -> int:
     return 8 if method == "wint8" else 4
 
 
-def quantize_for_method(
-    weight: paddle.Tensor, method: str, group_size: int, int4_clip_ratios: tuple[float, ...] = NO_CLIP
-) -> QuantizedWeight:
-    """wint8 and w4a8 are per channel; wint4 is group-wise when the input size allows. The 4-bit methods
-    search their scales over `int4_clip_ratios`; wint8 keeps plain absmax scales."""
+def quantize_for_method(weight: paddle.Tensor, method: str, group_size: int) -> QuantizedWeight:
+    """wint8 and w4a8 are per channel; wint4 is group-wise when the input size allows."""
     bits = method_bits(method)
     group = group_size if method == "wint4" else -1
-    return quantize_weight(weight, bits, group, int4_clip_ratios if bits == 4 else NO_CLIP)
+    return quantize_weight(weight, bits, group)
 
 
 # ---- layer hooks: Linear.forward and GroupedExperts.expert_forward call these once quantized ----
