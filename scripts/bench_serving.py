@@ -238,7 +238,7 @@ def serve_stack(params: dict[str, str], load_timeout: float, log_dir: Path) -> I
     import triton_env
 
     backends = triton_env.assemble_backends()
-    repo = write_repository(Path(tempfile.mkdtemp(prefix="bench-repo-")), params)
+    repo = write_repository(log_dir / "model_repository", params)
     http, grpc, metrics, openai = (free_port() for _ in range(4))
     argv = triton_env.server_args(repo, http, grpc, metrics, models=(SERVED_NAME,), backends=backends)
     processes: list[subprocess.Popen] = []
