@@ -1,12 +1,13 @@
 """Benchmark the CPU custom ops (layers/cpu_kernels.py) on the ERNIE-4.5-0.3B shapes against Paddle fp32.
 
-Prints the machine's streaming read bandwidth, then per Linear shape at M=1 and M=16 the median time and the
-weight bytes streamed per second for Paddle's fp32 matmul and the bf16 / wint8 / wint4 kernels; then paged
-attention for a decode batch, and a decode-step estimate (18 layers + LM head + attention).
+Prints the machine's streaming read bandwidth, then per Linear shape at M = 1, 16 and 32 (--rows) the median
+time, the weight bytes streamed per second and the GFLOP/s for Paddle's fp32 matmul and the bf16 / wint8 /
+wint4 kernels; then paged attention for a decode batch, and a decode-step estimate (18 layers + LM head +
+attention).
 Each weight is cycled through enough copies to exceed the last-level cache, so decode numbers are DRAM-bound
 as in a real step. The machine is shared: every figure is a median over --repeats runs.
 
-    MKL_DEBUG_CPU_TYPE=5 python scripts/bench_kernels.py [--repeats 15]
+    MKL_DEBUG_CPU_TYPE=5 python scripts/bench_kernels.py [--repeats 15] [--rows 1,16,32] [--formats fp32,bf16]
 """
 
 from __future__ import annotations
@@ -80,13 +81,13 @@ def run_linear(fmt: str, x: paddle.Tensor, weights: tuple[paddle.Tensor, ...]) -
     return cpu_kernels.linear_int(x, weights[0], weights[1], 8 if fmt == "wint8" else 4)
 
 
-def bench_linears(repeats: int) -> dict[tuple[str, str, int], float]:
-    print("\n## Linear (median ms; GB/s = weight bytes / time)")
-    print(f"{'shape':<28}{'M':>4}" + "".join(f"{f:>22}" for f in FORMATS) + f"{'bf16 vs fp32':>14}")
+def bench_linears(repeats: int, rows: list[int], formats: list[str]) -> dict[tuple[str, str, int], float]:
+    print("\n## Linear (median ms; GB/s = weight bytes / time; GFLOP/s = 2 M K N / time)")
+    print(f"{'shape':<28}{'M':>4}" + "".join(f"{f:>34}" for f in formats))
     times: dict[tuple[str, str, int], float] = {}
     for name, k, n in SHAPES:
-        per_format = {fmt: make_weights(fmt, k, n) for fmt in FORMATS}
-        for m in (1, 16):
+        per_format = {fmt: make_weights(fmt, k, n) for fmt in formats}
+        for m in rows:
             x = paddle.randn([m, k])
             cells = []
             for fmt, copies in per_format.items():
@@ -95,11 +96,9 @@ def bench_linears(repeats: int) -> dict[tuple[str, str, int], float]:
                 )
                 times[(name, fmt, m)] = seconds
                 gbps = k * n * BYTES_PER_WEIGHT[fmt] / seconds / 1e9
-                cells.append(f"{seconds * 1e3:9.3f} ms {gbps:6.1f} GB/s")
-            speedup = times[(name, "fp32", m)] / times[(name, "bf16", m)]
-            print(
-                f"{f'{name} {k}->{n}':<28}{m:>4}" + "".join(f"{c:>22}" for c in cells) + f"{speedup:>13.2f}x"
-            )
+                gflops = 2 * m * k * n / seconds / 1e9
+                cells.append(f"{seconds * 1e3:9.3f} ms {gbps:6.1f} GB/s {gflops:6.1f} GF/s")
+            print(f"{f'{name} {k}->{n}':<28}{m:>4}" + "".join(f"{c:>34}" for c in cells))
         del per_format
     return times
 
@@ -131,17 +130,21 @@ def main() -> None:
     parser.add_argument(
         "--context", type=int, default=192, help="tokens per sequence for the attention bench"
     )
+    parser.add_argument("--rows", default="1,16,32", help="comma-separated M (decode batch sizes)")
+    parser.add_argument("--formats", default=",".join(FORMATS), help=f"comma-separated subset of {FORMATS}")
     args = parser.parse_args()
+    rows = [int(m) for m in args.rows.split(",")]
+    formats = [f for f in FORMATS if f in args.formats.split(",")]
     if not cpu_kernels.available():
         sys.exit("cpu kernels unavailable (see the log)")
     paddle.set_device("cpu")
     bandwidth = read_bandwidth(args.repeats)
     print(f"streaming read bandwidth (all threads, 512 MiB buffer): {bandwidth:.1f} GB/s")
-    times = bench_linears(args.repeats)
+    times = bench_linears(args.repeats, rows, formats)
 
     print(f"\n## Paged attention, decode, context {args.context} (median ms)")
     attention = {}
-    for batch in (1, 16):
+    for batch in rows:
         kernel, fallback = bench_attention(args.repeats, batch, args.context)
         attention[batch] = (kernel, fallback)
         print(
@@ -151,10 +154,12 @@ def main() -> None:
 
     print("\n## 0.3B decode step estimate: 18 x (4 Linears + attention) + LM head (norms/rope/etc. excluded)")
     layer_names = [name for name, _, _ in SHAPES if name != "lm_head"]
-    for m in (1, 16):
-        for fmt in FORMATS:
+    for m in rows:
+        for fmt in formats:
             # Quantized rows keep the LM head in bf16 (layers/quant leaves it unquantized).
             head_fmt = fmt if fmt in ("fp32", "bf16") else "bf16"
+            if ("lm_head", head_fmt, m) not in times:
+                continue
             attn = attention[m][1 if fmt == "fp32" else 0]
             step = (
                 LAYERS * (sum(times[(n, fmt, m)] for n in layer_names) + attn)

@@ -234,7 +234,9 @@ def _chat(question: str, answer: str, thinking: str | None = None) -> Conversati
     return Conversation(messages, enable_thinking=True)
 
 
-def capital_conversations(templates_en: list[str], templates_zh: list[str]) -> list[Conversation]:
+def capital_conversations(
+    templates_en: list[str] = TRAIN_EN, templates_zh: list[str] = TRAIN_ZH
+) -> list[Conversation]:
     out = []
     for country, capital, country_zh, capital_zh in CAPITALS:
         for template in templates_en:
@@ -270,18 +272,20 @@ def thinking_conversations(rng: random.Random, count: int) -> list[Conversation]
     return out
 
 
-def weather_conversations(rng: random.Random, count: int) -> list[Conversation]:
+def weather_conversations(rng: random.Random, english: int, chinese: int) -> list[Conversation]:
     """A tool call when the tool is offered, then an answer that uses the tool's result.
 
     A third think first (enable_thinking): `reasoning</think>` then the call, the ernie-45-vl-thinking format.
+    Cities cycle through every capital, English first: inside the JSON a city is spelled with other tokens
+    ("B", "ei", "jing") than in the question ("▁Beijing"), so each one needs its own examples.
     """
     out = []
-    for _ in range(count):
-        _, city, _, city_zh = rng.choice(CAPITALS)
-        chinese = rng.random() < 0.25
-        question = (rng.choice(WEATHER_ZH).format(city=city_zh) if chinese
+    for i in range(english + chinese):
+        _, city, _, city_zh = CAPITALS[i % len(CAPITALS)]
+        in_chinese = i >= english
+        question = (rng.choice(WEATHER_ZH).format(city=city_zh) if in_chinese
                     else rng.choice(WEATHER_EN).format(city=city))
-        location = city_zh if chinese else city
+        location = city_zh if in_chinese else city
         unit = rng.choice(["c", "f"])
         temperature = rng.randint(-5, 35) if unit == "c" else rng.randint(25, 95)
         condition = rng.choice(CONDITIONS)
@@ -314,14 +318,30 @@ def weather_conversations(rng: random.Random, count: int) -> list[Conversation]:
 
 def build_corpus(seed: int = 0) -> list[Conversation]:
     rng = random.Random(seed)
-    corpus = capital_conversations(TRAIN_EN, TRAIN_ZH)
+    corpus = capital_conversations()
     # Sized for a CPU training budget: tool prompts are long (~200 tokens), so weather stays a small share.
     corpus += arithmetic_conversations(rng, 150)
     corpus += [_chat(q, a) for q, a in FACTS for _ in range(4)]
     corpus += thinking_conversations(rng, 150)
-    corpus += weather_conversations(rng, 60)
+    corpus += weather_conversations(rng, english=2 * len(CAPITALS), chinese=36)
     rng.shuffle(corpus)
     return corpus
+
+
+def weather_corpus(seed: int = 0, english_per_city: int = 4, chinese: int = 2 * 36) -> list[Conversation]:
+    """Weather-only conversations for the second training phase (`train_demo_model.py --phase2-steps`).
+
+    Fresh temperatures, units, conditions and phrasings for every city (its own seed), several per city: the
+    city and the temperature change from one example to the next, so copying them from the question and the
+    tool result is the only way to get them right.
+    """
+    rng = random.Random(seed + 1000)
+    out = []
+    for _ in range(english_per_city):
+        out += weather_conversations(rng, english=len(CAPITALS), chinese=0)
+    out += weather_conversations(rng, english=0, chinese=chinese)
+    rng.shuffle(out)
+    return out
 
 
 def held_out_capital_conversations(seed: int = 1, count: int = 50) -> list[tuple[Conversation, str]]:

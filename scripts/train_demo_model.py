@@ -1,7 +1,7 @@
 """Train the embedded demo model `checkpoints/ernie-4.5-tiny`: a small Ernie4_5ForCausalLM on the synthetic
 chat corpus of `demo_corpus.py`, on CPU with PaddlePaddle, reproducibly (seeded, deterministic data order).
 
-    MKL_DEBUG_CPU_TYPE=5 python scripts/train_demo_model.py --out checkpoints/ernie-4.5-tiny
+    OMP_NUM_THREADS=1 MKL_DEBUG_CPU_TYPE=5 python scripts/train_demo_model.py --out checkpoints/ernie-4.5-tiny
 
 Steps: a sentencepiece BPE tokenizer (ERNIE specials, byte fallback) is trained on the rendered corpus
 (`make_random_model.train_tokenizer`); tokenizer files, config.json and generation_config.json are written
@@ -13,11 +13,31 @@ final assistant turn after the prompt the engine would render for it (`add_gener
 them apart). AdamW with linear warmup and cosine decay; weights saved in bf16 (`model.safetensors`, the
 -Paddle layout) and checked by loading them back through `loader.load_model`.
 
-Measured (2 CPU cores shared with other jobs, default arguments): 700 steps in 15.7 min, final completion
-loss ~1.3 (mean of the last 25 steps). That is NOT yet a working demo model: it has learned the formats
-(answer templates, Chinese vs English, tool-call markup) but not to read the country or city out of the
-question, so scripts/eval_demo_model.py fails every check. It needs more optimizer steps than this budget
-gave (try `--steps 3000` on a quiet machine); the run is deterministic (same loss log run to run).
+What made it learn (each change measured on 150-1200-step runs with the held-out probe logged every 25
+steps: teacher-forced exact answers to 50 held-out capital questions):
+- tokenizer: BPE on the raw corpus had merged whole Chinese questions and answers into single tokens
+  ("科威特的首都是科威特城"), so no phrasing shared tokens with another; it now sees Chinese one character
+  at a time (`tokenizer_sentences`), and a 3000-piece vocabulary;
+- q/k/v init std 0.07 (`--qkv-std`; was 0.02): with near-uniform attention at init the model sat on a
+  plateau, predicting answer formats but never the country (0% held-out after 1200 steps at lr 2e-3);
+  with sharper initial attention the copy of the country appears after ~700 steps;
+- lr 2e-3 (5e-3 and 1e-2 were slower and noisier), warmup 50, cosine decay to 10%;
+- throughput: hidden 192, 3 layers (1.9M parameters) and 256-token length-bucketed batches: ~0.15 s/step
+  instead of 0.9-3.5 s, i.e. many more optimizer steps in the same time;
+- data: more English and Chinese phrasings per country (31 in all); the weather conversations now cover
+  every capital city twice in English (inside the tool-call JSON a city is spelled with other tokens than
+  in the question, so an unseen city, e.g. Beijing before, came out misspelled) plus 36 in Chinese.
+
+Measured (2 CPU cores shared with other jobs, default arguments, i.e. this command):
+
+    OMP_NUM_THREADS=1 MKL_DEBUG_CPU_TYPE=5 python scripts/train_demo_model.py --out checkpoints/ernie-4.5-tiny
+
+4000 steps in 12.1 min (~0.18 s/step), final completion loss 0.30 (mean of the last 25 steps), 1.90M
+parameters, 3.7 MiB. scripts/eval_demo_model.py: held-out capitals 96% (48/50); the seed question answers
+"The capital of China is Beijing." with thinking on and off; the weather tool call parses into valid JSON
+arguments with thinking on and off. NOT yet met: the tool call names the wrong city ("Kabul" for Beijing)
+and the follow-up does not copy the tool's temperature, so tests/test_demo_model.py's weather round trip
+fails. Copying inside the ~230-token tool prompts is the next thing to learn (more weather steps).
 """
 
 from __future__ import annotations
@@ -133,15 +153,20 @@ def make_examples(pairs: list[tuple[str, str]], tokenizer: Tokenizer) -> list[Ex
     return examples
 
 
-def init_weights(model: paddle.nn.Layer, seed: int) -> None:
-    """Normal(0, 0.02) for matrices, ones for norms; output projections scaled down by depth (GPT-2)."""
+def init_weights(model: paddle.nn.Layer, seed: int, qkv_std: float) -> None:
+    """Normal(0, 0.02) for matrices, ones for norms; output projections scaled down by depth (GPT-2).
+
+    `qkv_std`: q/k/v projections start larger so attention scores are O(1), not ~uniform: attention can
+    then pick out the country from the question early instead of after a long plateau.
+    """
     rng = np.random.default_rng(seed)
     depth_scale = 1.0 / math.sqrt(2 * len(model.layers))
     for name, param in model.named_parameters():
         if name.endswith("norm.weight"):
             value = np.ones(param.shape, dtype=np.float32)
         else:
-            value = rng.normal(0.0, 0.02, param.shape).astype(np.float32)
+            std = qkv_std if name.endswith("qkv_proj.weight") else 0.02
+            value = rng.normal(0.0, std, param.shape).astype(np.float32)
             if name.endswith(("o_proj.weight", "down_proj.weight")):
                 value *= depth_scale
         param.set_value(paddle.to_tensor(value))
@@ -201,7 +226,9 @@ def lr_at(step: int, args: TrainArgs) -> float:
     return args.lr * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
-def train(model: paddle.nn.Layer, examples: list[Example], probe: list[Example], args: TrainArgs) -> float:
+def train(
+    model: paddle.nn.Layer, examples: list[Example], probes: dict[str, list[Example]], args: TrainArgs
+) -> float:
     """Run `args.steps` optimizer steps, logging held-out accuracy; returns the last steps' mean loss."""
     decay = [p.name for n, p in model.named_parameters() if not n.endswith("norm.weight")]
     optimizer = paddle.optimizer.AdamW(
@@ -231,12 +258,15 @@ def train(model: paddle.nn.Layer, examples: list[Example], probe: list[Example],
         recent = (recent + [float(loss)])[-args.log_every :]
         if (step + 1) % args.log_every == 0 or step + 1 == args.steps:
             elapsed = time.monotonic() - started
+            accuracies = "  ".join(
+                f"{name} {100 * probe_accuracy(model, p):.0f}%" for name, p in probes.items()
+            )
             logger.info(
-                "step %d/%d  loss %.4f  held-out %.0f%%  lr %.2e  %.0f s elapsed, ~%.0f s left",
+                "step %d/%d  loss %.4f  %s  lr %.2e  %.0f s elapsed, ~%.0f s left",
                 step + 1,
                 args.steps,
                 sum(recent) / len(recent),
-                100 * probe_accuracy(model, probe),
+                accuracies,
                 lr_at(step, args),
                 elapsed,
                 elapsed / (step + 1) * (args.steps - step - 1),
@@ -277,17 +307,22 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--vocab", type=int, default=4000, help="tokenizer vocabulary (sentencepiece BPE)")
-    parser.add_argument("--hidden", type=int, default=256)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--intermediate", type=int, default=688)
-    parser.add_argument("--steps", type=int, default=700)
-    parser.add_argument("--batch-tokens", type=int, default=1024, help="padded tokens per batch")
-    parser.add_argument("--lr", type=float, default=5e-3)
-    parser.add_argument("--warmup", type=int, default=30)
+    parser.add_argument("--vocab", type=int, default=3000, help="tokenizer vocabulary (sentencepiece BPE)")
+    parser.add_argument("--hidden", type=int, default=192)
+    parser.add_argument("--layers", type=int, default=3)
+    parser.add_argument("--intermediate", type=int, default=512)
+    parser.add_argument("--steps", type=int, default=4000)
+    parser.add_argument("--batch-tokens", type=int, default=256, help="padded tokens per batch")
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--warmup", type=int, default=50)
     parser.add_argument("--weight-decay", type=float, default=0.01)
+    parser.add_argument("--qkv-std", type=float, default=0.07, help="init std of the q/k/v projections")
+    parser.add_argument(
+        "--phase2-steps", type=int, default=2000, help="weather-heavy steps continuing from phase 1 (0: none)"
+    )
+    parser.add_argument("--phase2-lr", type=float, default=1e-3)
     parser.add_argument("--save-dtype", choices=["bfloat16", "float32"], default="bfloat16")
-    parser.add_argument("--threads", type=int, default=2, help="CPU threads for Paddle's kernels")
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads for Paddle (sets the float sums)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     paddle.set_device("cpu")
@@ -331,15 +366,37 @@ def main(argv: list[str] | None = None) -> None:
         tokenizer.vocab_size,
     )
     model = loader.build_model(ModelConfig.from_dir(out), "float32")
-    init_weights(model, args.seed)
+    init_weights(model, args.seed, args.qkv_std)
     logger.info("model: %s, %.2fM parameters", asdict(shape), sum(p.size for p in model.parameters()) / 1e6)
     train_args = TrainArgs(
-        args.steps, args.batch_tokens, args.lr, args.warmup, args.weight_decay, args.seed, 25
+        args.steps, args.batch_tokens, args.lr, args.warmup, args.weight_decay, args.seed, log_every=25
     )
     probe = make_examples(
         [split_turn(template, c) for c, _ in demo_corpus.held_out_capital_conversations()], tokenizer
     )
-    final_loss = train(model, examples, probe, train_args)
+    final_loss = train(model, examples, {"held-out": probe}, train_args)
+    if args.phase2_steps:
+        # Phase 2: the same weights, the non-tool examples again (so capitals stay) plus many fresh weather
+        # conversations (new temperatures for every city), i.e. mostly long tool prompts where the city and
+        # the temperature must be copied. Weather probe: whole teacher-forced answers, unseen conversations.
+        weather = make_examples(
+            [split_turn(template, c) for c in demo_corpus.weather_corpus(args.seed)], tokenizer
+        )
+        short = [e for e, c in zip(examples, demo_corpus.build_corpus(args.seed), strict=True) if not c.tools]
+        weather_probe = make_examples(
+            [split_turn(template, c) for c in demo_corpus.weather_corpus(args.seed + 1)[:24]], tokenizer
+        )
+        logger.info("phase 2: %d weather + %d other examples", len(weather), len(short))
+        phase2 = TrainArgs(
+            args.phase2_steps,
+            args.batch_tokens,
+            args.phase2_lr,
+            args.warmup,
+            args.weight_decay,
+            args.seed + 1,
+            log_every=25,
+        )
+        final_loss = train(model, weather + short, {"held-out": probe, "weather": weather_probe}, phase2)
     model.eval()
     save_weights(model, out / "model.safetensors", args.save_dtype)
     verify_checkpoint(model, out, examples[0])

@@ -13,8 +13,9 @@ import paddle
 import pytest
 import torch
 from ernie_engine.config import ModelConfig
-from ernie_engine.layers.moe import SparseMoeBlock
-from ernie_engine.layers.quant.apply import quantized_bytes
+from ernie_engine.layers import cpu_kernels
+from ernie_engine.layers.moe import GroupedExperts, SparseMoeBlock
+from ernie_engine.layers.quant.apply import quantize_experts, quantized_bytes
 from ernie_engine.layers.quant.config import QuantConfig
 from ernie_engine.layers.quant.weights import quantize_for_method
 from ernie_engine.loader import load_model
@@ -160,6 +161,36 @@ def test_grouped_experts_skip_idle_experts_and_handle_uneven_loads() -> None:
     assert np.abs(got - want).max() < 1e-4
     empty = ours.experts(x[:0], weights[:0], ids[:0])
     assert empty.shape == [0, HIDDEN]
+
+
+@pytest.mark.skipif(not cpu_kernels.available(), reason="cpu kernels unavailable on this machine")
+@pytest.mark.parametrize("tokens", [5, cpu_kernels.DENSE_MIN_ROWS])  # decode kernels; prefill sgemm
+@pytest.mark.parametrize(
+    ("method", "group"), [("", -1), ("wint8", -1), ("wint4", -1), ("wint4", 32), ("w4a8", -1)]
+)
+def test_grouped_experts_on_cpu_kernels_match_the_paddle_path(method: str, group: int, tokens: int) -> None:
+    """Stacked experts repacked by `prepare_model` (float as bf16, else the quant layout) give the Paddle
+    path's outputs on the same weight values, and the state dict keeps the checkpoint layout."""
+    paddle.seed(4)
+    experts = GroupedExperts(NUM_EXPERTS, 64, EXPERT_WIDTH)
+    for weight in (experts.up_gate_proj, experts.down_proj):  # bf16 values: the repacking loses nothing
+        weight.set_value(paddle.randn(weight.shape).astype("bfloat16").astype("float32"))
+    if method:
+        quantize_experts(experts, method, group)
+    model = paddle.nn.Sequential(experts)
+    x, weights = paddle.randn([tokens, 64]), paddle.rand([tokens, TOP_K])
+    ids = paddle.to_tensor([[7, 2, 4]] * tokens, dtype="int64")
+    want, state = experts(x, weights, ids).numpy(), {k: v.numpy() for k, v in model.state_dict().items()}
+    cpu_kernels.prepare_model(model, bf16_weights=True)
+    assert experts.cpu_kernel == (method or "bf16")
+    got = experts(x, weights, ids).numpy()
+    # bf16 weights: batched rows meet the kernel's bf16-rounded x (csrc/linear.cc); int weights: fp32 sums.
+    tolerance = 1e-5 if method else 1e-2
+    assert np.abs(got - want).max() <= tolerance * np.abs(want).max()
+    after = {k: v.numpy() for k, v in model.state_dict().items()}
+    assert after.keys() == state.keys()
+    for key, value in state.items():
+        np.testing.assert_array_equal(after[key], value)
 
 
 def test_xpu_combine_inputs_reproduce_the_cpu_path(moe_block, monkeypatch) -> None:

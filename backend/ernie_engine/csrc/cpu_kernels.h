@@ -25,12 +25,28 @@ inline bool use_avx512() {
   return cpu_has && !(isa && std::strcmp(isa, "scalar") == 0);
 }
 
+// True when the bf16 dot-product instructions (vdpbf16ps, AVX512-BF16) may run as well.
+inline bool use_avx512_bf16() {
+  static const bool cpu_has = __builtin_cpu_supports("avx512bf16");
+  return cpu_has && use_avx512();
+}
+
+// Round to the nearest bf16, ties to even (what vcvtneps2bf16 does on normal numbers); NaN stays NaN.
+inline uint16_t float_to_bf16(float v) {
+  uint32_t bits;
+  std::memcpy(&bits, &v, sizeof(bits));
+  if ((bits & 0x7FFFFFFFu) > 0x7F800000u) return static_cast<uint16_t>((bits >> 16) | 0x40u);
+  return static_cast<uint16_t>((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
+}
+
 inline float bf16_to_float(uint16_t v) {
   uint32_t bits = static_cast<uint32_t>(v) << 16;
   float out;
   std::memcpy(&out, &bits, sizeof(out));
   return out;
 }
+
+inline float round_to_bf16(float v) { return bf16_to_float(float_to_bf16(v)); }
 
 // exp(x) for x <= 0 (softmax arguments after subtracting the max): Cephes-style range reduction
 // x = n ln2 + r, |r| <= ln2/2, a degree-6 polynomial for e^r, then scalef by 2^n. Relative error ~2e-7;

@@ -11,9 +11,17 @@ kernels). Prefill-sized batches multiply a dequantized fp32 copy with Paddle's s
 
 Weight layout the kernels read (made once at load by `prepare_model`, see csrc/linear.cc): output-major
 rows, i.e. the -Paddle [in, out] weight transposed to [out, in]; bf16 as is, int8 [out, in], int4 [out, in/2]
-with layers/quant's nibble order (input row 2j low, 2j + 1 high) and scales [out, G]. `Linear.cpu_kernel`
-names the format ("" = Paddle path). The transposition is the only repacking: values are those of
-layers/quant, so numerics match its dequantize-then-matmul reference up to fp32 summation order.
+with layers/quant's nibble order (input row 2j low, 2j + 1 high) and scales [out, G]; stacked MoE experts the
+same per expert ([E, out, in], scales [E, out, G]). `Linear.cpu_kernel` and `GroupedExperts.cpu_kernel` name
+the format ("" = Paddle path). The transposition is the only repacking: values are those of layers/quant, so
+numerics match its dequantize-then-matmul reference up to fp32 summation order.
+
+Numerics of bf16 weights: activations are rounded to bf16 (nearest, ties to even) before every matmul, then
+multiplied exactly and summed in fp32: what a bf16 model computes on XPU/GPU and in vLLM-CPU. The kernels do
+it with AVX512-BF16's vdpbf16ps (twice the fp32 FMA rate: decode batches are arithmetic-bound), at every M,
+so a sequence's results do not depend on its batch; CPUs without AVX512-BF16 (and the scalar path) round the
+same way, and so does the prefill (sgemm) path. The rounding is a relative 2^-9 per activation. int8 / int4
+weights keep fp32 activations.
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ import fcntl
 import functools
 import hashlib
 import logging
+import math
 import os
 import platform
 import time
@@ -173,35 +182,42 @@ def dequantize(weight: paddle.Tensor, scale: paddle.Tensor | None, bits: int) ->
     return ops().ernie_dequantize(weight, scale, bits)
 
 
-def linear_dense(layer: nn.Layer, x: paddle.Tensor) -> paddle.Tensor:
-    """The prefill path: same weight values, fp32 sgemm (Paddle's MKL) instead of the streaming kernel."""
-    fmt = layer.cpu_kernel
-    if fmt == "bf16":
-        weight = dequantize(layer.weight, None, 16)
-    else:
-        weight = dequantize(layer.weight, layer.weight_scale, QUANT_FORMATS[fmt])
-    out = paddle.matmul(x, weight, transpose_y=True)
-    return out if layer.bias is None else out + layer.bias
-
-
-def linear(layer: nn.Layer, x: paddle.Tensor) -> paddle.Tensor:
-    """Linear.forward for a layer that `prepare_linear` converted (`layer.cpu_kernel` names the format)."""
+def matmul(
+    x: paddle.Tensor,
+    fmt: str,
+    weight: paddle.Tensor,
+    scale: paddle.Tensor | None = None,
+    bias: paddle.Tensor | None = None,
+    input_sharded: bool = False,
+) -> paddle.Tensor:
+    """x [..., K] @ weight^T + bias for a kernel-layout weight [N, K] of format `fmt` ("bf16" or a quant
+    method, then with its scale [N, G]) -> [..., N] fp32. Prefill-sized x runs Paddle's sgemm on a dequantized
+    fp32 copy of the same weight values (`DENSE_MIN_ROWS`); W4A8 always runs the int kernel."""
     if x.dtype != paddle.float32:
         x = x.astype("float32")
-    fmt = layer.cpu_kernel
-    if fmt != "w4a8" and x.size >= DENSE_MIN_ROWS * x.shape[-1]:
-        return linear_dense(layer, x)
+    bits = 16 if fmt == "bf16" else QUANT_FORMATS[fmt]
+    if fmt != "w4a8" and math.prod(x.shape[:-1]) >= DENSE_MIN_ROWS:  # shape math: Tensor.size costs ~10 us
+        if fmt == "bf16":  # the kernels' bf16 activations: a prompt computes alike in any batch
+            x = x.astype("bfloat16").astype("float32")
+        out = paddle.matmul(x, dequantize(weight, scale, bits), transpose_y=True)
+        return out if bias is None else out + bias
     if fmt == "bf16":
-        return linear_bf16(x, layer.weight, layer.bias)
+        return linear_bf16(x, weight, bias)
     if fmt == "w4a8":  # int8 activations (per token) times int4 weights: integer-exact sums, then both scales
         from .quant.weights import quantize_activation
 
         flat = x.reshape([-1, x.shape[-1]])
-        xq, x_scale = quantize_activation(flat, layer.input_sharded)
-        out = linear_int(xq, layer.weight, layer.weight_scale, 4) * x_scale
+        xq, x_scale = quantize_activation(flat, input_sharded)
+        out = linear_int(xq, weight, scale, bits) * x_scale
         out = out.reshape(x.shape[:-1] + [out.shape[-1]])
-        return out if layer.bias is None else out + layer.bias
-    return linear_int(x, layer.weight, layer.weight_scale, QUANT_FORMATS[fmt], layer.bias)
+        return out if bias is None else out + bias
+    return linear_int(x, weight, scale, bits, bias)
+
+
+def linear(layer: nn.Layer, x: paddle.Tensor) -> paddle.Tensor:
+    """Linear.forward for a layer that `prepare_linear` converted (`layer.cpu_kernel` names the format)."""
+    scale = layer.weight_scale if layer.quant_method else None
+    return matmul(x, layer.cpu_kernel, layer.weight, scale, layer.bias, layer.input_sharded)
 
 
 def _replace(layer: nn.Layer, name: str, value: paddle.Tensor, persistable: bool = True) -> None:
@@ -211,59 +227,95 @@ def _replace(layer: nn.Layer, name: str, value: paddle.Tensor, persistable: bool
     layer.register_buffer(name, value, persistable=persistable)
 
 
+def _swap_last(t: paddle.Tensor) -> paddle.Tensor:
+    """[..., a, b] -> [..., b, a] (contiguous): between the -Paddle [in, out] and the kernels' [out, in]."""
+    return t.transpose([*range(t.ndim - 2), t.ndim - 1, t.ndim - 2]).contiguous()
+
+
+def _kernel_weights(layer: nn.Layer) -> tuple[str, ...]:
+    """Names of the weights the kernels multiply: a Linear's `weight`, or stacked experts' two."""
+    from .moe import GroupedExperts
+    from .quant.apply import EXPERT_WEIGHTS
+
+    return EXPERT_WEIGHTS if isinstance(layer, GroupedExperts) else ("weight",)
+
+
 def _checkpoint_layout(prepared: dict[str, nn.Layer], state: dict[str, paddle.Tensor]) -> None:
-    """state_dict hook: repacked weights go out as loaded ([in, out], fp32 or layers/quant's int layout)."""
+    """state_dict hook: repacked weights go out as loaded ([..., in, out], fp32 or layers/quant's int
+    layout)."""
     for name, layer in prepared.items():
-        key = f"{name}.weight"
-        if key not in state:
-            continue
-        if layer.cpu_kernel == "bf16":
-            state[key] = layer.weight.astype("float32").transpose([1, 0])
-        else:
-            state[key] = layer.weight.transpose([1, 0])
-            state[f"{name}.weight_scale"] = layer.weight_scale.transpose([1, 0])
+        for weight in _kernel_weights(layer):
+            key = f"{name}.{weight}"
+            if key not in state:
+                continue
+            if layer.cpu_kernel == "bf16":
+                state[key] = _swap_last(getattr(layer, weight).astype("float32"))
+            else:
+                state[key] = _swap_last(getattr(layer, weight))
+                state[f"{key}_scale"] = _swap_last(getattr(layer, f"{weight}_scale"))
+
+
+def _groups_supported(groups: int, in_features: int, bits: int) -> bool:
+    """Groups the kernel can step through (whole 16/32-value vectors)."""
+    return groups == 1 or (in_features // groups) % (32 if bits == 4 else 16) == 0
 
 
 def _quant_supported(layer: nn.Layer) -> bool:
-    """G's CPU layout (not XPU's), and groups the kernel can step through (whole 16/32-value vectors)."""
-    if layer.quant_device_layout or layer.weight.ndim != 2:
+    """G's CPU layout (not XPU's) and groups the kernel can step through, for every weight of the layer."""
+    if getattr(layer, "quant_device_layout", False):
         return False
-    groups, bits = layer.weight_scale.shape[0], QUANT_FORMATS[layer.quant_method]
-    return groups == 1 or (layer.in_features // groups) % (32 if bits == 4 else 16) == 0
+    bits = QUANT_FORMATS[layer.quant_method]
+    for weight in _kernel_weights(layer):
+        qweight, scale = getattr(layer, weight), getattr(layer, f"{weight}_scale")
+        in_features = qweight.shape[-2] * (2 if bits == 4 else 1)
+        if qweight.ndim != scale.ndim or not _groups_supported(scale.shape[-2], in_features, bits):
+            return False
+    return True
 
 
 def prepare_linear(layer: nn.Layer, bf16_weights: bool) -> bool:
-    """Repack one Linear for the kernels; returns whether it now runs on them."""
+    """Repack one Linear, or one layer's stacked experts, for the kernels; returns whether it now runs on
+    them. Weights [..., in, out] become [..., out, in], scales [..., G, out] become [..., out, G]."""
     method = layer.quant_method
     if method:
         if method not in QUANT_FORMATS or not _quant_supported(layer):
             return False
-        _replace(layer, "weight", layer.weight.transpose([1, 0]).contiguous())
-        _replace(layer, "weight_scale", layer.weight_scale.astype("float32").transpose([1, 0]).contiguous())
+        for weight in _kernel_weights(layer):
+            _replace(layer, weight, _swap_last(getattr(layer, weight)))
+            scale = getattr(layer, f"{weight}_scale").astype("float32")
+            _replace(layer, f"{weight}_scale", _swap_last(scale))
         layer.cpu_kernel = method
         return True
     if not bf16_weights:
         return False
-    _replace(layer, "weight", layer.weight.astype("bfloat16").transpose([1, 0]).contiguous())
-    if layer.bias is not None:
+    for weight in _kernel_weights(layer):
+        _replace(layer, weight, _swap_last(getattr(layer, weight).astype("bfloat16")))
+    if getattr(layer, "bias", None) is not None:
         layer.bias = layer.bias.astype("float32")
     layer.cpu_kernel = "bf16"
     return True
 
 
 def prepare_model(model: nn.Layer, bf16_weights: bool) -> None:
-    """After loading (and quantizing) on CPU: repack every Linear the kernels can run, in place.
+    """After loading (and quantizing) on CPU: repack every Linear and stacked-experts layer the kernels can
+    run, in place.
 
-    With `bf16_weights`, float Linears keep bf16 weights resident, and a tied LM head gets its own bf16
-    copy of the embedding table (the fp32 table stays for lookups; the head is what each step streams).
+    With `bf16_weights`, float Linears and experts keep bf16 weights resident, and a tied LM head gets its
+    own bf16 copy of the embedding table (the fp32 table stays for lookups; the head is what each step
+    streams).
     """
     if not available():
         return
     from .linear import Linear
+    from .moe import GroupedExperts
 
     started, prepared = time.monotonic(), {}
     for name, layer in model.named_sublayers():
-        if isinstance(layer, Linear) and not layer.cpu_kernel and prepare_linear(layer, bf16_weights):
+        if (
+            isinstance(layer, (Linear, GroupedExperts))
+            and not layer.cpu_kernel
+            and prepare_linear(layer, bf16_weights)
+        ):
             prepared[name] = layer
     model.register_state_dict_hook(functools.partial(_checkpoint_layout, prepared))
     count = len(prepared)
@@ -279,7 +331,7 @@ def prepare_model(model: nn.Layer, bf16_weights: bool) -> None:
         model.lm_head = head
         count += 1
     logger.info(
-        "cpu kernels: %d linear layers repacked (float weights as %s) in %.1f s",
+        "cpu kernels: %d linear / expert layers repacked (float weights as %s) in %.1f s",
         count,
         "bf16" if bf16_weights else "fp32 via Paddle",
         time.monotonic() - started,

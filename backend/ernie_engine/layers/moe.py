@@ -7,7 +7,9 @@ correction bias b only balances the selection; the chosen un-biased p are renorm
 
 The experts of a layer are stored stacked ([E, h, 2I] gate half first, [E, I, h]) so that a step runs
 grouped: token slots are sorted by expert, each active expert does one matmul over its rows, and the
-weighted rows are added back to their tokens. Idle experts cost nothing.
+weighted rows are added back to their tokens. Idle experts cost nothing. On CPU, `cpu_kernels.prepare_model`
+repacks the stacked weights for the custom kernels (bf16 for bf16 checkpoints, int8 / int4 when quantized) and
+each expert's matmuls run on them; fp32 weights, XPU and CPUs without the kernels keep Paddle's matmul.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import paddle.nn.functional as F
 from paddle import nn
 
 from ..device import device_type
+from . import cpu_kernels
 from .linear import ZEROS
 from .quant.weights import quantized_expert_matmul
 
@@ -73,6 +76,9 @@ class GroupedExperts(nn.Layer):
         )
         self.quant_method = ""  # set by layers/quant/apply.py: the stacked weights are then int8 buffers
         self.input_sharded = False  # set by distributed/sharding.py: down_proj's input is a slice per rank
+        # Set by cpu_kernels.prepare_model on CPU: the stacked weights are then [E, out, in] in the custom
+        # ops' format (bf16 or the quant method's int layout) and each expert's matmuls run on them.
+        self.cpu_kernel = ""
 
     def forward(self, x: paddle.Tensor, weights: paddle.Tensor, expert_ids: paddle.Tensor) -> paddle.Tensor:
         """x [T, h], weights / expert_ids [T, k] -> sum over k of weight * expert(x), [T, h]."""
@@ -99,10 +105,18 @@ class GroupedExperts(nn.Layer):
         return paddle.index_add(paddle.zeros_like(x), token_of, 0, expert_out * slot_weights)
 
     def expert_forward(self, expert: int, x: paddle.Tensor) -> paddle.Tensor:
+        up_gate = self.expert_matmul("up_gate_proj", expert, x)
+        return self.expert_matmul("down_proj", expert, F.swiglu(up_gate))
+
+    def expert_matmul(self, name: str, expert: int, x: paddle.Tensor) -> paddle.Tensor:
+        """x [rows, in] @ this expert's `name` weight -> [rows, out], on the path its storage calls for."""
+        if self.cpu_kernel:
+            scale = getattr(self, f"{name}_scale")[expert] if self.quant_method else None
+            sharded = name == "down_proj" and self.input_sharded
+            return cpu_kernels.matmul(x, self.cpu_kernel, getattr(self, name)[expert], scale, None, sharded)
         if self.quant_method:
-            up_gate = quantized_expert_matmul(self, "up_gate_proj", expert, x)
-            return quantized_expert_matmul(self, "down_proj", expert, F.swiglu(up_gate))
-        return paddle.matmul(F.swiglu(paddle.matmul(x, self.up_gate_proj[expert])), self.down_proj[expert])
+            return quantized_expert_matmul(self, name, expert, x)
+        return paddle.matmul(x, getattr(self, name)[expert])
 
 
 def _xpu_combine(

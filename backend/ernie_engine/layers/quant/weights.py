@@ -173,7 +173,7 @@ def quantize_for_method(weight: paddle.Tensor, method: str, group_size: int) -> 
     return quantize_weight(weight, bits, group)
 
 
-# ---- layer hooks: Linear.forward and GroupedExperts.expert_forward call these once quantized ----
+# ---- layer hooks: Linear.forward and GroupedExperts.expert_matmul call these once quantized ----
 
 
 def linear_weight(layer: nn.Layer) -> QuantizedWeight:
