@@ -328,22 +328,6 @@ def build_corpus(seed: int = 0) -> list[Conversation]:
     return corpus
 
 
-def weather_corpus(seed: int = 0, english_per_city: int = 4, chinese: int = 2 * 36) -> list[Conversation]:
-    """Weather-only conversations for the second training phase (`train_demo_model.py --phase2-steps`).
-
-    Fresh temperatures, units, conditions and phrasings for every city (its own seed), several per city: the
-    city and the temperature change from one example to the next, so copying them from the question and the
-    tool result is the only way to get them right.
-    """
-    rng = random.Random(seed + 1000)
-    out = []
-    for _ in range(english_per_city):
-        out += weather_conversations(rng, english=len(CAPITALS), chinese=0)
-    out += weather_conversations(rng, english=0, chinese=chinese)
-    rng.shuffle(out)
-    return out
-
-
 def held_out_capital_conversations(seed: int = 1, count: int = 50) -> list[tuple[Conversation, str]]:
     """(conversation ending with the trained answer, expected capital), phrasings never used for training."""
     rng = random.Random(seed)

@@ -226,9 +226,7 @@ def lr_at(step: int, args: TrainArgs) -> float:
     return args.lr * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
-def train(
-    model: paddle.nn.Layer, examples: list[Example], probes: dict[str, list[Example]], args: TrainArgs
-) -> float:
+def train(model: paddle.nn.Layer, examples: list[Example], probe: list[Example], args: TrainArgs) -> float:
     """Run `args.steps` optimizer steps, logging held-out accuracy; returns the last steps' mean loss."""
     decay = [p.name for n, p in model.named_parameters() if not n.endswith("norm.weight")]
     optimizer = paddle.optimizer.AdamW(
@@ -258,15 +256,12 @@ def train(
         recent = (recent + [float(loss)])[-args.log_every :]
         if (step + 1) % args.log_every == 0 or step + 1 == args.steps:
             elapsed = time.monotonic() - started
-            accuracies = "  ".join(
-                f"{name} {100 * probe_accuracy(model, p):.0f}%" for name, p in probes.items()
-            )
             logger.info(
-                "step %d/%d  loss %.4f  %s  lr %.2e  %.0f s elapsed, ~%.0f s left",
+                "step %d/%d  loss %.4f  held-out %.0f%%  lr %.2e  %.0f s elapsed, ~%.0f s left",
                 step + 1,
                 args.steps,
                 sum(recent) / len(recent),
-                accuracies,
+                100 * probe_accuracy(model, probe),
                 lr_at(step, args),
                 elapsed,
                 elapsed / (step + 1) * (args.steps - step - 1),
@@ -317,10 +312,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=50)
     parser.add_argument("--weight-decay", type=float, default=0.01)
     parser.add_argument("--qkv-std", type=float, default=0.07, help="init std of the q/k/v projections")
-    parser.add_argument(
-        "--phase2-steps", type=int, default=2000, help="weather-heavy steps continuing from phase 1 (0: none)"
-    )
-    parser.add_argument("--phase2-lr", type=float, default=1e-3)
     parser.add_argument("--save-dtype", choices=["bfloat16", "float32"], default="bfloat16")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads for Paddle (sets the float sums)")
     args = parser.parse_args(argv)
@@ -374,29 +365,7 @@ def main(argv: list[str] | None = None) -> None:
     probe = make_examples(
         [split_turn(template, c) for c, _ in demo_corpus.held_out_capital_conversations()], tokenizer
     )
-    final_loss = train(model, examples, {"held-out": probe}, train_args)
-    if args.phase2_steps:
-        # Phase 2: the same weights, the non-tool examples again (so capitals stay) plus many fresh weather
-        # conversations (new temperatures for every city), i.e. mostly long tool prompts where the city and
-        # the temperature must be copied. Weather probe: whole teacher-forced answers, unseen conversations.
-        weather = make_examples(
-            [split_turn(template, c) for c in demo_corpus.weather_corpus(args.seed)], tokenizer
-        )
-        short = [e for e, c in zip(examples, demo_corpus.build_corpus(args.seed), strict=True) if not c.tools]
-        weather_probe = make_examples(
-            [split_turn(template, c) for c in demo_corpus.weather_corpus(args.seed + 1)[:24]], tokenizer
-        )
-        logger.info("phase 2: %d weather + %d other examples", len(weather), len(short))
-        phase2 = TrainArgs(
-            args.phase2_steps,
-            args.batch_tokens,
-            args.phase2_lr,
-            args.warmup,
-            args.weight_decay,
-            args.seed + 1,
-            log_every=25,
-        )
-        final_loss = train(model, weather + short, {"held-out": probe, "weather": weather_probe}, phase2)
+    final_loss = train(model, examples, probe, train_args)
     model.eval()
     save_weights(model, out / "model.safetensors", args.save_dtype)
     verify_checkpoint(model, out, examples[0])

@@ -120,6 +120,9 @@ class LLMEngine:
         template_kwargs = chat_template_kwargs or {}
         if not isinstance(template_kwargs, dict):
             raise ValueError("chat_template_kwargs must be an object")
+        if not self.config.reasoning_parser:
+            # Without a reasoning parser the thinking would land in the answer: think only when asked to.
+            template_kwargs = {"enable_thinking": False, **template_kwargs}
         if messages is not None and self.mm_processor is not None:
             return self._make_multimodal_request(request_id, messages, tools, template_kwargs, params)
         thinking = False
