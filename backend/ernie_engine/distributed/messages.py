@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..multimodal.engine_inputs import step_positions, step_vision_mask
+from ..sampler import argmax_only
 from ..scheduler import SchedulerOutput
 from ..sequence import Sequence
 
@@ -52,22 +53,6 @@ class StepResult:
     logits: np.ndarray  # [number of other rows, vocab_limit] float32
 
 
-def plain_greedy(seq: Sequence) -> bool:
-    """True when the sampler would take the raw argmax: greedy and nothing of `sampler._constrain` applies."""
-    params, request = seq.params, seq.request
-    return (
-        params.greedy
-        and params.logprobs is None
-        and seq.forced_token_id is None
-        and seq.grammar is None
-        and not request.bad_words_ids
-        and seq.num_output_tokens >= params.min_tokens
-        and params.repetition_penalty == 1.0
-        and params.presence_penalty == 0.0
-        and params.frequency_penalty == 0.0
-    )
-
-
 def describe_step(out: SchedulerOutput, vision_token_ids: list[int] | None = None) -> StepBatch:
     """The scheduled tokens as flat arrays (the single-device ModelRunner._prepare, without tensors).
 
@@ -90,7 +75,7 @@ def describe_step(out: SchedulerOutput, vision_token_ids: list[int] | None = Non
         context_lens=context_lens,
         block_tables=[list(seq.block_table) for seq in seqs],
         sample_rows=np.array([ends[seq] for seq in out.sampling], dtype=np.int64),
-        greedy=np.array([plain_greedy(seq) for seq in out.sampling], dtype=bool),
+        greedy=np.array([argmax_only(seq) for seq in out.sampling], dtype=bool),
         vision_mask=None if vision_token_ids is None else step_vision_mask(seqs, starts, context_lens,
                                                                              vision_token_ids),
         media=step_media(seqs, starts, context_lens),
