@@ -65,7 +65,7 @@ def make_weights(fmt: str, k: int, n: int) -> list[tuple[paddle.Tensor, ...]]:
         if fmt == "fp32":
             out.append((paddle.randn([k, n]),))
         elif fmt == "bf16":
-            out.append((paddle.randn([n, k]).astype("bfloat16"),))
+            out.append((cpu_kernels.pack_bf16(paddle.randn([n, k])),))
         elif fmt == "wint8":
             out.append((paddle.randint(-127, 128, [n, k]).astype("int8"), paddle.rand([n, 1])))
         else:
@@ -77,7 +77,7 @@ def run_linear(fmt: str, x: paddle.Tensor, weights: tuple[paddle.Tensor, ...]) -
     if fmt == "fp32":
         return paddle.matmul(x, weights[0])
     if fmt == "bf16":
-        return cpu_kernels.linear_bf16(x, weights[0])
+        return cpu_kernels.linear_bf16(x, weights[0], weights[0].shape[0] * cpu_kernels.BF16_LANES)
     return cpu_kernels.linear_int(x, weights[0], weights[1], 8 if fmt == "wint8" else 4)
 
 

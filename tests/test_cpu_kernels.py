@@ -25,8 +25,9 @@ REL_TOL = 2e-6  # fp32 accumulation against a float64 reference on the same weig
 BF16_ROUNDING_TOL = 2e-2  # bf16 kernels (x rounded to bf16) against fp32 activations, end to end
 
 
-@pytest.fixture(params=["avx512", "scalar"])
+@pytest.fixture(params=["native", "avx512", "scalar"])
 def isa(request, monkeypatch) -> str:
+    """The best path this CPU has, AVX512 without AVX512-BF16, and the scalar path."""
     monkeypatch.setenv("ERNIE_CPU_KERNELS_ISA", request.param)
     return request.param
 
@@ -65,7 +66,10 @@ def test_linear_bf16_matches_the_bf16_reference(isa, m, k, n):
     x = RNG.standard_normal((m, k)).astype(np.float32)
     w = paddle.to_tensor(RNG.standard_normal((n, k)).astype(np.float32)).astype("bfloat16")
     bias = RNG.standard_normal(n).astype(np.float32)
-    ours = cpu_kernels.linear_bf16(paddle.to_tensor(x), w, paddle.to_tensor(bias)).numpy()
+    packed = cpu_kernels.pack_bf16(w)
+    assert packed.shape == [-(-n // 16), -(-k // 2), 32]
+    assert np.array_equal(cpu_kernels.unpack_bf16(packed, n, k).numpy(), w.numpy())
+    ours = cpu_kernels.linear_bf16(paddle.to_tensor(x), packed, n, paddle.to_tensor(bias)).numpy()
     w32 = w.astype("float32").numpy()
     assert ours.shape == (m, n)
     assert rel_err(ours, bf16_reference(x, w32, bias)) < REL_TOL
@@ -93,17 +97,22 @@ def test_quantized_linear_matches_exact_dequant(isa, method, group, m, k, n):
     assert rel_err(ours, ref) < REL_TOL
 
 
-@pytest.mark.parametrize("m", [1, cpu_kernels.DENSE_MIN_ROWS])
-def test_bf16_linear_layer_decode_and_prefill_paths(isa, m):
+@pytest.mark.parametrize("m", [1, 6, 7, 200])
+def test_bf16_linear_layer_rows_are_batch_invariant(isa, m):
+    """A repacked layer matches the bf16 reference, and each row is bit-equal to the same row run alone
+    (every tile shape sums an output's pairs in the same order)."""
     layer = Linear(100, 37, bias=True)
     layer.weight.set_value(paddle.randn([100, 37]))
     layer.bias.set_value(paddle.randn([37]))
+    dense = layer.weight.astype("bfloat16").astype("float32").numpy().astype(np.float64)
     assert cpu_kernels.prepare_linear(layer, bf16_weights=True)
-    dense = layer.weight.astype("float32").numpy().astype(np.float64).T
-    assert np.array_equal(cpu_kernels.dequantize(layer.weight, None, 16).numpy(), dense.T.astype(np.float32))
+    assert layer.kernel_dims == {"weight": (37, 100)}
     x = RNG.standard_normal((m, 100)).astype(np.float32)
-    ref = round_to_bf16(x).astype(np.float64) @ dense + layer.bias.numpy()  # both paths round x to bf16
-    assert rel_err(layer(paddle.to_tensor(x)).numpy(), ref) < REL_TOL
+    ours = layer(paddle.to_tensor(x)).numpy()
+    ref = round_to_bf16(x).astype(np.float64) @ dense + layer.bias.numpy()
+    assert rel_err(ours, ref) < REL_TOL
+    alone = np.concatenate([layer(paddle.to_tensor(x[i : i + 1])).numpy() for i in range(m)])
+    np.testing.assert_array_equal(ours, alone)
 
 
 def test_w4a8_matches_the_paddle_emulation():
@@ -150,7 +159,7 @@ def _mixed_batch(block_size: int, num_heads: int, num_kv_heads: int, head_dim: i
 
 
 @pytest.mark.parametrize("block_size", [1, 4, 16])
-@pytest.mark.parametrize(("heads", "kv_heads", "head_dim"), [(16, 2, 128), (4, 4, 40), (6, 2, 16)])
+@pytest.mark.parametrize(("heads", "kv_heads", "head_dim"), [(16, 2, 128), (8, 2, 64), (4, 4, 40), (6, 2, 16)])
 def test_paged_attention_matches_the_paddle_path(isa, block_size, heads, kv_heads, head_dim):
     q, k, v, meta, caches = _mixed_batch(block_size, heads, kv_heads, head_dim)
     paddle_caches = [c.clone() for c in caches]

@@ -3,7 +3,7 @@
 // The library is compiled for the baseline x86-64 ISA; AVX512 code lives in functions marked with
 // `ERNIE_AVX512` (a GCC target attribute) and only runs when the CPU reports AVX512F/BW/VL at run time.
 // Every op keeps a scalar path in the same binary, so one build works on any x86-64 CPU and tests can
-// compare both paths (ERNIE_CPU_KERNELS_ISA=scalar forces the scalar one).
+// compare the paths (ERNIE_CPU_KERNELS_ISA=scalar forces the scalar one, =avx512 leaves out AVX512-BF16).
 #pragma once
 
 #include <immintrin.h>
@@ -25,10 +25,12 @@ inline bool use_avx512() {
   return cpu_has && !(isa && std::strcmp(isa, "scalar") == 0);
 }
 
-// True when the bf16 dot-product instructions (vdpbf16ps, AVX512-BF16) may run as well.
+// True when the bf16 dot-product instructions (vdpbf16ps, AVX512-BF16) may run as well
+// (ERNIE_CPU_KERNELS_ISA=avx512 keeps to plain AVX512, as on CPUs without them).
 inline bool use_avx512_bf16() {
   static const bool cpu_has = __builtin_cpu_supports("avx512bf16");
-  return cpu_has && use_avx512();
+  const char* isa = std::getenv("ERNIE_CPU_KERNELS_ISA");
+  return cpu_has && use_avx512() && !(isa && std::strcmp(isa, "avx512") == 0);
 }
 
 // Round to the nearest bf16, ties to even (what vcvtneps2bf16 does on normal numbers); NaN stays NaN.

@@ -1,21 +1,15 @@
-// y[M, N] = x[M, K] (fp32) @ W^T + bias with W held as bf16, int8 or packed int4, never expanded to fp32.
+// y[M, N] = x[M, K] (fp32) @ W^T + bias with W held as int8 or packed int4, never expanded to fp32 (bf16
+// weights: linear_bf16.cc).
 //
 // Weight layout: output-major rows, W[N, K] (the -Paddle [K, N] weight transposed once at load), so each
 // output column is one contiguous stream. Decode (M of 1..32) is bound by weight bandwidth: each thread
-// streams a few rows at once while x stays in L1. int8/int4 rows carry fp32 scales [N, G] (G groups
-// along K, G = 1 per channel) and are dequantized in registers; int4 bytes hold k = 2j in the low nibble
-// and k = 2j + 1 in the high one (layers/quant's convention). Rather than shuffle nibbles, x is reordered
-// once per call so that each 16-byte chunk meets its 16 even and 16 odd activations as two plain vectors.
+// streams a few rows at once while x stays in L1. Rows carry fp32 scales [N, G] (G groups along K, G = 1 per
+// channel) and are dequantized in registers; int4 bytes hold k = 2j in the low nibble and k = 2j + 1 in the
+// high one (layers/quant's convention). Rather than shuffle nibbles, x is reordered once per call so that
+// each 16-byte chunk meets its 16 even and 16 odd activations as two plain vectors.
 //
-// Numerics. int8/int4 weights: fp32 products of the exact weight values with fp32 accumulation, i.e. an fp32
-// matmul on the same dequantized weights up to summation order. bf16 weights: x is first rounded to bf16
-// (nearest, ties to even), as a bf16 model computes on XPU/GPU and in vLLM-CPU, so that vdpbf16ps
-// (AVX512-BF16) takes 32 products per instruction, twice the fp32 FMA rate, where a decode batch makes the
-// matmul arithmetic-bound. bf16 x bf16 products are exact in fp32 and accumulate in fp32: the only change is
-// x's rounding (relative 2^-9 per element). M = 1 rounds too and runs the same instruction in the same
-// per-output order, so a sequence's logits do not depend on the batch it decodes in (seeded sampling
-// reproduces whatever the batch); at M = 1 it is also fewer instructions per weight byte than widening bf16
-// to fp32. Without AVX512-BF16 (and on the scalar path) x is rounded the same way.
+// Numerics: fp32 products of the exact weight values with fp32 accumulation, i.e. an fp32 matmul on the same
+// dequantized weights up to summation order.
 #include <algorithm>
 #include <vector>
 
@@ -28,29 +22,14 @@ namespace {
 
 // Storage formats. `kVecs` fp32 vectors come out of one `kStepBytes` chunk of a weight row, which holds 16
 // `units` (the lanes of one masked load).
-struct Bf16 {
-  static constexpr int kVecs = 1, kStepBytes = 32;
-  static constexpr bool kRoundX = true;  // bf16 weights see bf16-rounded x (see the top of this file)
-  static int64_t row_bytes(int64_t k) { return 2 * k; }
-  static int64_t units(int64_t k) { return k; }
-  static float get(const uint8_t* row, int64_t k) { return bf16_to_float(reinterpret_cast<const uint16_t*>(row)[k]); }
-};
-// bf16 rows of even length read as pairs: one 64-byte load gives the even k (low halves shifted up) and the
-// odd k (high halves masked) as two fp32 vectors, with no widening shuffles (x is reordered as for int4).
-struct Bf16Pairs : Bf16 {
-  static constexpr int kVecs = 2, kStepBytes = 64;
-  static int64_t units(int64_t k) { return k / 2; }
-};
 struct Int8 {
   static constexpr int kVecs = 1, kStepBytes = 16;
-  static constexpr bool kRoundX = false;
   static int64_t row_bytes(int64_t k) { return k; }
   static int64_t units(int64_t k) { return k; }
   static float get(const uint8_t* row, int64_t k) { return static_cast<int8_t>(row[k]); }
 };
 struct Int4 {
   static constexpr int kVecs = 2, kStepBytes = 16;
-  static constexpr bool kRoundX = false;
   static int64_t row_bytes(int64_t k) { return k / 2; }
   static int64_t units(int64_t k) { return k / 2; }
   static float get(const uint8_t* row, int64_t k) {
@@ -86,15 +65,6 @@ void linear_scalar(const float* x, int64_t m_rows, int64_t k_dim, const uint8_t*
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,fma")
 
-inline void load_weights(Bf16, const uint8_t* p, __mmask16 mask, __m512* out) {
-  const __m256i raw = _mm256_maskz_loadu_epi16(mask, p);
-  out[0] = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
-}
-inline void load_weights(Bf16Pairs, const uint8_t* p, __mmask16 mask, __m512* out) {
-  const __m512i raw = _mm512_maskz_loadu_epi32(mask, p);
-  out[0] = _mm512_castsi512_ps(_mm512_slli_epi32(raw, 16));
-  out[1] = _mm512_castsi512_ps(_mm512_and_si512(raw, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
-}
 inline void load_weights(Int8, const uint8_t* p, __mmask16 mask, __m512* out) {
   out[0] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mask, p)));
 }
@@ -119,7 +89,7 @@ inline void step(const float* xp, int64_t xs, const uint8_t* w, int64_t ws, int6
 }
 
 // y[MR, NR] block. Groups (GROUPED) scale partial sums per group; otherwise a per-row scale (or none,
-// for bf16) is applied once at the end. Only ungrouped rows can end in a partial step (`tail` units).
+// none) is applied once at the end. Only ungrouped rows can end in a partial step (`tail` units).
 template <class F, int MR, int NR, bool GROUPED>
 void tile(const float* xp, int64_t xs, const uint8_t* w, int64_t ws, int64_t steps, int64_t tail,
           const float* scale, int64_t groups, const float* bias, float* y, int64_t ys) {
@@ -180,7 +150,7 @@ void linear_avx512_impl(const float* x, int64_t m_rows, int64_t k_dim, const uin
   const int64_t steps = (units + 15) / 16, tail = units - (steps - 1) * 16;
   const int64_t kp = steps * 16 * F::kVecs;  // prepared x row length (zero padded)
 
-  // Prepared x: rows padded to whole steps; for int4 and bf16 pairs each step is [16 even k, 16 odd k].
+  // Prepared x: rows padded to whole steps; for int4 each step is [16 even k, 16 odd k].
   std::vector<float> xp(static_cast<size_t>(m_rows * kp), 0.f);
   for (int64_t m = 0; m < m_rows; ++m) {
     const float* src = x + m * k_dim;
@@ -264,92 +234,6 @@ void dequantize_rows_avx512(const uint8_t* w, int64_t n0, int64_t n1, int64_t k_
 
 #pragma GCC pop_options
 
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma")
-
-// y[MR, NR] block for bf16 x rows (xs elements apart, zero padded to whole steps) and bf16 weight rows (ws
-// bytes apart). A step is 16 (k, k + 1) pairs, one 64-byte load per row: both [N, K] weights and x already
-// hold k pairs side by side, the operand layout of vdpbf16ps, so neither is repacked.
-template <int MR, int NR>
-void tile_dpbf16(const uint16_t* xb, int64_t xs, const uint8_t* w, int64_t ws, int64_t steps, int64_t tail,
-                 const float* bias, float* y, int64_t ys) {
-  __m512 acc[MR][NR];
-  for (auto& row : acc)
-    for (auto& a : row) a = _mm512_setzero_ps();
-  for (int64_t s = 0; s < steps; ++s) {
-    const __mmask16 mask = s + 1 < steps ? static_cast<__mmask16>(0xFFFF) : lane_mask(tail);
-    if constexpr (MR == 1) {  // decode streams NR rows at once: ask for each a few lines ahead, as tile() does
-      for (int r = 0; r < NR; ++r)
-        _mm_prefetch(reinterpret_cast<const char*>(w + r * ws + (s + 8) * 64), _MM_HINT_T0);
-    }
-    __m512bh wv[NR];
-    for (int r = 0; r < NR; ++r) wv[r] = (__m512bh)_mm512_maskz_loadu_epi32(mask, w + r * ws + s * 64);
-    for (int m = 0; m < MR; ++m) {
-      const __m512bh xv = (__m512bh)_mm512_loadu_si512(xb + m * xs + s * 32);
-      for (int r = 0; r < NR; ++r) acc[m][r] = _mm512_dpbf16_ps(acc[m][r], xv, wv[r]);
-    }
-  }
-  for (int m = 0; m < MR; ++m) {
-    for (int r = 0; r < NR; ++r) y[m * ys + r] = _mm512_reduce_add_ps(acc[m][r]) + (bias ? bias[r] : 0.f);
-  }
-}
-
-using DpTileFn = void (*)(const uint16_t*, int64_t, const uint8_t*, int64_t, int64_t, int64_t, const float*,
-                          float*, int64_t);
-
-template <int NR>
-DpTileFn pick_dp_tile(int64_t mr) {
-  switch (mr) {
-    case 1: return tile_dpbf16<1, NR>;
-    case 2: return tile_dpbf16<2, NR>;
-    case 3: return tile_dpbf16<3, NR>;
-    default: return tile_dpbf16<4, NR>;
-  }
-}
-
-// bf16 matmul for even K: x rounded to bf16 once per call; M = 1 streams 8 weight rows per tile, batches take
-// 4 x rows x 4 weight rows (16 accumulators). Blocked and threaded as linear_avx512_impl.
-void linear_dpbf16(const float* x, int64_t m_rows, int64_t k_dim, const uint8_t* w, int64_t n_cols,
-                   const float* bias, float* y) {
-  constexpr int64_t kMR = 4;
-  const int64_t nr = m_rows == 1 ? 8 : 4;
-  const int64_t pairs = k_dim / 2, steps = (pairs + 15) / 16, tail = pairs - (steps - 1) * 16;
-  const int64_t kp = steps * 32, row_bytes = 2 * k_dim;
-  std::vector<uint16_t> xb(static_cast<size_t>(m_rows * kp), 0);
-  for (int64_t m = 0; m < m_rows; ++m)
-    for (int64_t k = 0; k < k_dim; ++k) xb[m * kp + k] = float_to_bf16(x[m * k_dim + k]);
-  const int64_t mc = std::max<int64_t>(kMR, (256 * 1024 / (kp * 2)) / kMR * kMR);  // x chunk held in L2
-  const int64_t n_blocks = (n_cols + nr - 1) / nr;
-  for (int64_t m0 = 0; m0 < m_rows; m0 += mc) {
-    const int64_t m1 = std::min(m_rows, m0 + mc);
-    const int64_t per_chunk = std::max<int64_t>(1, n_blocks / 32);
-    const int64_t chunks = (n_blocks + per_chunk - 1) / per_chunk;
-    ThreadPool::instance().run(chunks, [&](int64_t c) {
-      for (int64_t b = c * per_chunk; b < std::min(n_blocks, (c + 1) * per_chunk); ++b) {
-        const int64_t n0 = b * nr, nb = std::min(nr, n_cols - n0);
-        const uint8_t* wb = w + n0 * row_bytes;
-        const float* bb = bias ? bias + n0 : nullptr;
-        for (int64_t m = m0; m < m1; m += kMR) {  // the block's weight rows stay in L1 across the x rows
-          const int64_t mr = std::min(kMR, m1 - m);
-          const uint16_t* xm = xb.data() + m * kp;
-          float* ym = y + m * n_cols + n0;
-          if (nb == 8) {
-            tile_dpbf16<1, 8>(xm, kp, wb, row_bytes, steps, tail, bb, ym, n_cols);
-          } else if (nb == 4) {
-            pick_dp_tile<4>(mr)(xm, kp, wb, row_bytes, steps, tail, bb, ym, n_cols);
-          } else {
-            for (int64_t r = 0; r < nb; ++r)
-              pick_dp_tile<1>(mr)(xm, kp, wb + r * row_bytes, row_bytes, steps, tail, bb ? bb + r : nullptr,
-                                  ym + r, n_cols);
-          }
-        }
-      }
-    });
-  }
-}
-
-#pragma GCC pop_options
-
 template <class F>
 void dequantize_rows_scalar(const uint8_t* w, int64_t n0, int64_t n1, int64_t k_dim, const float* scale,
                             int64_t groups, float* out) {
@@ -380,12 +264,6 @@ template <class F>
 void linear_dispatch(const float* x, int64_t m_rows, int64_t k_dim, const uint8_t* w, int64_t n_cols,
                      const float* scale, int64_t groups, const float* bias, float* y) {
   if (m_rows == 0 || n_cols == 0) return;
-  std::vector<float> rounded;
-  if (F::kRoundX) {  // the bf16 numerics of linear_dpbf16, on CPUs without vdpbf16ps (or for odd K)
-    rounded.resize(static_cast<size_t>(m_rows * k_dim));
-    std::transform(x, x + m_rows * k_dim, rounded.begin(), round_to_bf16);
-    x = rounded.data();
-  }
   if (!use_avx512()) return linear_scalar<F>(x, m_rows, k_dim, w, n_cols, scale, groups, bias, y);
   if (groups > 1) return linear_avx512_impl<F, true>(x, m_rows, k_dim, w, n_cols, scale, groups, bias, y);
   linear_avx512_impl<F, false>(x, m_rows, k_dim, w, n_cols, scale, groups, bias, y);
@@ -403,24 +281,6 @@ void check_x(const paddle::Tensor& x, int64_t k_dim) {
 }
 
 }  // namespace
-
-std::vector<paddle::Tensor> LinearBf16(const paddle::Tensor& x, const paddle::Tensor& w,
-                                       const paddle::optional<paddle::Tensor>& bias) {
-  PD_CHECK(w.dtype() == paddle::DataType::BFLOAT16 && w.dims().size() == 2, "w must be bf16 [N, K]");
-  const int64_t n_cols = w.dims()[0], k_dim = w.dims()[1], m_rows = x.dims()[0];
-  check_x(x, k_dim);
-  auto y = paddle::empty({m_rows, n_cols}, paddle::DataType::FLOAT32, x.place());
-  const auto* wp = static_cast<const uint8_t*>(w.data());
-  const float* bp = bias_ptr(bias, n_cols);
-  if (k_dim % 2 == 0 && use_avx512_bf16()) {
-    linear_dpbf16(x.data<float>(), m_rows, k_dim, wp, n_cols, bp, y.data<float>());
-  } else if (k_dim % 2 == 0) {
-    linear_dispatch<Bf16Pairs>(x.data<float>(), m_rows, k_dim, wp, n_cols, nullptr, 0, bp, y.data<float>());
-  } else {
-    linear_dispatch<Bf16>(x.data<float>(), m_rows, k_dim, wp, n_cols, nullptr, 0, bp, y.data<float>());
-  }
-  return {y};
-}
 
 // `w` int8 [N, K] (bits 8) or [N, K/2] (bits 4, two per byte); `scale` fp32 [N, G].
 std::vector<paddle::Tensor> LinearInt(const paddle::Tensor& x, const paddle::Tensor& w, const paddle::Tensor& scale,
@@ -446,32 +306,20 @@ std::vector<paddle::Tensor> LinearInt(const paddle::Tensor& x, const paddle::Ten
   return {y};
 }
 
-// fp32 copy [N, K] of a kernel-layout weight: bits 16 (bf16 `w`, no scale), 8 or 4 (int8 `w`, fp32 `scale`
-// [N, G]). Prefill-sized batches multiply it with Paddle's sgemm, which beats streaming at large M.
-std::vector<paddle::Tensor> Dequantize(const paddle::Tensor& w, const paddle::optional<paddle::Tensor>& scale,
-                                       int bits) {
-  PD_CHECK(bits == 16 || bits == 8 || bits == 4, "bits must be 16, 8 or 4");
-  PD_CHECK(w.dims().size() == 2 && w.dtype() == (bits == 16 ? paddle::DataType::BFLOAT16 : paddle::DataType::INT8),
-           "w must be bf16 (bits 16) or int8 [N, K or K/2]");
-  PD_CHECK((bits == 16) == !scale, "int weights need a scale, bf16 ones none");
-  const int64_t n_cols = w.dims()[0], k_dim = w.dims()[1] * (bits == 4 ? 2 : 1);
-  const float* sp = scale ? scale->data<float>() : nullptr;
-  const int64_t groups = scale ? scale->dims()[1] : 1;
-  PD_CHECK(!scale || (scale->dtype() == paddle::DataType::FLOAT32 && scale->dims()[0] == n_cols &&
-                      k_dim % groups == 0 && (groups == 1 || (k_dim / groups) % (bits == 4 ? 32 : 16) == 0)),
+// fp32 copy [N, K] of a kernel-layout int weight (int8 `w` [N, K] for bits 8, [N, K/2] for bits 4, fp32
+// `scale` [N, G]). Prefill-sized batches multiply it with Paddle's sgemm, which beats streaming at large M.
+std::vector<paddle::Tensor> Dequantize(const paddle::Tensor& w, const paddle::Tensor& scale, int bits) {
+  PD_CHECK(bits == 8 || bits == 4, "bits must be 8 or 4");
+  PD_CHECK(w.dims().size() == 2 && w.dtype() == paddle::DataType::INT8, "w must be int8 [N, K or K/2]");
+  const int64_t n_cols = w.dims()[0], k_dim = w.dims()[1] * (bits == 4 ? 2 : 1), groups = scale.dims()[1];
+  PD_CHECK(scale.dtype() == paddle::DataType::FLOAT32 && scale.dims()[0] == n_cols && k_dim % groups == 0 &&
+               (groups == 1 || (k_dim / groups) % (bits == 4 ? 32 : 16) == 0),
            "scale must be fp32 [N, G] with whole vector steps per group");
   auto out = paddle::empty({n_cols, k_dim}, paddle::DataType::FLOAT32, w.place());
   const auto* wp = static_cast<const uint8_t*>(w.data());
-  if (bits == 16 && k_dim % 2 == 0) dequantize<Bf16Pairs>(wp, n_cols, k_dim, sp, groups, out.data<float>());
-  if (bits == 16 && k_dim % 2 == 1) dequantize<Bf16>(wp, n_cols, k_dim, sp, groups, out.data<float>());
-  if (bits == 8) dequantize<Int8>(wp, n_cols, k_dim, sp, groups, out.data<float>());
-  if (bits == 4) dequantize<Int4>(wp, n_cols, k_dim, sp, groups, out.data<float>());
+  if (bits == 8) dequantize<Int8>(wp, n_cols, k_dim, scale.data<float>(), groups, out.data<float>());
+  if (bits == 4) dequantize<Int4>(wp, n_cols, k_dim, scale.data<float>(), groups, out.data<float>());
   return {out};
-}
-
-std::vector<std::vector<int64_t>> LinearBf16Shape(const std::vector<int64_t>& x, const std::vector<int64_t>& w,
-                                                  const paddle::optional<std::vector<int64_t>>&) {
-  return {{x[0], w[0]}};
 }
 
 std::vector<std::vector<int64_t>> LinearIntShape(const std::vector<int64_t>& x, const std::vector<int64_t>& w,
@@ -480,17 +328,12 @@ std::vector<std::vector<int64_t>> LinearIntShape(const std::vector<int64_t>& x, 
   return {{x[0], w[0]}};
 }
 
-std::vector<std::vector<int64_t>> DequantizeShape(const std::vector<int64_t>& w,
-                                                  const paddle::optional<std::vector<int64_t>>&, int bits) {
+std::vector<std::vector<int64_t>> DequantizeShape(const std::vector<int64_t>& w, const std::vector<int64_t>&,
+                                                  int bits) {
   return {{w[0], w[1] * (bits == 4 ? 2 : 1)}};
 }
 
-std::vector<paddle::DataType> DequantizeDtype(const paddle::DataType&, const paddle::optional<paddle::DataType>&) {
-  return {paddle::DataType::FLOAT32};
-}
-
-std::vector<paddle::DataType> LinearBf16Dtype(const paddle::DataType&, const paddle::DataType&,
-                                              const paddle::optional<paddle::DataType>&) {
+std::vector<paddle::DataType> DequantizeDtype(const paddle::DataType&, const paddle::DataType&) {
   return {paddle::DataType::FLOAT32};
 }
 
@@ -501,13 +344,6 @@ std::vector<paddle::DataType> LinearIntDtype(const paddle::DataType&, const padd
 
 }  // namespace ernie
 
-PD_BUILD_OP(ernie_linear_bf16)
-    .Inputs({"X", "W", paddle::Optional("Bias")})
-    .Outputs({"Out"})
-    .SetKernelFn(PD_KERNEL(ernie::LinearBf16))
-    .SetInferShapeFn(PD_INFER_SHAPE(ernie::LinearBf16Shape))
-    .SetInferDtypeFn(PD_INFER_DTYPE(ernie::LinearBf16Dtype));
-
 PD_BUILD_OP(ernie_linear_int)
     .Inputs({"X", "W", "Scale", paddle::Optional("Bias")})
     .Outputs({"Out"})
@@ -517,7 +353,7 @@ PD_BUILD_OP(ernie_linear_int)
     .SetInferDtypeFn(PD_INFER_DTYPE(ernie::LinearIntDtype));
 
 PD_BUILD_OP(ernie_dequantize)
-    .Inputs({"W", paddle::Optional("Scale")})
+    .Inputs({"W", "Scale"})
     .Outputs({"Out"})
     .Attrs({"bits: int"})
     .SetKernelFn(PD_KERNEL(ernie::Dequantize))

@@ -1,5 +1,5 @@
-"""CPU custom operators (ernie_engine/csrc/): bf16 / int8 / int4 linear and paged attention, where Paddle has
-none.
+"""CPU custom operators (ernie_engine/csrc/): bf16 / int8 / int4 linear, paged attention, RMSNorm and rotary,
+where Paddle has none (or only chains of small ops).
 
 The sources ship inside the package, so a backend installed elsewhere (scripts/install_backend.sh) builds its
 own. The extension is compiled once per copy of the package into `.runtime/cpu_kernels/` in the package's
@@ -7,21 +7,21 @@ parent folder (backend/ in a checkout, <backends>/ernie when installed; ERNIE_CP
 scripts/setup.sh and install_backend.sh build it ahead of time, otherwise the first `available()` call does.
 It is loaded once per process. When it cannot be built, the CPU lacks AVX512, or `ERNIE_CPU_KERNELS=0`,
 `available()` is False and every layer keeps its Paddle path (the one XPU uses with paddlepaddle-xpu's
-kernels). Prefill-sized batches multiply a dequantized fp32 copy with Paddle's sgemm (`DENSE_MIN_ROWS`).
+kernels).
 
-Weight layout the kernels read (made once at load by `prepare_model`, see csrc/linear.cc): output-major
-rows, i.e. the -Paddle [in, out] weight transposed to [out, in]; bf16 as is, int8 [out, in], int4 [out, in/2]
-with layers/quant's nibble order (input row 2j low, 2j + 1 high) and scales [out, G]; stacked MoE experts the
-same per expert ([E, out, in], scales [E, out, G]). `Linear.cpu_kernel` and `GroupedExperts.cpu_kernel` name
-the format ("" = Paddle path). The transposition is the only repacking: values are those of layers/quant, so
-numerics match its dequantize-then-matmul reference up to fp32 summation order.
+Weight layouts the kernels read (made once at load by `prepare_model`): bf16 weights in the packed k-pair
+layout of csrc/linear_bf16.cc ([out/16, in/2, 32]: the operand of AVX512-BF16's vdpbf16ps, one sequential
+stream per 16 outputs, at every batch size); int8 [out, in] and int4 [out, in/2] output-major rows with
+layers/quant's nibble order (input row 2j low, 2j + 1 high) and scales [out, G] (csrc/linear.cc); stacked MoE
+experts the same per expert. `Linear.cpu_kernel` and `GroupedExperts.cpu_kernel` name the format ("" = Paddle
+path), `kernel_dims` the unpacked [out, in] of each repacked weight. Values are those of the checkpoint or of
+layers/quant: only the order changes.
 
 Numerics of bf16 weights: activations are rounded to bf16 (nearest, ties to even) before every matmul, then
-multiplied exactly and summed in fp32: what a bf16 model computes on XPU/GPU and in vLLM-CPU. The kernels do
-it with AVX512-BF16's vdpbf16ps (twice the fp32 FMA rate: decode batches are arithmetic-bound), at every M,
-so a sequence's results do not depend on its batch; CPUs without AVX512-BF16 (and the scalar path) round the
-same way, and so does the prefill (sgemm) path. The rounding is a relative 2^-9 per activation. int8 / int4
-weights keep fp32 activations.
+multiplied exactly and summed in fp32: what a bf16 model computes on XPU/GPU and in vLLM-CPU. Every batch
+size runs the same per-output summation, so a sequence's results do not depend on its batch. int8 / int4
+weights keep fp32 activations; their prefill-sized batches multiply a dequantized fp32 copy with Paddle's
+sgemm (`DENSE_MIN_ROWS`).
 """
 
 from __future__ import annotations
@@ -51,15 +51,15 @@ PACKAGE = Path(__file__).resolve().parents[1]  # ernie_engine/
 CSRC = PACKAGE / "csrc"
 BUILD_DIR = Path(os.environ.get("ERNIE_CPU_KERNELS_DIR", PACKAGE.parent / ".runtime" / "cpu_kernels"))
 NAME = "ernie_cpu_kernels"
-SOURCES = ("linear.cc", "paged_attention.cc", "bandwidth.cc")
+SOURCES = ("linear.cc", "linear_bf16.cc", "norm_rotary.cc", "paged_attention.cc", "bandwidth.cc")
 HEADERS = ("cpu_kernels.h", "thread_pool.h")
 # Baseline ISA for the library; AVX512 functions carry their own target attributes (csrc/cpu_kernels.h).
 CFLAGS = ["-O3", "-std=c++17", "-Wall"]
 LDFLAGS = ["-pthread"]
 REQUIRED_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq")
 QUANT_FORMATS = {"wint8": 8, "wint4": 4, "w4a8": 4}
-# From this many rows (prefill chunks) a Linear runs as Paddle's sgemm on a dequantized fp32 copy of its
-# weight: the streaming kernels are built for decode and reach ~1/3 of sgemm's rate at M = 512.
+# From this many rows (prefill chunks) an int8 / int4 Linear runs as Paddle's sgemm on a dequantized fp32 copy
+# of its weight: the int kernels stream rows for decode and reach ~1/3 of sgemm's rate at M = 512.
 DENSE_MIN_ROWS = 128
 
 _module: ModuleType | None = None
@@ -157,11 +157,42 @@ def on_cpu(x: paddle.Tensor) -> bool:
 # ---- linear ----
 
 
-def linear_bf16(x: paddle.Tensor, weight: paddle.Tensor, bias: paddle.Tensor | None = None) -> paddle.Tensor:
-    """x [..., K] fp32 @ weight[N, K]^T (bf16) + bias -> [..., N] fp32."""
+BF16_LANES = 16  # outputs per column block of the packed bf16 layout
+
+
+def pack_bf16(weight: paddle.Tensor) -> paddle.Tensor:
+    """[..., N, K] -> bf16 [..., ceil(N/16), ceil(K/2), 32]: column blocks of 16 outputs, each holding the
+    (k, k + 1) pairs of its outputs side by side (csrc/linear_bf16.cc); N and K padded with zeros."""
+    weight = weight.astype("bfloat16")
+    *lead, n, k = weight.shape
+    blocks, pairs = -(-n // BF16_LANES), -(-k // 2)
+    if k % 2:
+        weight = paddle.concat([weight, paddle.zeros([*lead, n, 1], dtype=weight.dtype)], axis=-1)
+    if n % BF16_LANES:
+        pad = paddle.zeros([*lead, blocks * BF16_LANES - n, 2 * pairs], dtype=weight.dtype)
+        weight = paddle.concat([weight, pad], axis=-2)
+    d = len(lead)
+    order = [*range(d), d, d + 2, d + 1, d + 3]  # [.., block, lane, pair, 2] -> [.., block, pair, lane, 2]
+    packed = weight.reshape([*lead, blocks, BF16_LANES, pairs, 2]).transpose(order)
+    return packed.reshape([*lead, blocks, pairs, 2 * BF16_LANES]).contiguous()
+
+
+def unpack_bf16(packed: paddle.Tensor, n: int, k: int) -> paddle.Tensor:
+    """The inverse of `pack_bf16`: bf16 [..., N, K]."""
+    *lead, blocks, pairs, _ = packed.shape
+    d = len(lead)
+    order = [*range(d), d, d + 2, d + 1, d + 3]
+    weight = packed.reshape([*lead, blocks, pairs, BF16_LANES, 2]).transpose(order)
+    return weight.reshape([*lead, blocks * BF16_LANES, 2 * pairs])[..., :n, :k].contiguous()
+
+
+def linear_bf16(
+    x: paddle.Tensor, packed: paddle.Tensor, n: int, bias: paddle.Tensor | None = None
+) -> paddle.Tensor:
+    """x [..., K] fp32 @ W^T + bias for W [N, K] held by `pack_bf16` -> [..., N] fp32."""
     flat = x.reshape([-1, x.shape[-1]])
-    out = ops().ernie_linear_bf16(flat, weight, bias)
-    return out.reshape(x.shape[:-1] + [weight.shape[0]])
+    out = ops().ernie_linear_bf16(flat, packed, bias, n)
+    return out.reshape(x.shape[:-1] + [n])
 
 
 def linear_int(
@@ -177,8 +208,8 @@ def linear_int(
     return out.reshape(x.shape[:-1] + [weight.shape[0]])
 
 
-def dequantize(weight: paddle.Tensor, scale: paddle.Tensor | None, bits: int) -> paddle.Tensor:
-    """fp32 [N, K] copy of a kernel-layout weight (bits 16: bf16, no scale; 8 / 4: int8 with its scale)."""
+def dequantize(weight: paddle.Tensor, scale: paddle.Tensor, bits: int) -> paddle.Tensor:
+    """fp32 [N, K] copy of a kernel-layout int weight (int8 [N, K or K/2] with its scale [N, G])."""
     return ops().ernie_dequantize(weight, scale, bits)
 
 
@@ -186,23 +217,23 @@ def matmul(
     x: paddle.Tensor,
     fmt: str,
     weight: paddle.Tensor,
+    n: int,
     scale: paddle.Tensor | None = None,
     bias: paddle.Tensor | None = None,
     input_sharded: bool = False,
 ) -> paddle.Tensor:
-    """x [..., K] @ weight^T + bias for a kernel-layout weight [N, K] of format `fmt` ("bf16" or a quant
-    method, then with its scale [N, G]) -> [..., N] fp32. Prefill-sized x runs Paddle's sgemm on a dequantized
-    fp32 copy of the same weight values (`DENSE_MIN_ROWS`); W4A8 always runs the int kernel."""
+    """x [..., K] @ W^T + bias for a kernel-layout weight of format `fmt` ("bf16": packed, or a quant method
+    with its scale [N, G]) holding W [n, K] -> [..., n] fp32. int8 / int4 prefill-sized x runs Paddle's
+    sgemm on a dequantized fp32 copy of the same weight values (`DENSE_MIN_ROWS`); W4A8 always runs the int
+    kernel."""
     if x.dtype != paddle.float32:
         x = x.astype("float32")
-    bits = 16 if fmt == "bf16" else QUANT_FORMATS[fmt]
+    if fmt == "bf16":
+        return linear_bf16(x, weight, n, bias)
+    bits = QUANT_FORMATS[fmt]
     if fmt != "w4a8" and math.prod(x.shape[:-1]) >= DENSE_MIN_ROWS:  # shape math: Tensor.size costs ~10 us
-        if fmt == "bf16":  # the kernels' bf16 activations: a prompt computes alike in any batch
-            x = x.astype("bfloat16").astype("float32")
         out = paddle.matmul(x, dequantize(weight, scale, bits), transpose_y=True)
         return out if bias is None else out + bias
-    if fmt == "bf16":
-        return linear_bf16(x, weight, bias)
     if fmt == "w4a8":  # int8 activations (per token) times int4 weights: integer-exact sums, then both scales
         from .quant.weights import quantize_activation
 
@@ -217,7 +248,8 @@ def matmul(
 def linear(layer: nn.Layer, x: paddle.Tensor) -> paddle.Tensor:
     """Linear.forward for a layer that `prepare_linear` converted (`layer.cpu_kernel` names the format)."""
     scale = layer.weight_scale if layer.quant_method else None
-    return matmul(x, layer.cpu_kernel, layer.weight, scale, layer.bias, layer.input_sharded)
+    n = layer.kernel_dims["weight"][0]
+    return matmul(x, layer.cpu_kernel, layer.weight, n, scale, layer.bias, layer.input_sharded)
 
 
 def _replace(layer: nn.Layer, name: str, value: paddle.Tensor, persistable: bool = True) -> None:
@@ -249,7 +281,8 @@ def _checkpoint_layout(prepared: dict[str, nn.Layer], state: dict[str, paddle.Te
             if key not in state:
                 continue
             if layer.cpu_kernel == "bf16":
-                state[key] = _swap_last(getattr(layer, weight).astype("float32"))
+                unpacked = unpack_bf16(getattr(layer, weight), *layer.kernel_dims[weight])
+                state[key] = _swap_last(unpacked.astype("float32"))
             else:
                 state[key] = _swap_last(getattr(layer, weight))
                 state[f"{key}_scale"] = _swap_last(getattr(layer, f"{weight}_scale"))
@@ -275,8 +308,14 @@ def _quant_supported(layer: nn.Layer) -> bool:
 
 def prepare_linear(layer: nn.Layer, bf16_weights: bool) -> bool:
     """Repack one Linear, or one layer's stacked experts, for the kernels; returns whether it now runs on
-    them. Weights [..., in, out] become [..., out, in], scales [..., G, out] become [..., out, G]."""
+    them. Weights [..., in, out] become [..., out, in] (bf16: then packed), scales [..., G, out] become
+    [..., out, G]."""
     method = layer.quant_method
+    rows_per_input = 2 if QUANT_FORMATS.get(method) == 4 else 1  # int4 packs two input rows per byte
+    layer.kernel_dims = {
+        weight: (getattr(layer, weight).shape[-1], getattr(layer, weight).shape[-2] * rows_per_input)
+        for weight in _kernel_weights(layer)
+    }
     if method:
         if method not in QUANT_FORMATS or not _quant_supported(layer):
             return False
@@ -289,7 +328,7 @@ def prepare_linear(layer: nn.Layer, bf16_weights: bool) -> bool:
     if not bf16_weights:
         return False
     for weight in _kernel_weights(layer):
-        _replace(layer, weight, _swap_last(getattr(layer, weight).astype("bfloat16")))
+        _replace(layer, weight, pack_bf16(_swap_last(getattr(layer, weight).astype("bfloat16"))))
     if getattr(layer, "bias", None) is not None:
         layer.bias = layer.bias.astype("float32")
     layer.cpu_kernel = "bf16"
@@ -326,7 +365,8 @@ def prepare_model(model: nn.Layer, bf16_weights: bool) -> None:
         # so the copy is no checkpoint key (not persistable).
         head = Linear(hidden, 1)
         head.out_features = vocab
-        _replace(head, "weight", embed.weight.astype("bfloat16"), persistable=False)
+        _replace(head, "weight", pack_bf16(embed.weight), persistable=False)
+        head.kernel_dims = {"weight": (vocab, hidden)}
         head.cpu_kernel = "bf16"
         model.lm_head = head
         count += 1
@@ -336,6 +376,24 @@ def prepare_model(model: nn.Layer, bf16_weights: bool) -> None:
         "bf16" if bf16_weights else "fp32 via Paddle",
         time.monotonic() - started,
     )
+
+
+# ---- element-wise ----
+
+
+def fp32_supported(*tensors: paddle.Tensor) -> bool:
+    """The element-wise ops' condition: CPU fp32 inputs (device and dtype first: on XPU this never builds)."""
+    return on_cpu(tensors[0]) and all(t.dtype == paddle.float32 for t in tensors) and available()
+
+
+def rms_norm(x: paddle.Tensor, weight: paddle.Tensor, eps: float) -> paddle.Tensor:
+    """weight * x / sqrt(mean(x^2, last axis) + eps), fp32."""
+    return ops().ernie_rms_norm(x.contiguous(), weight, eps)
+
+
+def rotary(x: paddle.Tensor, cos: paddle.Tensor, sin: paddle.Tensor) -> paddle.Tensor:
+    """x [T, heads, D] with its (x[2i], x[2i + 1]) pairs rotated by cos / sin [T, ..., D/2], fp32."""
+    return ops().ernie_rotary(x.contiguous(), cos, sin)
 
 
 # ---- attention ----

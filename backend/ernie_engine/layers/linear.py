@@ -29,6 +29,7 @@ class Linear(nn.Layer):
         self.quant_device_layout = False
         # Set by cpu_kernels.prepare_model on CPU: the weight format a custom op runs ("" = Paddle path).
         self.cpu_kernel = ""
+        self.kernel_dims: dict[str, tuple[int, int]] = {}  # the repacked weight's (out, in), by name
         # Set by distributed/sharding.py on row-parallel layers: each rank holds a slice of the input row, so
         # W4A8's per-token activation scale is reduced over the ranks.
         self.input_sharded = False

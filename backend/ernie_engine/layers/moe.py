@@ -76,9 +76,11 @@ class GroupedExperts(nn.Layer):
         )
         self.quant_method = ""  # set by layers/quant/apply.py: the stacked weights are then int8 buffers
         self.input_sharded = False  # set by distributed/sharding.py: down_proj's input is a slice per rank
-        # Set by cpu_kernels.prepare_model on CPU: the stacked weights are then [E, out, in] in the custom
-        # ops' format (bf16 or the quant method's int layout) and each expert's matmuls run on them.
+        # Set by cpu_kernels.prepare_model on CPU: the stacked weights are then in the custom ops' format per
+        # expert (packed bf16 or the quant method's [E, out, in] int layout; `kernel_dims`: each weight's
+        # (out, in)) and each expert's matmuls run on them.
         self.cpu_kernel = ""
+        self.kernel_dims: dict[str, tuple[int, int]] = {}
 
     def forward(self, x: paddle.Tensor, weights: paddle.Tensor, expert_ids: paddle.Tensor) -> paddle.Tensor:
         """x [T, h], weights / expert_ids [T, k] -> sum over k of weight * expert(x), [T, h]."""
@@ -113,7 +115,8 @@ class GroupedExperts(nn.Layer):
         if self.cpu_kernel:
             scale = getattr(self, f"{name}_scale")[expert] if self.quant_method else None
             sharded = name == "down_proj" and self.input_sharded
-            return cpu_kernels.matmul(x, self.cpu_kernel, getattr(self, name)[expert], scale, None, sharded)
+            weight, n = getattr(self, name)[expert], self.kernel_dims[name][0]
+            return cpu_kernels.matmul(x, self.cpu_kernel, weight, n, scale, None, sharded)
         if self.quant_method:
             return quantized_expert_matmul(self, name, expert, x)
         return paddle.matmul(x, getattr(self, name)[expert])

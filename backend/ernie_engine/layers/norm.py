@@ -1,9 +1,12 @@
-"""RMSNorm. Plain Paddle ops: `F.rms_norm` has no CPU kernel in Paddle 3.3."""
+"""RMSNorm: a CPU custom op for fp32 activations (layers/cpu_kernels), else plain Paddle ops (`F.rms_norm` has
+no CPU kernel in Paddle 3.3)."""
 
 from __future__ import annotations
 
 import paddle
 from paddle import nn
+
+from . import cpu_kernels
 
 
 class RMSNorm(nn.Layer):
@@ -13,6 +16,8 @@ class RMSNorm(nn.Layer):
         self.weight = self.create_parameter([hidden_size], default_initializer=nn.initializer.Constant(1.0))
 
     def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        if cpu_kernels.fp32_supported(x, self.weight):
+            return cpu_kernels.rms_norm(x, self.weight, self.eps)
         # Statistics in float32 whatever the compute dtype (as the reference does for bf16).
         x32 = x.astype("float32")
         normed = x32 * paddle.rsqrt(x32.pow(2).mean(axis=-1, keepdim=True) + self.eps)

@@ -9,6 +9,8 @@ from __future__ import annotations
 import paddle
 from paddle import nn
 
+from . import cpu_kernels
+
 
 class RotaryEmbedding(nn.Layer):
     """cos/sin for a flat batch of positions; computed per call in float32 so any position is exact."""
@@ -31,6 +33,8 @@ class RotaryEmbedding(nn.Layer):
 
 def apply_rotary(x: paddle.Tensor, cos: paddle.Tensor, sin: paddle.Tensor) -> paddle.Tensor:
     """x [T, heads, head_dim] rotated pairwise; math in float32, result in x's dtype."""
+    if cpu_kernels.fp32_supported(x, cos, sin):
+        return cpu_kernels.rotary(x, cos, sin)
     pairs = x.astype("float32").reshape([*x.shape[:-1], -1, 2])
     even, odd = pairs[..., 0], pairs[..., 1]
     rotated = paddle.stack([even * cos - odd * sin, odd * cos + even * sin], axis=-1)

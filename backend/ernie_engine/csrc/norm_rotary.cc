@@ -1,0 +1,124 @@
+// RMSNorm and interleaved rotary embedding for fp32 activations: the per-layer element-wise steps that, as
+// chains of small Paddle ops (pow, mean, rsqrt, stack, ...), cost as much as a decode step's matmuls.
+//
+// rms_norm: y[t] = weight * x[t] / sqrt(mean(x[t]^2) + eps), sums in fp32.
+// rotary: pairs (x[2i], x[2i + 1]) of every head of token t rotated by the angle whose cos / sin are
+// cos[t, i] / sin[t, i] (layers/rotary.RotaryEmbedding computes them once per forward).
+#include <cmath>
+
+#include "cpu_kernels.h"
+#include "paddle/extension.h"
+#include "thread_pool.h"
+
+namespace ernie {
+namespace {
+
+void rms_norm_row(const float* x, const float* w, int64_t n, float eps, float* y) {
+  float sum = 0.f;
+  for (int64_t i = 0; i < n; ++i) sum += x[i] * x[i];
+  const float inv = 1.f / std::sqrt(sum / static_cast<float>(n) + eps);
+  for (int64_t i = 0; i < n; ++i) y[i] = w[i] * (x[i] * inv);
+}
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,fma")
+
+void rms_norm_row_avx512(const float* x, const float* w, int64_t n, float eps, float* y) {
+  __m512 acc = _mm512_setzero_ps();
+  for (int64_t i = 0; i < n; i += 16) {
+    const __m512 v = _mm512_maskz_loadu_ps(lane_mask(n - i), x + i);
+    acc = _mm512_fmadd_ps(v, v, acc);
+  }
+  const float inv = 1.f / std::sqrt(_mm512_reduce_add_ps(acc) / static_cast<float>(n) + eps);
+  const __m512 scale = _mm512_set1_ps(inv);
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 mask = lane_mask(n - i);
+    const __m512 v = _mm512_mul_ps(_mm512_maskz_loadu_ps(mask, x + i), scale);
+    _mm512_mask_storeu_ps(y + i, mask, _mm512_mul_ps(_mm512_maskz_loadu_ps(mask, w + i), v));
+  }
+}
+
+#pragma GCC pop_options
+
+void check_fp32(const paddle::Tensor& t, const char* what) {
+  PD_CHECK(t.is_cpu() && t.dtype() == paddle::DataType::FLOAT32, what, " must be a CPU fp32 tensor");
+}
+
+}  // namespace
+
+// x [..., H], weight [H] -> y like x.
+std::vector<paddle::Tensor> RmsNorm(const paddle::Tensor& x, const paddle::Tensor& weight, float eps) {
+  check_fp32(x, "x");
+  check_fp32(weight, "weight");
+  const int64_t n = weight.numel();
+  PD_CHECK(x.dims().size() >= 1 && x.dims()[x.dims().size() - 1] == n, "x's last dimension must be ", n);
+  const int64_t rows = x.numel() / n;
+  auto y = paddle::empty(x.shape(), paddle::DataType::FLOAT32, x.place());
+  const float *xp = x.data<float>(), *wp = weight.data<float>();
+  float* yp = y.data<float>();
+  const bool avx512 = use_avx512();
+  const int64_t per_chunk = std::max<int64_t>(1, rows / 8);
+  ThreadPool::instance().run((rows + per_chunk - 1) / per_chunk, [&](int64_t c) {
+    for (int64_t r = c * per_chunk; r < std::min(rows, (c + 1) * per_chunk); ++r) {
+      if (avx512) {
+        rms_norm_row_avx512(xp + r * n, wp, n, eps, yp + r * n);
+      } else {
+        rms_norm_row(xp + r * n, wp, n, eps, yp + r * n);
+      }
+    }
+  });
+  return {y};
+}
+
+// x [T, heads, D]; cos, sin [T, D/2] (any shape with T * D/2 elements) -> rotated copy of x.
+std::vector<paddle::Tensor> Rotary(const paddle::Tensor& x, const paddle::Tensor& cos, const paddle::Tensor& sin) {
+  for (const auto* t : {&x, &cos, &sin}) check_fp32(*t, "x, cos and sin");
+  PD_CHECK(x.dims().size() == 3 && x.dims()[2] % 2 == 0, "x must be [tokens, heads, even head_dim]");
+  const int64_t tokens = x.dims()[0], heads = x.dims()[1], half = x.dims()[2] / 2;
+  PD_CHECK(cos.numel() == tokens * half && sin.numel() == tokens * half, "cos and sin must be [tokens, head_dim/2]");
+  auto y = paddle::empty(x.shape(), paddle::DataType::FLOAT32, x.place());
+  const float *xp = x.data<float>(), *cp = cos.data<float>(), *sp = sin.data<float>();
+  float* yp = y.data<float>();
+  for (int64_t t = 0; t < tokens; ++t) {  // a few thousand pairs per decode token: not worth threads
+    const float *c = cp + t * half, *s = sp + t * half;
+    for (int64_t h = 0; h < heads; ++h) {
+      const float* in = xp + (t * heads + h) * 2 * half;
+      float* out = yp + (t * heads + h) * 2 * half;
+      for (int64_t i = 0; i < half; ++i) {
+        const float even = in[2 * i], odd = in[2 * i + 1];
+        out[2 * i] = even * c[i] - odd * s[i];
+        out[2 * i + 1] = odd * c[i] + even * s[i];
+      }
+    }
+  }
+  return {y};
+}
+
+std::vector<std::vector<int64_t>> SameAsX(const std::vector<int64_t>& x, const std::vector<int64_t>&) { return {x}; }
+std::vector<std::vector<int64_t>> SameAsX3(const std::vector<int64_t>& x, const std::vector<int64_t>&,
+                                           const std::vector<int64_t>&) {
+  return {x};
+}
+std::vector<paddle::DataType> Fp32(const paddle::DataType&, const paddle::DataType&) {
+  return {paddle::DataType::FLOAT32};
+}
+std::vector<paddle::DataType> Fp32x3(const paddle::DataType&, const paddle::DataType&, const paddle::DataType&) {
+  return {paddle::DataType::FLOAT32};
+}
+
+}  // namespace ernie
+
+PD_BUILD_OP(ernie_rms_norm)
+    .Inputs({"X", "Weight"})
+    .Outputs({"Out"})
+    .Attrs({"eps: float"})
+    .SetKernelFn(PD_KERNEL(ernie::RmsNorm))
+    .SetInferShapeFn(PD_INFER_SHAPE(ernie::SameAsX))
+    .SetInferDtypeFn(PD_INFER_DTYPE(ernie::Fp32));
+
+PD_BUILD_OP(ernie_rotary)
+    .Inputs({"X", "Cos", "Sin"})
+    .Outputs({"Out"})
+    .SetKernelFn(PD_KERNEL(ernie::Rotary))
+    .SetInferShapeFn(PD_INFER_SHAPE(ernie::SameAsX3))
+    .SetInferDtypeFn(PD_INFER_DTYPE(ernie::Fp32x3));
