@@ -159,7 +159,9 @@ def _mixed_batch(block_size: int, num_heads: int, num_kv_heads: int, head_dim: i
 
 
 @pytest.mark.parametrize("block_size", [1, 4, 16])
-@pytest.mark.parametrize(("heads", "kv_heads", "head_dim"), [(16, 2, 128), (8, 2, 64), (4, 4, 40), (6, 2, 16)])
+@pytest.mark.parametrize(
+    ("heads", "kv_heads", "head_dim"), [(16, 2, 128), (8, 2, 64), (4, 4, 40), (6, 2, 16)]
+)
 def test_paged_attention_matches_the_paddle_path(isa, block_size, heads, kv_heads, head_dim):
     q, k, v, meta, caches = _mixed_batch(block_size, heads, kv_heads, head_dim)
     paddle_caches = [c.clone() for c in caches]

@@ -4,8 +4,9 @@
 // slots [B, max_kv]: the cache slot of each context position of each sequence (AttentionMetadata.kv_index);
 // lens [2, B]: query_lens and context_lens. Query i of sequence b sits at position ctx - q_len + i and sees
 // keys 0..that position. Each work item is one query token and one KV head: the H / KVH query heads that
-// share the head read each key and value row once. Softmax is online (running max and sum per head) over
-// tiles of 16 keys, so nothing of size max_kv is materialised and no padded copy of K/V is gathered.
+// share the head read each tile of 16 key and value rows while it sits in L1, with q and the output
+// accumulators in registers. Softmax is online (running max and sum per head), so nothing of size max_kv is
+// materialised and no padded copy of K/V is gathered.
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -60,78 +61,102 @@ void item_scalar(const Problem& p, int64_t t, int64_t g, int64_t seq, int64_t n_
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,fma")
 
-// `buf` (per thread) holds group * nv vectors of scaled q, as many of the output accumulator, the tile's
-// probabilities [group][kTile], and the running max and sum per head.
-void item_avx512(const Problem& p, int64_t t, int64_t g, int64_t seq, int64_t n_keys, float* buf) {
-  const int64_t group = p.heads / p.kv_heads, nv = (p.dim + 15) / 16;
-  const __mmask16 last = lane_mask(p.dim - (nv - 1) * 16);
-  float* qs = buf;
-  float* acc = qs + group * nv * 16;
-  float* probs = acc + group * nv * 16;
-  float* run_max = probs + group * kTile;
-  float* run_sum = run_max + group;
-  for (int64_t h = 0; h < group; ++h) {
-    const float* qh = p.q + (t * p.heads + g * group + h) * p.dim;
-    for (int64_t v = 0; v < nv; ++v) {
-      const __m512 x = _mm512_maskz_loadu_ps(v == nv - 1 ? last : 0xFFFF, qh + v * 16);
-      _mm512_storeu_ps(qs + (h * nv + v) * 16, _mm512_mul_ps(x, _mm512_set1_ps(p.scale)));
-      _mm512_storeu_ps(acc + (h * nv + v) * 16, _mm512_setzero_ps());
+constexpr int kKeys = 8;  // keys per score batch: 8 dot products reduced together
+
+// Lane i of the result = the sum of v[i]'s 16 lanes (i < 8): halves folded, then a transposing hadd tree,
+// about half the work of eight separate reductions.
+inline __m256 reduce8(const __m512 (&v)[kKeys]) {
+  __m256 w[kKeys];
+  for (int i = 0; i < kKeys; ++i)
+    w[i] = _mm256_add_ps(_mm512_castps512_ps256(v[i]),
+                         _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v[i]), 1)));
+  const __m256 t0 = _mm256_hadd_ps(w[0], w[1]), t1 = _mm256_hadd_ps(w[2], w[3]);
+  const __m256 t2 = _mm256_hadd_ps(w[4], w[5]), t3 = _mm256_hadd_ps(w[6], w[7]);
+  const __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);
+  return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+}
+
+// Scores of keys [j0, j0 + tile) for one head, q (scaled) held in NV registers: probs[0..tile).
+template <int NV>
+void head_scores(const __m512 (&q)[NV], const Problem& p, const int64_t* slots, int64_t g, int64_t j0,
+                 int64_t tile, float* probs) {
+  for (int64_t j = 0; j < tile; j += kKeys) {
+    __m512 dot[kKeys];
+    for (int i = 0; i < kKeys; ++i) {
+      dot[i] = _mm512_setzero_ps();
+      if (j + i >= tile) continue;
+      const float* kr = p.k + (slots[j0 + j + i] * p.kv_heads + g) * p.dim;
+      for (int v = 0; v < NV; ++v) dot[i] = _mm512_fmadd_ps(q[v], _mm512_loadu_ps(kr + v * 16), dot[i]);
     }
-    run_max[h] = -std::numeric_limits<float>::infinity();
-    run_sum[h] = 0.f;
+    _mm256_storeu_ps(probs + j, reduce8(dot));  // kTile is a multiple of kKeys: stays in the head's row
   }
+}
+
+// One (token, kv head) item for head_dim = NV * 16: the group's heads read each tile of kTile key and value
+// rows from L1, q and the output accumulators in registers. `buf` (per thread): probs [group][kTile], acc
+// [group][NV * 16], running max and sum per head.
+template <int NV>
+void item_avx512(const Problem& p, int64_t t, int64_t g, int64_t seq, int64_t n_keys, float* buf) {
+  const int64_t group = p.heads / p.kv_heads;
+  float* probs = buf;
+  float* acc = probs + group * kTile;
+  float* run_max = acc + group * NV * 16;
+  float* run_sum = run_max + group;
+  std::fill(acc, acc + group * NV * 16, 0.f);
+  std::fill(run_max, run_max + group, -std::numeric_limits<float>::infinity());
+  std::fill(run_sum, run_sum + group, 0.f);
   const int64_t* slots = p.slots + seq * p.max_kv;
   for (int64_t j0 = 0; j0 < n_keys; j0 += kTile) {
     const int64_t tile = std::min<int64_t>(kTile, n_keys - j0);
-    // Scores of the tile for every head of the group: each key row is read once.
-    for (int64_t j = 0; j < tile; ++j) {
-      const float* kr = p.k + (slots[j0 + j] * p.kv_heads + g) * p.dim;
-      for (int64_t h = 0; h < group; ++h) {
-        __m512 dot = _mm512_setzero_ps();
-        for (int64_t v = 0; v < nv; ++v) {
-          const __m512 kv = _mm512_maskz_loadu_ps(v == nv - 1 ? last : 0xFFFF, kr + v * 16);
-          dot = _mm512_fmadd_ps(_mm512_loadu_ps(qs + (h * nv + v) * 16), kv, dot);
-        }
-        probs[h * kTile + j] = _mm512_reduce_add_ps(dot);
-      }
-    }
-    // Online softmax: rescale what was accumulated when the running max grows.
     const __mmask16 valid = lane_mask(tile);
     for (int64_t h = 0; h < group; ++h) {
-      const __m512 s =
-          _mm512_mask_loadu_ps(_mm512_set1_ps(-std::numeric_limits<float>::infinity()), valid, probs + h * kTile);
+      const float* qh = p.q + (t * p.heads + g * group + h) * p.dim;
+      __m512 q[NV];
+      for (int v = 0; v < NV; ++v) q[v] = _mm512_mul_ps(_mm512_loadu_ps(qh + v * 16), _mm512_set1_ps(p.scale));
+      float* ph = probs + h * kTile;
+      head_scores<NV>(q, p, slots, g, j0, tile, ph);
+      // Online softmax: rescale what was accumulated when the running max grows.
+      const __m512 s = _mm512_mask_loadu_ps(_mm512_set1_ps(-std::numeric_limits<float>::infinity()), valid, ph);
       const float new_max = std::max(run_max[h], _mm512_reduce_max_ps(s));
       const __m512 e = exp512(_mm512_sub_ps(s, _mm512_set1_ps(new_max)));
       const float correction = std::exp(run_max[h] - new_max);
       run_sum[h] = run_sum[h] * correction + _mm512_reduce_add_ps(e);
       run_max[h] = new_max;
-      _mm512_storeu_ps(probs + h * kTile, e);
-      if (correction != 1.f) {
-        const __m512 c = _mm512_set1_ps(correction);
-        for (int64_t v = 0; v < nv; ++v) {
-          float* a = acc + (h * nv + v) * 16;
-          _mm512_storeu_ps(a, _mm512_mul_ps(_mm512_loadu_ps(a), c));
-        }
+      _mm512_storeu_ps(ph, e);
+      // acc = acc * correction + sum_j e_j v_j, in registers for the tile.
+      float* ah = acc + h * NV * 16;
+      __m512 a[NV];
+      for (int v = 0; v < NV; ++v) a[v] = _mm512_mul_ps(_mm512_loadu_ps(ah + v * 16), _mm512_set1_ps(correction));
+      for (int64_t j = 0; j < tile; ++j) {
+        const float* vr = p.v + (slots[j0 + j] * p.kv_heads + g) * p.dim;
+        const __m512 w = _mm512_set1_ps(ph[j]);
+        for (int v = 0; v < NV; ++v) a[v] = _mm512_fmadd_ps(w, _mm512_loadu_ps(vr + v * 16), a[v]);
       }
-    }
-    for (int64_t j = 0; j < tile; ++j) {
-      const float* vr = p.v + (slots[j0 + j] * p.kv_heads + g) * p.dim;
-      for (int64_t v = 0; v < nv; ++v) {
-        const __m512 vv = _mm512_maskz_loadu_ps(v == nv - 1 ? last : 0xFFFF, vr + v * 16);
-        for (int64_t h = 0; h < group; ++h) {
-          float* a = acc + (h * nv + v) * 16;
-          _mm512_storeu_ps(a, _mm512_fmadd_ps(_mm512_set1_ps(probs[h * kTile + j]), vv, _mm512_loadu_ps(a)));
-        }
-      }
+      for (int v = 0; v < NV; ++v) _mm512_storeu_ps(ah + v * 16, a[v]);
     }
   }
   for (int64_t h = 0; h < group; ++h) {
     float* oh = p.out + (t * p.heads + g * group + h) * p.dim;
     const __m512 inv = _mm512_set1_ps(1.f / run_sum[h]);
-    for (int64_t v = 0; v < nv; ++v) {
-      const __m512 r = _mm512_mul_ps(_mm512_loadu_ps(acc + (h * nv + v) * 16), inv);
-      _mm512_mask_storeu_ps(oh + v * 16, v == nv - 1 ? last : 0xFFFF, r);
-    }
+    for (int v = 0; v < NV; ++v)
+      _mm512_storeu_ps(oh + v * 16, _mm512_mul_ps(_mm512_loadu_ps(acc + (h * NV + v) * 16), inv));
+  }
+}
+
+using ItemFn = void (*)(const Problem&, int64_t, int64_t, int64_t, int64_t, float*);
+
+// The AVX512 item for this head_dim (whole vectors, up to 128), or nullptr: then the scalar path.
+ItemFn pick_item(int64_t dim) {
+  switch (dim) {
+    case 16: return item_avx512<1>;
+    case 32: return item_avx512<2>;
+    case 48: return item_avx512<3>;
+    case 64: return item_avx512<4>;
+    case 80: return item_avx512<5>;
+    case 96: return item_avx512<6>;
+    case 112: return item_avx512<7>;
+    case 128: return item_avx512<8>;
+    default: return nullptr;
   }
 }
 
@@ -172,15 +197,15 @@ std::vector<paddle::Tensor> PagedAttention(const paddle::Tensor& q, const paddle
   const Problem p{q.data<float>(), key_cache.data<float>(), value_cache.data<float>(), slots.data<int64_t>(),
                   slots.numel() / num_seqs, heads, kv_heads, dim, scale, out.data<float>()};
   const int64_t items = tokens * kv_heads;
-  const bool avx512 = use_avx512();
-  const int64_t group = heads / kv_heads, nv = (dim + 15) / 16;
+  const ItemFn avx512_item = use_avx512() ? pick_item(dim) : nullptr;
+  const int64_t group = heads / kv_heads;
   // Prefill items cost up to max_kv keys, decode ones their whole context: threads claim them one by one.
   ThreadPool::instance().run(items, [&](int64_t it) {
     const int64_t tok = it / kv_heads, g = it % kv_heads;
-    if (avx512) {
+    if (avx512_item) {
       thread_local std::vector<float> buf;
-      buf.resize(static_cast<size_t>(group * (2 * nv * 16 + kTile + 2)));
-      item_avx512(p, tok, g, token_seq[tok], token_keys[tok], buf.data());
+      buf.resize(static_cast<size_t>(group * (kTile + dim + 2)));
+      avx512_item(p, tok, g, token_seq[tok], token_keys[tok], buf.data());
     } else {
       item_scalar(p, tok, g, token_seq[tok], token_keys[tok]);
     }
