@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import paddle
+import paddle.nn.functional as F
 import pytest
 from ernie_engine.device import cpu_weight_dtype
 from ernie_engine.layers import cpu_kernels
@@ -12,6 +13,7 @@ from ernie_engine.layers.attention import AttentionMetadata, paged_attention
 from ernie_engine.layers.linear import Linear
 from ernie_engine.layers.quant.apply import quantize_linear
 from ernie_engine.layers.quant.weights import dequantize_weight, linear_weight, quantized_linear
+from ernie_engine.layers.rotary import RotaryEmbedding
 from ernie_engine.loader import load_model
 
 from tests.reference_utils import make_tiny_checkpoint, run_flat
@@ -138,6 +140,24 @@ def test_state_dict_keeps_the_checkpoint_layout():
     np.testing.assert_array_equal(after["0.weight"], bf16_values)
     for key in ("1.weight", "1.weight_scale"):
         np.testing.assert_array_equal(after[key], before[key])
+
+
+@pytest.mark.parametrize("shape", [(1, 2 * 1536), (37, 2 * 100), (3, 5, 2 * 24)])
+def test_elementwise_ops_match_paddle(isa, shape):
+    """RMSNorm, SwiGLU and rotary against their plain Paddle forms (layers/norm, F.swiglu, layers/rotary)."""
+    x = paddle.randn(shape) * 4
+    np.testing.assert_allclose(cpu_kernels.swiglu(x).numpy(), F.swiglu(x).numpy(), rtol=2e-6, atol=2e-6)
+    weight = paddle.randn(shape[-1:])
+    expected = weight * x * paddle.rsqrt(x.pow(2).mean(axis=-1, keepdim=True) + 1e-5)
+    ours = cpu_kernels.rms_norm(x, weight, 1e-5).numpy()
+    np.testing.assert_allclose(ours, expected.numpy(), rtol=1e-5, atol=1e-5)
+    heads = x.reshape([-1, 2, shape[-1] // 2])
+    cos, sin = RotaryEmbedding(shape[-1] // 2, 500000.0)(paddle.arange(heads.shape[0]) * 37)
+    pairs = heads.reshape([*heads.shape[:-1], -1, 2])
+    even, odd = pairs[..., 0], pairs[..., 1]
+    expected = paddle.stack([even * cos - odd * sin, odd * cos + even * sin], axis=-1).reshape(heads.shape)
+    ours = cpu_kernels.rotary(heads, cos, sin).numpy()
+    np.testing.assert_allclose(ours, expected.numpy(), rtol=0, atol=1e-6)
 
 
 def _mixed_batch(block_size: int, num_heads: int, num_kv_heads: int, head_dim: int):

@@ -1,5 +1,5 @@
-"""CPU custom operators (ernie_engine/csrc/): bf16 / int8 / int4 linear, paged attention, RMSNorm and rotary,
-where Paddle has none (or only chains of small ops).
+"""CPU custom operators (ernie_engine/csrc/): bf16 / int8 / int4 linear, paged attention, RMSNorm, rotary and
+SwiGLU, where Paddle has none (or only chains of small or single-threaded ops).
 
 The sources ship inside the package, so a backend installed elsewhere (scripts/install_backend.sh) builds its
 own. The extension is compiled once per copy of the package into `.runtime/cpu_kernels/` in the package's
@@ -51,7 +51,7 @@ PACKAGE = Path(__file__).resolve().parents[1]  # ernie_engine/
 CSRC = PACKAGE / "csrc"
 BUILD_DIR = Path(os.environ.get("ERNIE_CPU_KERNELS_DIR", PACKAGE.parent / ".runtime" / "cpu_kernels"))
 NAME = "ernie_cpu_kernels"
-SOURCES = ("linear.cc", "linear_bf16.cc", "norm_rotary.cc", "paged_attention.cc", "bandwidth.cc")
+SOURCES = ("linear.cc", "linear_bf16.cc", "elementwise.cc", "paged_attention.cc", "bandwidth.cc")
 HEADERS = ("cpu_kernels.h", "thread_pool.h")
 # Baseline ISA for the library; AVX512 functions carry their own target attributes (csrc/cpu_kernels.h).
 CFLAGS = ["-O3", "-std=c++17", "-Wall"]
@@ -394,6 +394,12 @@ def rms_norm(x: paddle.Tensor, weight: paddle.Tensor, eps: float) -> paddle.Tens
 def rotary(x: paddle.Tensor, cos: paddle.Tensor, sin: paddle.Tensor) -> paddle.Tensor:
     """x [T, heads, D] with its (x[2i], x[2i + 1]) pairs rotated by cos / sin [T, ..., D/2], fp32."""
     return ops().ernie_rotary(x.contiguous(), cos, sin)
+
+
+def swiglu(x: paddle.Tensor) -> paddle.Tensor:
+    """silu(x[..., :I]) * x[..., I:] for x [..., 2I], fp32."""
+    flat = x.reshape([-1, x.shape[-1]])
+    return ops().ernie_swiglu(flat).reshape([*x.shape[:-1], x.shape[-1] // 2])
 
 
 # ---- attention ----

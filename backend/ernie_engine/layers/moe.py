@@ -20,6 +20,7 @@ from paddle import nn
 
 from ..device import device_type
 from . import cpu_kernels
+from .activation import swiglu
 from .linear import ZEROS
 from .quant.weights import quantized_expert_matmul
 
@@ -108,7 +109,7 @@ class GroupedExperts(nn.Layer):
 
     def expert_forward(self, expert: int, x: paddle.Tensor) -> paddle.Tensor:
         up_gate = self.expert_matmul("up_gate_proj", expert, x)
-        return self.expert_matmul("down_proj", expert, F.swiglu(up_gate))
+        return self.expert_matmul("down_proj", expert, swiglu(up_gate))
 
     def expert_matmul(self, name: str, expert: int, x: paddle.Tensor) -> paddle.Tensor:
         """x [rows, in] @ this expert's `name` weight -> [rows, out], on the path its storage calls for."""

@@ -11,10 +11,10 @@ Subclasses change the MLP per layer through `make_mlp` (MoE: `Ernie4_5_MoeForCau
 from __future__ import annotations
 
 import paddle
-import paddle.nn.functional as F
 from paddle import nn
 
 from ..config import ModelConfig
+from ..layers.activation import swiglu
 from ..layers.attention import AttentionMetadata, KVCache, paged_attention
 from ..layers.linear import ZEROS, Linear
 from ..layers.norm import RMSNorm
@@ -52,7 +52,7 @@ class Ernie4_5Attention(nn.Layer):
 
 
 class Ernie4_5MLP(nn.Layer):
-    """SwiGLU: down(silu(gate(x)) * up(x)), gate and up in one matmul."""
+    """SwiGLU: down(silu(gate(x)) * up(x)), gate and up in one matmul (gate half first)."""
 
     def __init__(self, hidden_size: int, intermediate_size: int, bias: bool = False) -> None:
         super().__init__()
@@ -60,7 +60,7 @@ class Ernie4_5MLP(nn.Layer):
         self.down_proj = Linear(intermediate_size, hidden_size, bias=bias)
 
     def forward(self, x: paddle.Tensor) -> paddle.Tensor:
-        return self.down_proj(F.swiglu(self.up_gate_proj(x)))  # swiglu: silu(first half) * second half
+        return self.down_proj(swiglu(self.up_gate_proj(x)))
 
 
 class Ernie4_5DecoderLayer(nn.Layer):

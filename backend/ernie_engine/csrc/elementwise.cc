@@ -1,9 +1,11 @@
-// RMSNorm and interleaved rotary embedding for fp32 activations: the per-layer element-wise steps that, as
-// chains of small Paddle ops (pow, mean, rsqrt, stack, ...), cost as much as a decode step's matmuls.
+// RMSNorm, interleaved rotary embedding and SwiGLU for fp32 activations: the per-layer element-wise steps
+// that, as chains of small Paddle ops (pow, mean, rsqrt, stack, ...) or single-threaded ones (swiglu), cost
+// as much as a decode step's matmuls.
 //
 // rms_norm: y[t] = weight * x[t] / sqrt(mean(x[t]^2) + eps), sums in fp32.
 // rotary: pairs (x[2i], x[2i + 1]) of every head of token t rotated by the angle whose cos / sin are
 // cos[t, i] / sin[t, i] (layers/rotary.RotaryEmbedding computes them once per forward).
+// swiglu: y[t] = silu(x[t, :I]) * x[t, I:] for x [T, 2I] (the fused gate / up projection's output).
 #include <cmath>
 
 #include "cpu_kernels.h"
@@ -38,7 +40,29 @@ void rms_norm_row_avx512(const float* x, const float* w, int64_t n, float eps, f
   }
 }
 
+// silu(a) * b, 16 lanes: sigmoid from e = exp(-|a|) (never overflows): 1 / (1 + e) for a >= 0, e / (1 + e)
+// below.
+inline __m512 silu_mul(__m512 a, __m512 b) {
+  const __m512 e = exp512(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_abs_ps(a)));
+  const __m512 one = _mm512_set1_ps(1.f);
+  const __mmask16 negative = _mm512_cmp_ps_mask(a, _mm512_setzero_ps(), _CMP_LT_OQ);
+  const __m512 sigmoid = _mm512_div_ps(_mm512_mask_blend_ps(negative, one, e), _mm512_add_ps(one, e));
+  return _mm512_mul_ps(_mm512_mul_ps(a, sigmoid), b);
+}
+
+void swiglu_row_avx512(const float* x, int64_t half, float* y) {
+  for (int64_t i = 0; i < half; i += 16) {
+    const __mmask16 mask = lane_mask(half - i);
+    const __m512 a = _mm512_maskz_loadu_ps(mask, x + i), b = _mm512_maskz_loadu_ps(mask, x + half + i);
+    _mm512_mask_storeu_ps(y + i, mask, silu_mul(a, b));
+  }
+}
+
 #pragma GCC pop_options
+
+void swiglu_row(const float* x, int64_t half, float* y) {
+  for (int64_t i = 0; i < half; ++i) y[i] = x[i] / (1.f + std::exp(-x[i])) * x[half + i];
+}
 
 void check_fp32(const paddle::Tensor& t, const char* what) {
   PD_CHECK(t.is_cpu() && t.dtype() == paddle::DataType::FLOAT32, what, " must be a CPU fp32 tensor");
@@ -94,6 +118,31 @@ std::vector<paddle::Tensor> Rotary(const paddle::Tensor& x, const paddle::Tensor
   return {y};
 }
 
+// x [T, 2I] -> silu(x[:, :I]) * x[:, I:], [T, I].
+std::vector<paddle::Tensor> Swiglu(const paddle::Tensor& x) {
+  check_fp32(x, "x");
+  PD_CHECK(x.dims().size() == 2 && x.dims()[1] % 2 == 0, "x must be [tokens, 2 * width]");
+  const int64_t rows = x.dims()[0], half = x.dims()[1] / 2;
+  auto y = paddle::empty({rows, half}, paddle::DataType::FLOAT32, x.place());
+  const float* xp = x.data<float>();
+  float* yp = y.data<float>();
+  const bool avx512 = use_avx512();
+  const int64_t per_chunk = std::max<int64_t>(1, rows / 16);
+  ThreadPool::instance().run((rows + per_chunk - 1) / per_chunk, [&](int64_t c) {
+    for (int64_t r = c * per_chunk; r < std::min(rows, (c + 1) * per_chunk); ++r) {
+      if (avx512) {
+        swiglu_row_avx512(xp + r * 2 * half, half, yp + r * half);
+      } else {
+        swiglu_row(xp + r * 2 * half, half, yp + r * half);
+      }
+    }
+  });
+  return {y};
+}
+
+std::vector<std::vector<int64_t>> SwigluShape(const std::vector<int64_t>& x) { return {{x[0], x[1] / 2}}; }
+std::vector<paddle::DataType> Fp32x1(const paddle::DataType&) { return {paddle::DataType::FLOAT32}; }
+
 std::vector<std::vector<int64_t>> SameAsX(const std::vector<int64_t>& x, const std::vector<int64_t>&) { return {x}; }
 std::vector<std::vector<int64_t>> SameAsX3(const std::vector<int64_t>& x, const std::vector<int64_t>&,
                                            const std::vector<int64_t>&) {
@@ -122,3 +171,10 @@ PD_BUILD_OP(ernie_rotary)
     .SetKernelFn(PD_KERNEL(ernie::Rotary))
     .SetInferShapeFn(PD_INFER_SHAPE(ernie::SameAsX3))
     .SetInferDtypeFn(PD_INFER_DTYPE(ernie::Fp32x3));
+
+PD_BUILD_OP(ernie_swiglu)
+    .Inputs({"X"})
+    .Outputs({"Out"})
+    .SetKernelFn(PD_KERNEL(ernie::Swiglu))
+    .SetInferShapeFn(PD_INFER_SHAPE(ernie::SwigluShape))
+    .SetInferDtypeFn(PD_INFER_DTYPE(ernie::Fp32x1));
