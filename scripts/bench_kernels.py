@@ -65,20 +65,23 @@ def make_weights(fmt: str, k: int, n: int) -> list[tuple[paddle.Tensor, ...]]:
         if fmt == "fp32":
             out.append((paddle.randn([k, n]),))
         elif fmt == "bf16":
-            out.append((cpu_kernels.pack_bf16(paddle.randn([n, k])),))
+            out.append((cpu_kernels.pack_weight(paddle.randn([n, k]).astype("bfloat16"), 16),))
         elif fmt == "wint8":
-            out.append((paddle.randint(-127, 128, [n, k]).astype("int8"), paddle.rand([n, 1])))
+            q = paddle.randint(-127, 128, [n, k]).astype("int8")
+            out.append((cpu_kernels.pack_weight(q, 8), paddle.rand([1, n])))
         else:
-            out.append((paddle.randint(-128, 128, [n, k // 2]).astype("int8"), paddle.rand([n, k // 128])))
+            q = paddle.randint(-128, 128, [n, k // 2]).astype("int8")
+            out.append((cpu_kernels.pack_weight(q, 4), paddle.rand([k // 128, n])))
     return out
 
 
 def run_linear(fmt: str, x: paddle.Tensor, weights: tuple[paddle.Tensor, ...]) -> paddle.Tensor:
     if fmt == "fp32":
         return paddle.matmul(x, weights[0])
+    n = weights[0].shape[0] * cpu_kernels.LANES
     if fmt == "bf16":
-        return cpu_kernels.linear_bf16(x, weights[0], weights[0].shape[0] * cpu_kernels.BF16_LANES)
-    return cpu_kernels.linear_int(x, weights[0], weights[1], 8 if fmt == "wint8" else 4)
+        return cpu_kernels.linear_packed(x, weights[0], n, 16)
+    return cpu_kernels.linear_packed(x, weights[0], n, 8 if fmt == "wint8" else 4, weights[1])
 
 
 def bench_linears(repeats: int, rows: list[int], formats: list[str]) -> dict[tuple[str, str, int], float]:

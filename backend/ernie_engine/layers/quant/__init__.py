@@ -15,8 +15,9 @@ tower stay in the model dtype, as FastDeploy does.
 
 Execution. On XPU the weight-only methods repack with `paddle.nn.quant.weight_quantize` and run
 `weight_only_linear`. Paddle has no such CPU kernels: on CPU quantized Linears and routed experts run the
-custom int8 / int4 kernels (layers/cpu_kernels.py) when they are available; otherwise each call dequantizes
-that one weight into a transient fp32 buffer for an fp32 matmul. Either way the resident weights stay int8.
+custom kernel (layers/cpu_kernels.py: int8 / int4 values packed like bf16 weights, bf16-rounded activations)
+when it is available; otherwise each call dequantizes that one weight into a transient fp32 buffer for an fp32
+matmul. Either way the resident weights stay int8.
 W4A8 quantizes the
 activation per token on the fly (scale = row absmax / 127) and multiplies int8 x int4 values: every partial
 sum is an integer below 127 * 7 * in_features < 2**24 for in_features <= 18,000, so the fp32 matmul
