@@ -164,6 +164,9 @@ def run_method(
     if spec == "c8":
         model, qbytes, target = ref_model, 0, 1
         outs = [forward_logits(model, s.tokens, int8_caches(model, len(s.tokens))) for s in seqs]
+    elif spec == "bf16":  # unquantized, as a bf16 checkpoint is served: bf16 weights and activations
+        model, qbytes, target = load_model(model_dir, dtype="bfloat16")[0], 0, 1
+        outs = [forward_logits(model, s.tokens, None) for s in seqs]
     else:
         config = QuantConfig.build(spec)
         target = target_fp32_bytes(ref_model, config)
