@@ -1,5 +1,6 @@
 """CPU custom operators (csrc/, layers/cpu_kernels.py): each op against a float64 numpy reference or the
-Paddle path, in both the AVX512 and the scalar implementation, plus the fallback when the kernels are off."""
+Paddle path, on every ISA path (AVX512-BF16, AVX512 without it, scalar), plus the fallback when the kernels
+are off."""
 
 from __future__ import annotations
 
