@@ -18,10 +18,19 @@
 // output at a time.
 //
 // Tiling: a thread owns tiles of kNV column blocks (64 outputs) and runs up to kMR rows of x over them
-// (kMR x kNV accumulators); a tile's weights stay in L2 across its row tiles, so a decode batch reads the
-// weights from memory once and is bound by arithmetic (measured ~195 GFLOP/s per core at M = 512), prefill
-// included.
+// (kMR x kNV accumulators), row tile after row tile. The first row tile streams the tile's weights from
+// memory (kNV sequential streams, software-prefetched a page ahead when M > 1); the tile (64 outputs x K)
+// then sits in L2, so the later row tiles compute from L2 and the weights are read from memory once per call.
+// For int weights the first row tile also stores its bf16 conversion of the tile in a per-thread buffer
+// (K <= 4096), and the later row tiles read that: each weight is converted once per call, not once per row
+// tile, and those row tiles run at the bf16 rate (~195-205 GFLOP/s per core from cache).
+// Within a thread, memory and arithmetic take turns: at decode sizes the first row tile is bound by memory
+// and the others by arithmetic. Overlapping them was tried and measured no faster on the Zen 4 VM this was
+// tuned on (1 thread, CPU time): K-chunked tiles (the chunk in cache serving every row tile, the next chunk
+// software-prefetched meanwhile) and prefetching the next tile during the current one's row tiles - the
+// prefetches issued while computing cost about what they save.
 #include <algorithm>
+#include <type_traits>
 #include <vector>
 
 #include "cpu_kernels.h"
@@ -34,6 +43,12 @@ namespace {
 constexpr int64_t kLanes = 16;  // outputs per column block
 constexpr int kNV = 4;          // column blocks per tile
 constexpr int kMR = 6;          // x rows per tile: 6 x 4 accumulators + 4 weight vectors + 1 broadcast
+// How far ahead (bytes of each block's stream) the first row tile prefetches: one 4 KiB page, so the next
+// page's translation and first lines are on their way before the stream reaches it (see `tile`).
+constexpr int64_t kPrefetchAhead = 4096;
+// Largest bf16 copy of an int tile (kNV blocks x pairs x 64 bytes) kept for the later row tiles: K <= 4096,
+// so that it stays in L2 (1 MiB per core here) next to the int tile itself.
+constexpr int64_t kMaxKeptBytes = 512 * 1024;
 
 // Weight formats: bytes per (lane, pair), and one pair's two values for the scalar path.
 struct Bf16 {
@@ -148,11 +163,19 @@ inline __m512 dot_pair(__m512 acc, uint32_t x_pair, __m512i w) {
 }
 
 // y[MR rows from m0, NV blocks from b0]: each group's sums in registers, folded (times the group's scales)
-// into `out`, then bias and the stores (columns past n_cols are not stored).
+// into `out`, then bias and the stores (columns past n_cols are not stored). `w`: block b0's weights in
+// format F (the packed weights, or a kept bf16 copy), blocks `pairs` steps apart. `keep`: where to store the
+// bf16 pairs this row tile converts, in the same layout, for the later row tiles (or nullptr).
 template <class F, bool kDp, int MR, int NV>
-void tile(const Problem& pr, int64_t m0, int64_t b0) {
-  const int64_t block_bytes = pr.pairs * kLanes * F::kPairBytes, group_pairs = pr.pairs / pr.groups;
-  const uint8_t* w = pr.w + b0 * block_bytes;
+void tile(const Problem& pr, int64_t m0, int64_t b0, const uint8_t* w, uint8_t* keep) {
+  constexpr int64_t kStep = kLanes * F::kPairBytes;
+  const int64_t block_bytes = pr.pairs * kStep, group_pairs = pr.pairs / pr.groups;
+  // The first row tile reads the weights from memory, NV sequential streams. The hardware prefetchers stop at
+  // each 4 KiB page, so the stream stalls at every page boundary (a TLB miss and a cold start); a software
+  // prefetch kPrefetchAhead ahead, one per cache line, keeps it going. Measured 2-10 % faster at M = 4..64,
+  // but 3-5 % slower at M = 1 (pure streaming, where the hardware prefetchers keep up): not there. Later row
+  // tiles hit L2.
+  const bool streaming = m0 == 0 && pr.m_rows > 1;
   const uint32_t* xp = pr.xp + m0 * pr.pairs;
   __m512 out[MR][NV];
   for (int64_t g = 0; g < pr.groups; ++g) {
@@ -161,7 +184,14 @@ void tile(const Problem& pr, int64_t m0, int64_t b0) {
       for (auto& a : row) a = _mm512_setzero_ps();
     for (int64_t p = g * group_pairs; p < (g + 1) * group_pairs; ++p) {
       __m512i wv[NV];
-      for (int j = 0; j < NV; ++j) wv[j] = load_pairs<kDp>(F{}, w + j * block_bytes + p * kLanes * F::kPairBytes);
+      for (int j = 0; j < NV; ++j) wv[j] = load_pairs<kDp>(F{}, w + j * block_bytes + p * kStep);
+      if (streaming && (p * kStep) % 64 == 0) {
+        for (int j = 0; j < NV; ++j)  // past a block's end this touches the next block (or nothing: no fault)
+          _mm_prefetch(reinterpret_cast<const char*>(w + j * block_bytes + p * kStep + kPrefetchAhead), _MM_HINT_T1);
+      }
+      if (keep) {
+        for (int j = 0; j < NV; ++j) _mm512_store_si512(keep + (j * pr.pairs + p) * 64, wv[j]);
+      }
       for (int m = 0; m < MR; ++m) {
         const uint32_t x_pair = xp[m * pr.pairs + p];
         for (int j = 0; j < NV; ++j) acc[m][j] = dot_pair<kDp>(acc[m][j], x_pair, wv[j]);
@@ -182,7 +212,7 @@ void tile(const Problem& pr, int64_t m0, int64_t b0) {
   }
 }
 
-using TileFn = void (*)(const Problem&, int64_t, int64_t);
+using TileFn = void (*)(const Problem&, int64_t, int64_t, const uint8_t*, uint8_t*);
 
 template <class F, bool kDp, int NV>
 TileFn pick_tile(int64_t mr) {
@@ -196,20 +226,40 @@ TileFn pick_tile(int64_t mr) {
   }
 }
 
+// One row tile over the column tile at b0 (nv blocks), weights `w` in format F: block b0's, blocks `pairs`
+// steps apart; `keep` as for tile.
+template <class F, bool kDp>
+void row_tile(const Problem& pr, int64_t m0, int64_t mr, int64_t b0, int64_t nv, const uint8_t* w, uint8_t* keep) {
+  if (nv == kNV) return pick_tile<F, kDp, kNV>(mr)(pr, m0, b0, w, keep);
+  const int64_t block_bytes = pr.pairs * kLanes * F::kPairBytes;
+  for (int64_t j = 0; j < nv; ++j)
+    pick_tile<F, kDp, 1>(mr)(pr, m0, b0 + j, w + j * block_bytes, keep ? keep + j * pr.pairs * 64 : nullptr);
+}
+
 template <class F, bool kDp>
 void linear_avx512(const Problem& pr) {
   const int64_t n_blocks = pr.n_pad / kLanes, tiles = (n_blocks + kNV - 1) / kNV;
+  const int64_t block_bytes = pr.pairs * kLanes * F::kPairBytes, kept_bytes = kNV * pr.pairs * 64;
+  // int weights under several row tiles: the first keeps its bf16 conversion of the tile (exact, so the sums
+  // are the same) in a per-thread buffer and the others read that, at bf16 speed, instead of converting again.
+  const bool keep = !std::is_same_v<F, Bf16> && pr.m_rows > kMR && kept_bytes <= kMaxKeptBytes;
   // Chunks of ~1/32 of the tiles, claimed dynamically: a thread that runs late finds less left to do.
   const int64_t per_chunk = std::max<int64_t>(1, tiles / 32);
   ThreadPool::instance().run((tiles + per_chunk - 1) / per_chunk, [&](int64_t c) {
+    thread_local std::vector<uint8_t> kept_storage;  // + 64 bytes to align the copy to cache lines
+    if (keep && kept_storage.size() < static_cast<size_t>(kept_bytes + 64)) kept_storage.resize(kept_bytes + 64);
+    uint8_t* kept = kept_storage.data() + (-reinterpret_cast<uintptr_t>(kept_storage.data()) & 63);
     for (int64_t t = c * per_chunk; t < std::min(tiles, (c + 1) * per_chunk); ++t) {
       const int64_t b0 = t * kNV, nv = std::min<int64_t>(kNV, n_blocks - b0);
-      for (int64_t m = 0; m < pr.m_rows; m += kMR) {  // the tile's weights stay in L2 across the row tiles
+      // The first row tile reads the weights from memory; the tile (or its kept copy) stays in L2 for the rest.
+      row_tile<F, kDp>(pr, 0, std::min<int64_t>(kMR, pr.m_rows), b0, nv, pr.w + b0 * block_bytes,
+                       keep ? kept : nullptr);
+      for (int64_t m = kMR; m < pr.m_rows; m += kMR) {
         const int64_t mr = std::min<int64_t>(kMR, pr.m_rows - m);
-        if (nv == kNV) {
-          pick_tile<F, kDp, kNV>(mr)(pr, m, b0);
+        if (keep) {
+          row_tile<Bf16, kDp>(pr, m, mr, b0, nv, kept, nullptr);
         } else {
-          for (int64_t j = 0; j < nv; ++j) pick_tile<F, kDp, 1>(mr)(pr, m, b0 + j);
+          row_tile<F, kDp>(pr, m, mr, b0, nv, pr.w + b0 * block_bytes, nullptr);
         }
       }
     }
