@@ -1,12 +1,14 @@
 """Semantic tests of the committed demo weights (checkpoints/ernie-4.5-tiny, scripts/train_demo_model.py).
 
 Greedy answers through the offline engine: the seed's question, held-out capital phrasings (never trained
-on), and the weather tool round trip parsed by the ernie-45-vl-thinking parsers.
+on), the weather tool round trip parsed by the ernie-45-vl-thinking parsers (the call names the question's
+city, the answer states the tool's temperature), and well-formed weather calls for held-out phrasings.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -15,7 +17,7 @@ from ernie_engine.llm import LLM
 from ernie_engine.parsers import parse_output
 from ernie_engine.sampling_params import SamplingParams
 
-from scripts.demo_corpus import WEATHER_TOOL, held_out_capital_questions
+from scripts.demo_corpus import WEATHER_TOOL, held_out_capital_questions, held_out_weather_questions
 
 MODEL_DIR = Path(__file__).resolve().parent.parent / "checkpoints" / "ernie-4.5-tiny"
 PARSER = "ernie-45-vl-thinking"
@@ -56,20 +58,55 @@ def test_held_out_capital_phrasings(llm: LLM) -> None:
     assert len(wrong) <= 1, wrong
 
 
-def test_weather_tool_round_trip(llm: LLM) -> None:
+# The committed weights emit a well-formed call but do not yet copy the question's city into it nor the tool's
+# temperature into the answer (issue 9; scripts/eval_demo_model.py measures both): these checks are expected
+# to fail until a checkpoint that passes the whole evaluation replaces them. They also miss a well-formed call
+# for some held-out weather phrasings.
+WEATHER_SEMANTICS = pytest.mark.xfail(reason="issue 9: the demo weights do not copy city / temperature yet")
+
+
+def weather_round_trip(llm: LLM, thinking: bool):
+    """(call's reasoning, the call, its JSON arguments, the answer to the tool's result, further calls)."""
     user = {"role": "user", "content": "What's the weather like in Beijing?"}
-    [(_, content, calls)] = ask(llm, [[user]], thinking=False, tools=[WEATHER_TOOL])
+    [(reasoning, content, calls)] = ask(llm, [[user]], thinking, tools=[WEATHER_TOOL])
     assert len(calls) == 1 and calls[0].name == "get_weather", content
     arguments = json.loads(calls[0].arguments)
-    # The demo model does not yet copy the city into the call nor the tool's result into its answer (issue 9
-    # is open for that; scripts/eval_demo_model.py checks the values): here the tool-call pipeline itself.
-    assert isinstance(arguments["location"], str) and arguments["unit"] in ("c", "f"), arguments
-
-    result = f"location: Beijing, temperature: 23, weather: sunny, unit: {arguments['unit']}"
+    result = f"location: Beijing, temperature: 23, weather: sunny, unit: {arguments.get('unit')}"
     history = [
         user,
         {"role": "assistant", "content": "", "tool_calls": [calls[0].to_openai()]},
         {"role": "tool", "content": result},
     ]
-    [(_, answer, more_calls)] = ask(llm, [history], thinking=False, tools=[WEATHER_TOOL])
+    [(_, answer, more_calls)] = ask(llm, [history], thinking, tools=[WEATHER_TOOL])
+    return reasoning, calls[0], arguments, answer, more_calls
+
+
+def test_weather_tool_round_trip(llm: LLM) -> None:
+    reasoning, _, arguments, answer, more_calls = weather_round_trip(llm, thinking=False)
+    assert not reasoning, reasoning
+    assert isinstance(arguments["location"], str) and arguments["unit"] in ("c", "f"), arguments
     assert answer.strip().startswith("The weather in ") and "temperature" in answer and not more_calls, answer
+
+
+@WEATHER_SEMANTICS
+@pytest.mark.parametrize("thinking", [False, True])
+def test_weather_round_trip_copies_city_and_temperature(llm: LLM, thinking: bool) -> None:
+    _, _, arguments, answer, _ = weather_round_trip(llm, thinking)
+    assert arguments["location"] == "Beijing", arguments
+    states_23 = re.search(r"(?<![\d-])23(?!\d)", answer)
+    assert answer.strip().startswith("The weather in Beijing ") and states_23, answer
+
+
+@WEATHER_SEMANTICS
+def test_weather_held_out_questions(llm: LLM) -> None:
+    """Weather phrasings never trained on: each gets one get_weather call with valid JSON arguments (whether
+    the call names the question's city is a figure printed by scripts/eval_demo_model.py, not a check)."""
+    pairs = held_out_weather_questions()
+    replies = ask(llm, [[{"role": "user", "content": q}] for q, _ in pairs], False, tools=[WEATHER_TOOL])
+    valid = [
+        len(calls) == 1
+        and calls[0].name == "get_weather"
+        and isinstance(json.loads(calls[0].arguments).get("location"), str)
+        for _, _, calls in replies
+    ]
+    assert all(valid), list(zip(pairs, replies, strict=True))
