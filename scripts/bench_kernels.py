@@ -8,6 +8,7 @@ Each weight is cycled through enough copies to exceed the last-level cache, so d
 as in a real step. The machine is shared: every figure is a median over --repeats runs.
 
     MKL_DEBUG_CPU_TYPE=5 python scripts/bench_kernels.py [--repeats 15] [--rows 1,16,32] [--formats fp32,bf16]
+    ERNIE_CPU_KERNELS_THREADS=1 python scripts/bench_kernels.py --cpu-time --formats bf16 --rows 16,64,512
 """
 
 from __future__ import annotations
@@ -40,14 +41,18 @@ FORMATS = ("fp32", "bf16", "wint8", "wint4")
 BYTES_PER_WEIGHT = {"fp32": 4.0, "bf16": 2.0, "wint8": 1.0, "wint4": 0.5}
 
 
+# Wall time by default; --cpu-time switches to the process's CPU time (steadier on a shared machine).
+clock: Callable[[], float] = time.perf_counter
+
+
 def median_time(fn: Callable[[int], object], repeats: int) -> float:
     """Median seconds of fn(i) over `repeats` calls (after one warm-up call)."""
     fn(0)
     times = []
     for i in range(repeats):
-        start = time.perf_counter()
+        start = clock()
         fn(i + 1)
-        times.append(time.perf_counter() - start)
+        times.append(clock() - start)
     return statistics.median(times)
 
 
@@ -135,7 +140,15 @@ def main() -> None:
     )
     parser.add_argument("--rows", default="1,16,32", help="comma-separated M (decode batch sizes)")
     parser.add_argument("--formats", default=",".join(FORMATS), help=f"comma-separated subset of {FORMATS}")
+    parser.add_argument(
+        "--cpu-time",
+        action="store_true",
+        help="time this process's CPU seconds, not wall time (ERNIE_CPU_KERNELS_THREADS=1: one core's rate)",
+    )
     args = parser.parse_args()
+    if args.cpu_time:
+        global clock
+        clock = time.process_time
     rows = [int(m) for m in args.rows.split(",")]
     formats = [f for f in FORMATS if f in args.formats.split(",")]
     if not cpu_kernels.available():

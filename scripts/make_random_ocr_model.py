@@ -264,6 +264,17 @@ def write_tokenizer(out: Path, seed: int, tokenizer_vocab: int) -> spm.SentenceP
     return spm.SentencePieceProcessor(model_proto=model_bytes)
 
 
+def generation_config(sp: spm.SentencePieceProcessor, **sampling: float) -> dict[str, Any]:
+    """generation_config.json: the tokenizer's special ids, then any sampling defaults."""
+    return {
+        "bos_token_id": sp.bos_id(),
+        "eos_token_id": sp.eos_id(),
+        "pad_token_id": sp.unk_id(),
+        **sampling,
+        "use_cache": True,
+    }
+
+
 def write_files(out: Path, files: dict[str, dict], template: str) -> None:
     """The JSON files and chat_template.jinja."""
     for name, content in files.items():
@@ -296,12 +307,7 @@ def make_ocr_model(out: Path, shape: OcrShape, *, seed: int = 0, tokenizer_vocab
     files = {
         **tokenizer_config(sp, ids, 131072),
         "config.json": model_config(shape, ids, sp),
-        "generation_config.json": {
-            "bos_token_id": sp.bos_id(),
-            "eos_token_id": sp.eos_id(),
-            "pad_token_id": sp.unk_id(),
-            "use_cache": True,
-        },
+        "generation_config.json": generation_config(sp),
         "preprocessor_config.json": PREPROCESSOR,
     }
     write_files(out, files, PADDLEOCR_VL_TEMPLATE)

@@ -32,6 +32,7 @@ from make_random_ocr_model import (  # noqa: E402
     IMAGE_END,
     IMAGE_PLACEHOLDER,
     IMAGE_START,
+    generation_config,
     text_config,
     tokenizer_config,
     write_files,
@@ -270,14 +271,7 @@ def make_vl_model(
     files = {
         **tokenizer_config(sp, ids, 131072, MEDIA_TOKENS),
         "config.json": model_config(shape, ids, sp),
-        "generation_config.json": {
-            "bos_token_id": sp.bos_id(),
-            "eos_token_id": sp.eos_id(),
-            "pad_token_id": sp.unk_id(),
-            "top_p": 0.8,
-            "temperature": 0.2,
-            "use_cache": True,
-        },
+        "generation_config.json": generation_config(sp, top_p=0.8, temperature=0.2),
         "preprocessor_config.json": PREPROCESSOR,
     }
     write_files(out, files, ERNIE_VL_TEMPLATE)

@@ -1,5 +1,6 @@
 """CPU custom operators (csrc/, layers/cpu_kernels.py): each op against a float64 numpy reference or the
-Paddle path, in both the AVX512 and the scalar implementation, plus the fallback when the kernels are off."""
+Paddle path, on every ISA path (AVX512-BF16, AVX512 without it, scalar), plus the fallback when the kernels
+are off."""
 
 from __future__ import annotations
 
@@ -252,5 +253,5 @@ def test_disabled_kernels_leave_the_paddle_path(kernels_off):
     assert layer.cpu_kernel == "" and layer.weight.dtype == paddle.float32
     meta = AttentionMetadata.build([2])
     q, kv = paddle.randn([2, 2, 16]), paddle.randn([2, 1, 16])
-    assert not cpu_kernels.attention_supported(q, kv)
+    assert not cpu_kernels.fp32_supported(q, kv)
     assert paged_attention(q, kv, kv, meta, None, 0.25).shape == [2, 2, 16]

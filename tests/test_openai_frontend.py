@@ -11,8 +11,7 @@ import io
 import json
 import re
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -21,6 +20,7 @@ import pytest
 
 from tests.fixtures.frontend import GUARD_API_KEY, GUARD_MAX_BODY_BYTES, Frontend, start_frontend
 from tests.fixtures.triton import TEST_ROW_PARAMS, TritonServer, free_ports, write_row
+from tests.process_utils import wait_for
 
 pytestmark = pytest.mark.server
 
@@ -41,15 +41,6 @@ def engine_metric(triton_server: TritonServer, name: str) -> float:
     values = pattern.findall(text)
     assert values, f"ernie:{name} not exported"
     return sum(float(v) for v in values)
-
-
-def wait_for(condition: Callable[[], bool], timeout: float = 30) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.2)
-    return condition()
 
 
 def finish_reasons(stream) -> list[str]:
@@ -296,7 +287,7 @@ def longer_context_row(triton_server: TritonServer, checkpoint: Path) -> Iterato
         yield name
     finally:
         httpx.post(f"{url}/unload", timeout=120)
-        assert wait_for(lambda: name not in _ready(triton_server))
+        assert wait_for(lambda: name not in _ready(triton_server), timeout=30)
 
 
 def test_seed_tool_requests(openai_frontend: Frontend, triton_server: TritonServer,
@@ -357,9 +348,9 @@ def test_client_disconnect_cancels_the_triton_request(openai_frontend: Frontend,
             if seen == 4:
                 break
     assert seen == 4
-    assert wait_for(lambda: engine_metric(triton_server, "request_abort_total") == aborted + 1)
-    assert wait_for(lambda: engine_metric(triton_server, "num_requests_running") == 0)
-    assert wait_for(lambda: engine_metric(triton_server, "num_kv_blocks_used") == 0)
+    assert wait_for(lambda: engine_metric(triton_server, "request_abort_total") == aborted + 1, timeout=30)
+    assert wait_for(lambda: engine_metric(triton_server, "num_requests_running") == 0, timeout=30)
+    assert wait_for(lambda: engine_metric(triton_server, "num_kv_blocks_used") == 0, timeout=30)
     assert engine_metric(triton_server, "generation_tokens_total") - generated < 200
     assert "client went away, cancelling its Triton request" in openai_frontend.log_tail()
 

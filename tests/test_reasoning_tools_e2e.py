@@ -19,8 +19,6 @@ import json
 import os
 import re
 import shutil
-import subprocess
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,7 +34,7 @@ from ernie_engine.tokenizer import Tokenizer
 
 from scripts.demo_corpus import WEATHER_TOOL
 from tests.fixtures.frontend import Frontend, start_frontend
-from tests.fixtures.triton import TritonServer, running_server, write_row
+from tests.fixtures.triton import TritonServer, make_random_checkpoint, running_server, write_row
 
 ROOT = Path(__file__).resolve().parent.parent
 PARSER = "ernie-45-vl-thinking"
@@ -75,20 +73,7 @@ CAPITAL = [{"role": "user", "content": "Where is the capital of China?"}]
 def thinking_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random checkpoint whose chat template is the built-in `ernie-4.5-thinking`."""
     out = tmp_path_factory.mktemp("thinking-checkpoint") / "ernie-random-thinking"
-    subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "scripts" / "make_random_model.py"),
-            "--out",
-            str(out),
-            "--template",
-            "ernie-4.5-thinking",
-        ],
-        check=True,
-        capture_output=True,
-        timeout=300,
-    )
-    return out
+    return make_random_checkpoint(out, "--template", "ernie-4.5-thinking")
 
 
 @pytest.fixture(scope="module")

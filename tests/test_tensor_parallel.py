@@ -32,6 +32,7 @@ from ernie_engine.outputs import merge_outputs
 from safetensors.numpy import load_file, save_file
 
 from scripts.make_random_model import tokenizer_files, train_tokenizer
+from tests.process_utils import pid_alive
 from tests.reference_utils import edit_checkpoint, make_tiny_checkpoint, paged_greedy, scattered_block_tables
 
 BLOCK = 16
@@ -151,15 +152,7 @@ def check_tp(model_dir: Path, tp: int, expected_logits: list[np.ndarray], expect
         engine.check_health()
     finally:
         engine.shutdown()
-    assert all(not _alive(pid) for pid in executor.worker_pids)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
+    assert all(not pid_alive(pid) for pid in executor.worker_pids)
 
 
 def test_dense_tp2_and_tp4_match_tp1(dense_dir: Path):
@@ -201,7 +194,7 @@ def test_killed_worker_fails_the_request_and_the_health_check(dense_dir: Path):
         assert outputs[-1].finished and outputs[-1].error and "rank 1" in outputs[-1].error
         with pytest.raises(WorkerFailure, match="rank 1 .* killed by signal SIGKILL"):
             engine.check_health()
-        assert not _alive(pids[0])  # the survivor was stopped too
+        assert not pid_alive(pids[0])  # the survivor was stopped too
         # New requests fail at once instead of waiting for a model that is gone.
         late = list(engine.add_request("late", prompt_token_ids=PROMPTS[0], sampling_params=params))
         assert late[-1].error

@@ -11,7 +11,6 @@ be identical.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +24,7 @@ from ernie_engine.sampling_params import SamplingParams
 
 from tests.media_utils import data_url, draw
 from tests.multimodal_utils import make_checkpoint, run_engine
+from tests.process_utils import pid_alive
 
 TOL = 1e-4
 NUM_TOKENS = 16
@@ -79,14 +79,6 @@ def serve(engine: LLMEngine) -> tuple[dict[str, list[int]], dict[str, list[np.nd
     return tokens, logits, steps
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
 def test_tp2_matches_tp1_on_an_image_request(checkpoint: Path) -> None:
     expected_tokens, expected_logits, expected_steps = serve(LLMEngine(engine_config(checkpoint, 1)))
     engine = LLMEngine(engine_config(checkpoint, 2))
@@ -96,7 +88,7 @@ def test_tp2_matches_tp1_on_an_image_request(checkpoint: Path) -> None:
         engine.check_health()
     finally:
         engine.shutdown()
-    assert not any(_alive(pid) for pid in engine.runner.worker_pids)
+    assert not any(pid_alive(pid) for pid in engine.runner.worker_pids)
     assert steps == expected_steps  # same chunks, so the same vision passes and batches
     # Two images, each prefilled in a step of its own: the step media carried one image at a time.
     image_steps = [step["images"] for step in steps if step.get("images", (0, 0))[1] >= 32]

@@ -21,6 +21,7 @@ from ernie_engine import EngineConfig, LLMEngine, SamplingParams
 from ernie_engine.outputs import merge_outputs
 
 from tests.fixtures.triton import TritonServer, running_server, triton_env, write_row
+from tests.process_utils import wait_for
 from tests.test_tensor_parallel import DENSE, make_checkpoint
 
 pytestmark = pytest.mark.server
@@ -123,15 +124,6 @@ def stream_events(server: TritonServer, sampling: dict) -> Iterator[dict]:
 def output_token_ids(events: list[dict]) -> list[int]:
     """The streamed ids in order (a one-element tensor comes back as a JSON scalar)."""
     return [int(t) for e in events if "output_token_ids" in e for t in np.atleast_1d(e["output_token_ids"])]
-
-
-def wait_for(condition, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.2)
-    return condition()
 
 
 # Tests (in order: the second one takes the model down) -------------------------------------------------

@@ -29,6 +29,7 @@ from tests.fixtures.triton import (
     triton_env,
     write_row,
 )
+from tests.process_utils import wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPT = "The weather today is sunny"
@@ -61,15 +62,6 @@ def metric(server: TritonServer, name: str) -> float:
     found = re.search(rf'^ernie:{name}{{model="{server.model}"}} (\S+)$', text, re.M)
     assert found, f"ernie:{name} missing from the metrics endpoint"
     return float(found.group(1))
-
-
-def wait_for(condition, timeout: float = 15.0, interval: float = 0.2) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(interval)
-    return condition()
 
 
 def model_ready(server: TritonServer) -> bool:
@@ -232,9 +224,9 @@ def test_cancelled_grpc_stream_aborts_the_engine_request(triton_server: TritonSe
         stream.close(cancel=True)
     assert len(stream.responses) < 240
     # The engine aborted it (not finished it) and freed its KV blocks.
-    assert wait_for(lambda: metric(triton_server, "request_abort_total") == aborted_before + 1)
+    assert wait_for(lambda: metric(triton_server, "request_abort_total") == aborted_before + 1, timeout=15)
     assert metric(triton_server, "request_success_total") == succeeded_before
-    assert wait_for(lambda: metric(triton_server, "num_kv_blocks_used") == 0)
+    assert wait_for(lambda: metric(triton_server, "num_kv_blocks_used") == 0, timeout=15)
     assert metric(triton_server, "num_requests_running") == 0
     assert_still_serving(triton_server)
 
@@ -326,7 +318,7 @@ def test_histogram_replay_reproduces_the_engine_histogram():
 
 def test_engine_metrics_on_the_metrics_port(triton_server: TritonServer):
     generate(triton_server, request({"max_tokens": 3, "ignore_eos": True}))
-    assert wait_for(lambda: metric(triton_server, "time_to_first_token_seconds_count") > 0)
+    assert wait_for(lambda: metric(triton_server, "time_to_first_token_seconds_count") > 0, timeout=15)
     assert metric(triton_server, "prompt_tokens_total") > 0
     assert metric(triton_server, "generation_tokens_total") >= 3
     assert 0 <= metric(triton_server, "gpu_cache_usage_perc") <= 1

@@ -64,6 +64,15 @@ void swiglu_row(const float* x, int64_t half, float* y) {
   for (int64_t i = 0; i < half; ++i) y[i] = x[i] / (1.f + std::exp(-x[i])) * x[half + i];
 }
 
+// fn(r) for every row r, in ~16 chunks over the pool (a decode row alone runs on the calling thread).
+template <class Fn>
+void for_each_row(int64_t rows, const Fn& fn) {
+  const int64_t per_chunk = std::max<int64_t>(1, rows / 16);
+  ThreadPool::instance().run((rows + per_chunk - 1) / per_chunk, [&](int64_t c) {
+    for (int64_t r = c * per_chunk; r < std::min(rows, (c + 1) * per_chunk); ++r) fn(r);
+  });
+}
+
 void check_fp32(const paddle::Tensor& t, const char* what) {
   PD_CHECK(t.is_cpu() && t.dtype() == paddle::DataType::FLOAT32, what, " must be a CPU fp32 tensor");
 }
@@ -80,17 +89,8 @@ std::vector<paddle::Tensor> RmsNorm(const paddle::Tensor& x, const paddle::Tenso
   auto y = paddle::empty(x.shape(), paddle::DataType::FLOAT32, x.place());
   const float *xp = x.data<float>(), *wp = weight.data<float>();
   float* yp = y.data<float>();
-  const bool avx512 = use_avx512();
-  const int64_t per_chunk = std::max<int64_t>(1, rows / 8);
-  ThreadPool::instance().run((rows + per_chunk - 1) / per_chunk, [&](int64_t c) {
-    for (int64_t r = c * per_chunk; r < std::min(rows, (c + 1) * per_chunk); ++r) {
-      if (avx512) {
-        rms_norm_row_avx512(xp + r * n, wp, n, eps, yp + r * n);
-      } else {
-        rms_norm_row(xp + r * n, wp, n, eps, yp + r * n);
-      }
-    }
-  });
+  const auto row_fn = use_avx512() ? rms_norm_row_avx512 : rms_norm_row;
+  for_each_row(rows, [&](int64_t r) { row_fn(xp + r * n, wp, n, eps, yp + r * n); });
   return {y};
 }
 
@@ -126,17 +126,8 @@ std::vector<paddle::Tensor> Swiglu(const paddle::Tensor& x) {
   auto y = paddle::empty({rows, half}, paddle::DataType::FLOAT32, x.place());
   const float* xp = x.data<float>();
   float* yp = y.data<float>();
-  const bool avx512 = use_avx512();
-  const int64_t per_chunk = std::max<int64_t>(1, rows / 16);
-  ThreadPool::instance().run((rows + per_chunk - 1) / per_chunk, [&](int64_t c) {
-    for (int64_t r = c * per_chunk; r < std::min(rows, (c + 1) * per_chunk); ++r) {
-      if (avx512) {
-        swiglu_row_avx512(xp + r * 2 * half, half, yp + r * half);
-      } else {
-        swiglu_row(xp + r * 2 * half, half, yp + r * half);
-      }
-    }
-  });
+  const auto row_fn = use_avx512() ? swiglu_row_avx512 : swiglu_row;
+  for_each_row(rows, [&](int64_t r) { row_fn(xp + r * 2 * half, half, yp + r * half); });
   return {y};
 }
 

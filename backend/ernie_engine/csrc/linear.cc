@@ -113,11 +113,22 @@ inline __m512i int_pairs_to_bf16(__m512i even, __m512i odd) {
 }
 
 // One step of a block (16 lanes x one pair) as 16 bf16 pairs.
-inline __m512i load_pairs(Bf16, const uint8_t* p) { return _mm512_loadu_si512(p); }
-inline __m512i load_pairs(Int8, const uint8_t* p) {
-  const __m512i v = _mm512_cvtepi16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-  return int_pairs_to_bf16(_mm512_srai_epi32(_mm512_slli_epi32(v, 24), 24), _mm512_srai_epi32(v, 8));
+template <bool kDp>
+inline __m512i load_pairs(Bf16, const uint8_t* p) {
+  return _mm512_loadu_si512(p);
 }
+template <bool kDp>
+inline __m512i load_pairs(Int8, const uint8_t* p) {
+  if constexpr (kDp) {  // bytes e0 o0 e1 o1 ...: widen each half in order, convert, pack both halves to bf16
+    const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+    const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16))));
+    return (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
+  } else {
+    const __m512i v = _mm512_cvtepi16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+    return int_pairs_to_bf16(_mm512_srai_epi32(_mm512_slli_epi32(v, 24), 24), _mm512_srai_epi32(v, 8));
+  }
+}
+template <bool kDp>
 inline __m512i load_pairs(Int4, const uint8_t* p) {
   const __m512i v = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
   return int_pairs_to_bf16(_mm512_srai_epi32(_mm512_slli_epi32(v, 28), 28), _mm512_srai_epi32(v, 4));
@@ -150,7 +161,7 @@ void tile(const Problem& pr, int64_t m0, int64_t b0) {
       for (auto& a : row) a = _mm512_setzero_ps();
     for (int64_t p = g * group_pairs; p < (g + 1) * group_pairs; ++p) {
       __m512i wv[NV];
-      for (int j = 0; j < NV; ++j) wv[j] = load_pairs(F{}, w + j * block_bytes + p * kLanes * F::kPairBytes);
+      for (int j = 0; j < NV; ++j) wv[j] = load_pairs<kDp>(F{}, w + j * block_bytes + p * kLanes * F::kPairBytes);
       for (int m = 0; m < MR; ++m) {
         const uint32_t x_pair = xp[m * pr.pairs + p];
         for (int j = 0; j < NV; ++j) acc[m][j] = dot_pair<kDp>(acc[m][j], x_pair, wv[j]);

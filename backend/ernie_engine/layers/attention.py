@@ -126,7 +126,7 @@ def paged_attention(
             paddle.scatter_(key_cache, meta.slot_mapping, k.astype(key_cache.dtype), overwrite=True)
             paddle.scatter_(value_cache, meta.slot_mapping, v.astype(value_cache.dtype), overwrite=True)
             k, v = key_cache, value_cache
-        if cpu_kernels.attention_supported(q, k):  # reads k/v at kv_index in place: no padded copies
+        if cpu_kernels.fp32_supported(q, k):  # reads k/v at kv_index in place: no padded copies
             return cpu_kernels.paged_attention(q, k, v, meta, scale)
         k_ctx, v_ctx = paddle.gather(k, meta.kv_index), paddle.gather(v, meta.kv_index)
     num_seqs, max_q, max_kv = meta.num_seqs, meta.max_query_len, meta.max_context_len

@@ -363,7 +363,8 @@ def prepare_model(model: nn.Layer, bf16_weights: bool) -> None:
 
 
 def fp32_supported(*tensors: paddle.Tensor) -> bool:
-    """The element-wise ops' condition: CPU fp32 inputs (device and dtype first: on XPU this never builds)."""
+    """Whether the fp32 ops (attention, element-wise) take these inputs: CPU fp32 tensors and the kernels
+    available (device and dtype first: on XPU this never triggers a build)."""
     return on_cpu(tensors[0]) and all(t.dtype == paddle.float32 for t in tensors) and available()
 
 
@@ -384,11 +385,6 @@ def swiglu(x: paddle.Tensor) -> paddle.Tensor:
 
 
 # ---- attention ----
-
-
-def attention_supported(q: paddle.Tensor, key_cache: paddle.Tensor) -> bool:
-    # Device and dtype first: on XPU this never triggers a build.
-    return on_cpu(q) and q.dtype == paddle.float32 and key_cache.dtype == paddle.float32 and available()
 
 
 def paged_attention(
