@@ -2,10 +2,11 @@
 
 Conversations, not text: each item is `{"messages", "tools", "enable_thinking"}` (plus `copy`, the strings
 the training loss weighs more) so the training script renders them with the model's real chat template.
-Topics: capitals of the world in English and Chinese in several phrasings, small arithmetic, short facts, a
-weather tool (round trips with and without thinking, over capitals, other cities and made-up names, random
-temperatures), short weather chats without the tool, short requests for the tool call's JSON, and
-thinking-style answers.
+Topics: capitals of the world in English and Chinese in several phrasings (half the English ones after an
+opener), small arithmetic, short facts, a weather tool (round trips with and without thinking, over capitals
+and other cities, random temperatures), short weather chats without the tool, short requests for the tool
+call's JSON (some for made-up cities), and thinking-style answers. `first_phase_corpus` is what training
+starts on (no weather), `build_corpus` the mix it continues with.
 
 Held-out phrasings (`HELD_OUT_*`) never appear in training; the evaluation asks with them. The weather of
 `HELD_OUT_CITIES` (capitals) is never asked in training either.
@@ -137,6 +138,43 @@ TRAIN_EN = [
     "Hi! What is the capital of {c}?",
     "Quick question: what is the capital of {c}?",
     "{c}: what is its capital?",
+    # The country without "of" before it: the answer has to find it by what it is, not by "capital of".
+    "{c}'s capital is which city?",
+    "What city is {c}'s capital?",
+    "Name {c}'s capital.",
+    "For {c}, which city is the capital?",
+    "{c} has which city as its capital?",
+    "Which one is {c}'s capital city?",
+]
+# Words before a question that do not change its answer: the answer must not hinge on how a question starts
+# (a held-out one starting with words never trained on answered other countries' capitals).
+OPENERS = [
+    "Hey, ",
+    "Hello, ",
+    "Well, ",
+    "So, ",
+    "Okay, ",
+    "Honestly, ",
+    "Just curious: ",
+    "Out of interest, ",
+    "Question for you: ",
+    "Sorry to bother you, but ",
+    "My friend asked me this: ",
+    "For my homework: ",
+    "Before I forget: ",
+    "Let me ask you something: ",
+    "Here is a geography question: ",
+    "One more thing, ",
+    "I think I forgot: ",
+    "I guess you know this: ",
+    "I'm curious: ",
+    "I have a question: ",
+    "I was asked this today: ",
+    "Um, ",
+    "Excuse me, ",
+    "Quiz time! ",
+    "Please help: ",
+    "Tell me honestly, ",
 ]
 HELD_OUT_EN = [
     "Could you tell me what the capital of {c} is?",
@@ -154,6 +192,8 @@ TRAIN_ZH = [
     "{c}的首都是哪座城市？",
     "你能告诉我{c}的首都吗？",
     "{c}首都在哪？",
+    "请问哪座城市是{c}的首都？",
+    "关于{c}，它的首都是哪里？",
 ]
 HELD_OUT_ZH = ["你知道{c}的首都是哪座城市吗？"]
 
@@ -338,17 +378,29 @@ def _chat(
 
 
 def capital_conversations(
-    templates_en: list[str] = TRAIN_EN, templates_zh: list[str] = TRAIN_ZH
+    templates_en: list[str] = TRAIN_EN, templates_zh: list[str] = TRAIN_ZH, rng: random.Random | None = None
 ) -> list[Conversation]:
+    """One conversation per country and template; with `rng`, half the English questions start with an opener
+    (`OPENERS`)."""
     out = []
     for country, capital, country_zh, capital_zh in CAPITALS:
         for template in templates_en:
+            question = template.format(c=country)
+            if rng is not None and rng.random() < 0.5:
+                question = with_opener(rng, question, template)
             answer = f"The capital of {country} is {capital}."
-            out.append(_chat(template.format(c=country), answer, copy=(country, capital)))
+            out.append(_chat(question, answer, copy=(country, capital)))
         for template in templates_zh:
             answer = f"{country_zh}的首都是{capital_zh}。"
             out.append(_chat(template.format(c=country_zh), answer, copy=(country_zh, capital_zh)))
     return out
+
+
+def with_opener(rng: random.Random, question: str, template: str) -> str:
+    """`question` after a random opener, its first letter lowercased unless it starts a name or "I"."""
+    if not template.startswith(("{", "I'", "I ")):
+        question = question[0].lower() + question[1:]
+    return rng.choice(OPENERS) + question
 
 
 def arithmetic_conversations(rng: random.Random, count: int) -> list[Conversation]:
@@ -388,9 +440,7 @@ def weather_answer(city: str, temperature: int, condition: str, unit: str) -> st
     """The answer to a weather report. The temperature follows the report's own wording ("temperature: T"),
     so its first digit has the same left context in the answer as in the tool result and is copied from
     there ("a temperature of T" put T after a space token that also precedes the city: 3/10 copied)."""
-    return (
-        f"The weather in {city} is {condition}, temperature: {temperature} degrees {unit.upper()}."
-    )
+    return f"The weather in {city} is {condition}, temperature: {temperature} degrees {unit.upper()}."
 
 
 def weather_round_trip(
@@ -460,14 +510,11 @@ def invented_city(rng: random.Random) -> tuple[str, str]:
     return " ".join(words), "".join(rng.choice(HAN) for _ in range(rng.randint(2, 4)))
 
 
-def weather_conversations(
-    rng: random.Random, english: int, chinese: int, invented: float = 0.0
-) -> list[Conversation]:
+def weather_conversations(rng: random.Random, english: int, chinese: int) -> list[Conversation]:
     """`english` + `chinese` round trips (call and follow-up); a third think first.
 
-    Cities cycle through every capital and `WEATHER_CITIES` in a seeded order (a share `invented` of them
-    made up instead); temperatures are random, so neither a city nor a temperature can be remembered
-    instead of copied.
+    Cities cycle through every capital and `WEATHER_CITIES` in a seeded order; temperatures are random, so
+    neither a city nor a temperature can be remembered instead of copied.
     """
     cities = weather_cities()
     out = []
@@ -476,27 +523,24 @@ def weather_conversations(
         for _ in range(count):
             if not order:
                 order = rng.sample(cities, len(cities))
-            city_en, city_zh = invented_city(rng) if rng.random() < invented else order.pop()
+            city_en, city_zh = order.pop()
             location = city_zh if in_chinese else city_en
             question = rng.choice(WEATHER_ZH if in_chinese else WEATHER_EN).format(city=location)
             out += weather_round_trip(rng, question, location, thinking=rng.random() < 0.33)
     return out
 
 
-def weather_without_tool_conversations(
-    rng: random.Random, count: int, invented: float = 0.0
-) -> list[Conversation]:
+def weather_without_tool_conversations(rng: random.Random, count: int) -> list[Conversation]:
     """Short weather conversations without the tool: the same copying as the tool round trips, cheaply.
 
     Half ask about a city's weather with no tool offered (the answer names the city and says no tool is
     available), half paste a weather report in the tool's result format (the answer restates it the way the
     tool follow-up does). Short prompts put many copies in a batch; the long tool prompts reuse the skill.
-    A share `invented` of the cities are made up.
     """
     cities = weather_cities()
     out = []
     for i in range(count):
-        city_en, city_zh = invented_city(rng) if rng.random() < invented else rng.choice(cities)
+        city_en, city_zh = rng.choice(cities)
         in_chinese = rng.random() < 0.2
         city = city_zh if in_chinese else city_en
         if i % 2 == 0:
@@ -518,7 +562,7 @@ def weather_without_tool_conversations(
     return out
 
 
-def call_json_conversations(rng: random.Random, count: int, invented: float = 0.0) -> list[Conversation]:
+def call_json_conversations(rng: random.Random, count: int, invented: float = 0.3) -> list[Conversation]:
     """Short requests for the get_weather call's JSON, no tool offered: the tool call's hardest copy.
 
     In a tool call the city follows `"location": "`, a context the question does not share (unlike "weather in
@@ -539,29 +583,35 @@ def call_json_conversations(rng: random.Random, count: int, invented: float = 0.
     return out
 
 
-def build_corpus(
-    seed: int = 0,
-    weather_en: int = 300,
-    weather_zh: int = 75,
-    weather_short: int = 1500,
-    invented: float = 0.0,
-    call_json: int = 1500,
-) -> list[Conversation]:
-    """The training conversations.
-
-    `weather_en` / `weather_zh`: weather round trips (tool offered) in each language; `weather_short`: short
-    weather conversations without the tool; `invented`: share of made-up cities in those (half that in the
-    round trips); `call_json`: short requests for the call's JSON.
-    """
+def first_phase_corpus(seed: int = 0) -> list[Conversation]:
+    """Capitals, arithmetic, short facts and thinking-style answers: what training starts on (no weather)."""
     rng = random.Random(seed)
-    corpus = capital_conversations()
-    # Sized for a CPU training budget: tool prompts are long (~200 tokens), so weather stays a small share.
+    corpus = capital_conversations(rng=rng)
     corpus += arithmetic_conversations(rng, 150)
     corpus += [_chat(q, a) for q, a in FACTS for _ in range(4)]
     corpus += thinking_conversations(rng, 150)
-    corpus += weather_conversations(rng, english=weather_en, chinese=weather_zh, invented=invented / 2)
-    corpus += weather_without_tool_conversations(rng, weather_short, invented)
-    corpus += call_json_conversations(rng, call_json, invented=0.3)
+    return corpus
+
+
+def build_corpus(
+    seed: int = 0,
+    weather_en: int = 240,
+    weather_zh: int = 60,
+    weather_short: int = 1500,
+    call_json: int = 1500,
+    first_phase_repeats: int = 2,
+) -> list[Conversation]:
+    """The training conversations after the first phase: `first_phase_corpus` `first_phase_repeats` times,
+    then the weather.
+
+    `weather_en` / `weather_zh`: weather round trips (tool offered) in each language; `weather_short`: short
+    weather conversations without the tool; `call_json`: short requests for the call's JSON.
+    """
+    corpus = first_phase_corpus(seed) * first_phase_repeats
+    rng = random.Random(seed + 1)
+    corpus += weather_conversations(rng, english=weather_en, chinese=weather_zh)
+    corpus += weather_without_tool_conversations(rng, weather_short)
+    corpus += call_json_conversations(rng, call_json)
     rng.shuffle(corpus)
     return corpus
 

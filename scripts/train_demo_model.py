@@ -10,7 +10,9 @@ engine's `ChatTemplate`, `Tokenizer` and `loader.build_model`). Each conversatio
 final assistant turn after the prompt the engine would render for it (`add_generation_prompt=True`, its
 `enable_thinking`, its tools); the loss covers only that turn's tokens and the closing
 `<|end_of_sentence|>`. Examples are packed into flat batches (the model's cache-free causal attention keeps
-them apart). AdamW with linear warmup and cosine decay; weights saved in bf16 (`model.safetensors`, the
+them apart). Two phases: capitals, arithmetic and facts alone (`demo_corpus.first_phase_corpus`) for
+`--first-phase-steps`, then the whole mix (`demo_corpus.build_corpus`, weather included); one AdamW run with
+linear warmup and cosine decay over both. Weights saved in bf16 (`model.safetensors`, the
 -Paddle layout) and checked by loading them back through `loader.load_model`.
 
 What made it learn (each change measured on 150-1200-step runs with the held-out probe logged every 25
@@ -48,25 +50,26 @@ steps (teacher-forced copies for held-out weather phrasings) and `scripts/eval_d
   (`write_tokenizer`) make the temperature one token copied after the same "temperature: " context: 10/10
   held-out follow-ups and Beijing's 23 with thinking on and off (8000 steps, 2 threads, 12.7 min);
 - the capitals are what the weather data costs, not the tokenizer: with the same tokenizer (names split,
-  numbers whole) and no weather data (`--weather-en 0 --weather-zh 0 --weather-short 0 --call-json 0`),
-  4000 steps at 1 thread (7.2 min) give 100% held-out capitals (eval and probe); with the weather mix 62%
-  at 8000 steps, 66% at 9000 steps with less weather (200 + 50 round trips, 1000 short chats, 1000 call
-  requests); the probe climbs to ~70% by 4000 steps and then stalls while the weather copies are learned.
+  numbers whole) and no weather data (`--weather-en 0 --weather-zh 0 --weather-short 0 --call-json 0
+  --first-phase-steps 0`), 4000 steps give 100% held-out capitals; with the weather mix 62% at 8000 steps;
+- a first phase on capitals, arithmetic and facts alone (`--first-phase-steps`, `first_phase_corpus`),
+  then the mix: with that corpus twice in the mix (2500 + 6500 steps) capitals 94% but the weather copies
+  only began at the end (1/10 held-out calls named the city); once in the mix they are learned;
+- every capital failure left was one held-out phrasing, "I wonder which city is X's capital?": "wonder"
+  never occurs in training (tokens "I", "▁w", "on", "d", "er") and the model answered another country or
+  another capital. More phrasings with the country not after "capital of" (`TRAIN_EN`) fixed the wrong
+  countries; openers before half the English questions (`OPENERS`, "Hey, ", "I'm curious: ", ...) teach
+  that a question's first words do not change its answer (both: the rest of the held-out phrasings ~100%);
+- fewer tool round trips (240 + 60 instead of 300 + 75; each is a whole 256-token batch for ~30 scored
+  tokens) leave steps for the rest;
+- negative temperatures as single tokens like 10-105: "-3" had come out "3".
 
-Measured for this recipe (default arguments, 2 threads, 2 cores shared with other jobs):
+Measured for this recipe (default arguments, pinned to one core, `taskset -c 0`, while another job used the
+other core):
 
-    OMP_NUM_THREADS=2 MKL_DEBUG_CPU_TYPE=5 python scripts/train_demo_model.py --out /tmp/tiny --threads 2
+    OMP_NUM_THREADS=1 MKL_DEBUG_CPU_TYPE=5 python scripts/train_demo_model.py --out checkpoints/ernie-4.5-tiny
 
-8000 steps in 12.7 min, 1.90M parameters, 3.7 MiB. scripts/eval_demo_model.py: held-out capitals 62%
-(FAIL, < 90%: "I wonder which city is X's capital?" mostly answers Paris); the seed question answers "The
-capital of China is Beijing." with thinking on and off; the weather call names Beijing and the follow-up
-states 23 with thinking on and off; held-out weather phrasings: 10/10 valid calls (8/10 name the city), the
-follow-up states the tool's temperature in 10/10.
-
-The committed checkpoints/ernie-4.5-tiny is NOT this recipe's output: it was trained by the previous version
-of this script (4000 steps, no `call_json` / copy weighting / name-split tokenizer; held-out capitals 96%,
-but its weather call names a memorised city and its follow-up ignores the temperature). It stays until a
-run passes every check of scripts/eval_demo_model.py (issue 9).
+RESULTS
 """
 
 from __future__ import annotations
@@ -119,6 +122,7 @@ class Example:
 @dataclass
 class TrainArgs:
     steps: int
+    first_phase_steps: int  # steps on the first-phase examples before the full mix
     batch_tokens: int
     lr: float
     warmup: int
@@ -171,9 +175,10 @@ def tokenizer_sentences(texts: list[str]) -> list[str]:
 
 
 def write_tokenizer(out: Path, texts: list[str], vocab: int, seed: int) -> spm.SentencePieceProcessor:
-    # Whole numbers 10-105 are single pieces: a temperature is then one token, copied in one step after the
-    # report's "temperature: " context (digit by digit the second digit was often wrong: 23 -> 22).
-    numbers = tuple(str(n) for n in range(10, 106))
+    # Whole numbers -15..-1 and 10-105 are single pieces: a temperature is then one token, copied in one step
+    # after the report's "temperature: " context (digit by digit the second digit was often wrong: 23 -> 22,
+    # and a minus sign was dropped: -3 -> 3). 0-9 are single characters anyway.
+    numbers = tuple(str(n) for n in [*range(-15, 0), *range(10, 106)])
     sentences = tokenizer_sentences(texts)
     model_bytes = mrm.train_tokenizer(vocab, seed, sentences=sentences, extra_symbols=numbers)
     (out / "tokenizer.model").write_bytes(model_bytes)
@@ -308,9 +313,13 @@ def lr_at(step: int, args: TrainArgs) -> float:
 
 
 def train(
-    model: paddle.nn.Layer, examples: list[Example], probes: dict[str, list[Example]], args: TrainArgs
+    model: paddle.nn.Layer,
+    phases: tuple[list[Example], list[Example]],
+    probes: dict[str, list[Example]],
+    args: TrainArgs,
 ) -> float:
-    """Run `args.steps` optimizer steps, logging held-out accuracy; returns the last steps' mean loss.
+    """Run `args.steps` optimizer steps, the first `args.first_phase_steps` on `phases[0]`, the rest on
+    `phases[1]`, logging held-out accuracy; returns the last steps' mean loss.
 
     `probes`: the first is measured at every log line, the others (slower: long tool prompts) every
     `args.probe_every` steps.
@@ -330,7 +339,10 @@ def train(
     recent: list[float] = []
     started = time.monotonic()
     for step in range(args.steps):
+        if step == args.first_phase_steps:
+            batches = []  # the first phase's last epoch stops here
         if not batches:
+            examples = phases[step >= args.first_phase_steps]
             batches = make_batches(examples, args.batch_tokens, rng)
         ids, positions, meta, predict_at, targets, weights = batch_tensors(batches.pop())
         hidden = model(ids, positions, meta)
@@ -401,7 +413,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--kv-heads", type=int, default=2)
     parser.add_argument("--head-dim", type=int, default=64)
-    parser.add_argument("--steps", type=int, default=8000)
+    parser.add_argument("--steps", type=int, default=9000)
+    parser.add_argument(
+        "--first-phase-steps", type=int, default=2000, help="steps on capitals, arithmetic, facts only"
+    )
     parser.add_argument("--batch-tokens", type=int, default=256, help="padded tokens per batch")
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--warmup", type=int, default=50)
@@ -410,11 +425,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--copy-weight", type=float, default=5.0, help="loss weight of tokens copied from the prompt"
     )
-    parser.add_argument("--weather-en", type=int, default=300, help="English weather round trips")
-    parser.add_argument("--weather-zh", type=int, default=75, help="Chinese weather round trips")
+    parser.add_argument("--weather-en", type=int, default=240, help="English weather round trips")
+    parser.add_argument("--weather-zh", type=int, default=60, help="Chinese weather round trips")
     parser.add_argument("--weather-short", type=int, default=1500, help="short weather chats, no tool")
     parser.add_argument("--call-json", type=int, default=1500, help="short requests for the call's JSON")
-    parser.add_argument("--invented", type=float, default=0.0, help="share of made-up cities (short chats)")
+    parser.add_argument(
+        "--first-phase-repeats", type=int, default=1, help="copies of the first phase's corpus in the mix"
+    )
     parser.add_argument("--probe-every", type=int, default=500, help="steps between weather probes")
     parser.add_argument("--save-dtype", choices=["bfloat16", "float32"], default="bfloat16")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads for Paddle (sets the float sums)")
@@ -432,8 +449,14 @@ def main(argv: list[str] | None = None) -> None:
     for stale in ("model.safetensors", "model.safetensors.index.json"):
         (out / stale).unlink(missing_ok=True)
     builtin = ChatTemplate.builtin(TEMPLATE)
+    first_phase = demo_corpus.first_phase_corpus(args.seed)
     corpus = demo_corpus.build_corpus(
-        args.seed, args.weather_en, args.weather_zh, args.weather_short, args.invented, args.call_json
+        args.seed,
+        args.weather_en,
+        args.weather_zh,
+        args.weather_short,
+        args.call_json,
+        args.first_phase_repeats,
     )
     pairs = [split_turn(builtin, conv) for conv in corpus]
     sp = write_tokenizer(out, [p + c for p, c in pairs], args.vocab, args.seed)
@@ -452,6 +475,7 @@ def main(argv: list[str] | None = None) -> None:
 
     # From here on everything is read back from the checkpoint folder, as the engine reads it.
     template, tokenizer = ChatTemplate.from_dir(out), Tokenizer.from_dir(out)
+    first_examples = make_examples(template, first_phase, tokenizer, args.copy_weight)
     examples = make_examples(template, corpus, tokenizer, args.copy_weight)
     lengths = [len(e.ids) for e in examples]
     logger.info(
@@ -466,6 +490,7 @@ def main(argv: list[str] | None = None) -> None:
     logger.info("model: %s, %.2fM parameters", asdict(shape), sum(p.size for p in model.parameters()) / 1e6)
     train_args = TrainArgs(
         args.steps,
+        args.first_phase_steps,
         args.batch_tokens,
         args.lr,
         args.warmup,
@@ -481,7 +506,7 @@ def main(argv: list[str] | None = None) -> None:
         "weather-call city": make_examples(template, weather[0::2], tokenizer, copy_weight=2.0),
         "follow-up copy": make_examples(template, weather[1::2], tokenizer, copy_weight=2.0),
     }
-    final_loss = train(model, examples, probes, train_args)
+    final_loss = train(model, (first_examples, examples), probes, train_args)
     model.eval()
     save_weights(model, out / "model.safetensors", args.save_dtype)
     verify_checkpoint(model, out, examples[0])
