@@ -23,8 +23,9 @@ Weights are never edited after loading: each run loads the checkpoint as the eng
 `dtype="float32"`; quantized layers on the CPU custom kernels when available, as served).
 
 Decode (`--decode`): one decode step (model forward + LM head) at each batch size over a `--context`-token
-paged fp32 cache, as served on CPU: bf16 float weights (`dtype="bfloat16"`) against wint8 projections (LM head
-in bf16 in both); median of `--repeats` steps.
+paged fp32 cache, as served on CPU: bf16 float weights (`dtype="bfloat16"`) against wint8 projections with the
+LM head in bf16 (as FastDeploy) or in int8 (`quantize_lm_head`, as llama.cpp's q8_0); median of `--repeats`
+steps. `--methods` also takes `wint8+lm_head` for the accuracy of the latter.
 """
 
 from __future__ import annotations
@@ -99,12 +100,16 @@ def corpus_sequences(model_dir: Path, positions: int, seed: int) -> list[Sequenc
 
 
 def target_fp32_bytes(model: paddle.nn.Layer, config: QuantConfig) -> int:
-    """fp32 bytes of the layers a method quantizes (measured on the unquantized model)."""
-    return sum(
+    """fp32 bytes of the layers a method quantizes (measured on the unquantized model; a tied LM head
+    counts as the embedding table it copies)."""
+    total = sum(
         int(layer.weight.numel()) * 4
         for name, layer in model.named_sublayers()
         if isinstance(layer, Linear) and config.method_for(name)
     )
+    if config.lm_head and model.lm_head is None:
+        total += int(model.embed_tokens.weight.numel()) * 4
+    return total
 
 
 def forward_logits(model: paddle.nn.Layer, tokens: np.ndarray, caches: list | None) -> np.ndarray:
@@ -168,7 +173,8 @@ def run_method(
         model, qbytes, target = load_model(model_dir, dtype="bfloat16")[0], 0, 1
         outs = [forward_logits(model, s.tokens, None) for s in seqs]
     else:
-        config = QuantConfig.build(spec)
+        method, _, part = spec.partition("+")  # "wint8+lm_head": the LM head quantized too
+        config = QuantConfig.build(method, lm_head=part == "lm_head")
         target = target_fp32_bytes(ref_model, config)
         model = load_fp32(model_dir, config)
         qbytes = quantized_bytes(model)
@@ -228,7 +234,7 @@ def accuracy(args: argparse.Namespace) -> None:
         f"cpu kernels {'on' if cpu_kernels.available() else 'off'}"
     )
     print(
-        f"{'method':12} {'quant MiB':>9} {'x fp32':>7} {'total MiB':>9} {'x fp32':>7} {'KV B/tok':>8} "
+        f"{'method':13} {'quant MiB':>9} {'x fp32':>7} {'total MiB':>9} {'x fp32':>7} {'KV B/tok':>8} "
         f"{'x fp32':>7} {'top-1':>7} {'mean KL':>9} {'dlogit':>7} {'all: top-1':>7} {'KL':>9} {'dlogit':>7} "
         f"{'s':>5}"
     )
@@ -238,7 +244,7 @@ def accuracy(args: argparse.Namespace) -> None:
         kv = kv_c8 if spec == "c8" else kv_fp32
         total = resident_bytes(model)
         print(
-            f"{spec:12} {qbytes / 2**20:9.1f} {qbytes / target:7.3f} {total / 2**20:9.1f} "
+            f"{spec:13} {qbytes / 2**20:9.1f} {qbytes / target:7.3f} {total / 2**20:9.1f} "
             f"{total / fp32_total:7.3f} {kv:8d} {kv / kv_fp32:7.3f} {scored.row()} {every.row()} "
             f"{time.monotonic() - t0:5.0f}",
             flush=True,
@@ -280,7 +286,11 @@ def decode(args: argparse.Namespace) -> None:
         f"median of {args.repeats}"
     )
     print(f"{'weights':22} " + " ".join(f"{f'batch {b} ms':>11}" for b in batches))
-    variants = {"bf16": ("bfloat16", None), "wint8 (+ bf16 lm_head)": ("auto", QuantConfig.build("wint8"))}
+    variants = {
+        "bf16": ("bfloat16", None),
+        "wint8 (+ bf16 lm_head)": ("auto", QuantConfig.build("wint8")),
+        "wint8 (+ int8 lm_head)": ("auto", QuantConfig.build("wint8", lm_head=True)),
+    }
     for label, (dtype, config) in variants.items():
         model, _ = load_model(args.model, dtype=dtype, quantization=config)
         times = [decode_step_ms(model, b, args.context, args.repeats) for b in batches]

@@ -7,7 +7,7 @@ output tokens / wall time), TTFT and inter-token latency (gaps between streamed 
 
 Targets, one of (combinable: `--engine --serve` prints the stack / engine ratio per concurrency):
     python scripts/bench_serving.py --base-url http://127.0.0.1:8188/v1 --model ROW   # a running server
-    python scripts/bench_serving.py --serve --model CKPT [--quantization wint8]       # starts our stack
+    python scripts/bench_serving.py --serve --model CKPT [--quantization wint8] [--quantize-lm-head]  # ours
     python scripts/bench_serving.py --engine --model CKPT [--quantization wint8]      # AsyncLLMEngine alone
 `--serve` starts tritonserver (one row serving CKPT) and the OpenAI frontend on free 127.0.0.1 ports and
 stops them at the end. Every level is bounded by --timeout; unfinished requests are cancelled and the level
@@ -189,6 +189,8 @@ def engine_parameters(args: argparse.Namespace) -> dict[str, str]:
               "max_num_seqs": str(args.max_num_seqs)}
     if args.quantization:
         params["quantization"] = args.quantization
+    if args.quantize_lm_head:
+        params["quantize_lm_head"] = "true"
     if args.dtype:
         params["dtype"] = args.dtype
     return params
@@ -354,6 +356,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     target.add_argument("--label", default="", help="row name in the table (default: the target kind)")
     row = parser.add_argument_group("row shape (--serve / --engine)")
     row.add_argument("--quantization", default="", choices=["", "wint8", "wint4", "w4a8"])
+    row.add_argument("--quantize-lm-head", action="store_true", help="the LM head too (as llama.cpp's q8_0)")
     row.add_argument("--dtype", default="", help="EngineConfig dtype (default: auto)")
     row.add_argument("--max-model-len", type=int, default=2048)
     row.add_argument("--max-num-seqs", type=int, default=128)

@@ -89,6 +89,14 @@ def test_router_lm_head_embeddings_stay_float():
         assert cfg.method_for(name) == ""
 
 
+def test_lm_head_quantized_only_when_asked():
+    cfg = QuantConfig.build("wint8", lm_head=True)
+    assert cfg.method_for("lm_head.weight") == "wint8"
+    assert cfg.method_for("embed_tokens") == cfg.method_for("layers.3.mlp.gate") == ""
+    with pytest.raises(ValueError, match="quantize_lm_head needs"):
+        QuantConfig.build("", lm_head=True)
+
+
 # ---- weights ------------------------------------------------------------------------------------------
 
 
@@ -258,6 +266,21 @@ def test_model_under_each_method(tiny_ckpt, method, min_agree):
     assert np.abs(out - ref).max() < 0.5 * np.abs(ref).max()
 
 
+def test_quantized_lm_head_of_a_tied_model(tiny_ckpt):
+    """The tied head becomes an int8 copy of the table (the float table stays for lookups); top-1 holds."""
+    tokens = RNG.integers(3, 2000, 64)
+    ref = _logits(load_model(tiny_ckpt)[0], tokens)
+    body_only, config = load_model(tiny_ckpt, quantization=QuantConfig.build("wint8"))
+    model, _ = load_model(tiny_ckpt, quantization=QuantConfig.build("wint8", lm_head=True))
+    assert config.tie_word_embeddings
+    head_bytes = quantized_bytes(model) - quantized_bytes(body_only)
+    assert head_bytes >= config.vocab_size * config.hidden_size  # one int8 byte per table entry, + scales
+    assert model.embed_tokens.weight.dtype == paddle.float32
+    out, body_out = _logits(model, tokens), _logits(body_only, tokens)
+    assert not np.array_equal(out, body_out)
+    assert (out.argmax(-1) == ref.argmax(-1)).mean() >= 0.95
+
+
 def test_prequantized_checkpoint_loads_as_quantized(tiny_ckpt, tmp_path):
     """Write `<name>.weight` (packed int4 [in/2, out]) + `<name>.weight_scale` ([out]) as documented, from the
     float checkpoint; loading it gives the same logits as quantizing the float checkpoint at load."""
@@ -315,6 +338,12 @@ def test_engine_generates_under_each_method(tiny_ckpt, method):
     tokens, llm = _engine_tokens(tiny_ckpt, quantization=method)
     assert len(tokens) == GREEDY.max_tokens
     assert quantized_bytes(llm.engine.runner.model) > 0
+
+
+def test_engine_quantize_lm_head(tiny_ckpt):
+    tokens, llm = _engine_tokens(tiny_ckpt, quantization="wint8", quantize_lm_head=True)
+    assert len(tokens) == GREEDY.max_tokens
+    assert llm.engine.runner.model.lm_head.quant_method == "wint8"
 
 
 def test_engine_unknown_method_fails_the_load(tiny_ckpt):

@@ -147,6 +147,7 @@ class EngineConfig:
     kv_cache_max_host_bytes: int = 1 << 30
     quantization: str = ""  # "", "wint8", "wint4", "w4a8"
     kv_cache_dtype: str = ""  # "", "int8" (C8)
+    quantize_lm_head: bool = False  # the LM head too, with `quantization`'s method (layers/quant/config.py)
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
     enable_max_prefill: bool = False  # FastDeploy's FD_ENABLE_MAX_PREFILL

@@ -80,7 +80,10 @@ class ShardRunner(ModelRunner):
         self.plan = plan
         dtype = None if config.dtype == "auto" else config.dtype
         self.quant = QuantConfig.build(
-            config.quantization, config.kv_cache_dtype, plan.config.extra.get("quantization_config")
+            config.quantization,
+            config.kv_cache_dtype,
+            plan.config.extra.get("quantization_config"),
+            lm_head=config.quantize_lm_head,
         )
         self.model = load_shard(model_dir, plan, dtype, self.quant)
         self.model_config = plan.local_config()

@@ -11,7 +11,7 @@ element's round-trip error is at most scale / 2. Int4 values are packed two per 
 the input axis: row 2i in the low nibble, row 2i+1 in the high nibble, giving [..., in/2, out]. Scales are
 stored as [..., G, out] (G = 1 per channel, else in / group_size). Only the projections named in
 `QUANTIZED_SUFFIXES` are quantized; embeddings, norms, the MoE router (`mlp.gate`), lm_head and the vision
-tower stay in the model dtype, as FastDeploy does.
+tower stay in the model dtype, as FastDeploy does (`quantize_lm_head` opts the LM head in).
 
 Execution. On XPU the weight-only methods repack with `paddle.nn.quant.weight_quantize` and run
 `weight_only_linear`. Paddle has no such CPU kernels: on CPU quantized Linears and routed experts run the

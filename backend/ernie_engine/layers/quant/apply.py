@@ -63,10 +63,25 @@ def quantize_experts(layer: GroupedExperts, method: str, group_size: int) -> Non
     layer.quant_method = method
 
 
+def untie_lm_head(model: nn.Layer) -> None:
+    """Give a tied model its own LM head: a Linear over a copy of the embedding table, which can then be
+    quantized while the float table stays for token lookups. Not a checkpoint tensor (not persistable)."""
+    if getattr(model, "lm_head", None) is not None:
+        return
+    table = getattr(model, "language_model", model).embed_tokens.weight  # [vocab, hidden]
+    head = Linear(table.shape[1], 1)  # a tiny placeholder weight, replaced by the [hidden, vocab] copy
+    head.out_features = table.shape[0]
+    delattr(head, "weight")
+    head.register_buffer("weight", table.transpose([1, 0]).contiguous(), persistable=False)
+    model.lm_head = head
+
+
 def quantize_model(model: nn.Layer, config: QuantConfig) -> None:
     """After loading: quantize the targeted float weights in place; finish pre-quantized ones."""
     if not config.enabled:
         return
+    if config.lm_head:
+        untie_lm_head(model)
     count = 0
     for name, layer in model.named_sublayers():
         if isinstance(layer, Linear):

@@ -48,6 +48,9 @@ class QuantConfig:
     kv_cache_int8: bool = False
     prequantized: bool = False  # the checkpoint already holds int weights + scales
     group_size: int = DEFAULT_GROUP_SIZE  # wint4 only; wint8 and w4a8 are per channel
+    # The LM head too, with the dense method (tied: a quantized copy of the embedding table). Off as in
+    # FastDeploy; llama.cpp's q8_0 quantizes it. For a small model it is a large share of each step's bytes.
+    lm_head: bool = False
 
     @property
     def enabled(self) -> bool:
@@ -55,7 +58,11 @@ class QuantConfig:
 
     @classmethod
     def build(
-        cls, quantization: str = "", kv_cache_dtype: str = "", checkpoint: dict[str, Any] | None = None
+        cls,
+        quantization: str = "",
+        kv_cache_dtype: str = "",
+        checkpoint: dict[str, Any] | None = None,
+        lm_head: bool = False,
     ) -> QuantConfig:
         """From the engine flags and the checkpoint's `quantization_config` (which wins if it names types)."""
         method = normalize_method(quantization)
@@ -79,14 +86,17 @@ class QuantConfig:
                     dense,
                     moe,
                 )
-        config = cls(dense, moe, kv_int8, bool(ckpt.get("is_quantized", False)))
+        if lm_head and not dense:
+            raise ValueError("quantize_lm_head needs a weight quantization method (wint8, wint4 or w4a8)")
+        config = cls(dense, moe, kv_int8, bool(ckpt.get("is_quantized", False)), lm_head=lm_head)
         if config.enabled or kv_int8:
             logger.info(
-                "quantization: dense=%s moe=%s kv_cache=%s prequantized=%s",
+                "quantization: dense=%s moe=%s kv_cache=%s prequantized=%s lm_head=%s",
                 dense or "none",
                 moe or "none",
                 "int8" if kv_int8 else "model dtype",
                 config.prequantized,
+                dense if lm_head else "model dtype",
             )
         return config
 
@@ -95,6 +105,8 @@ class QuantConfig:
         if is_expert:
             return self.moe_method
         name = param_path.removesuffix(".weight")
+        if name == "lm_head" and self.lm_head:
+            return self.dense_method
         if any(scope in name for scope in _SKIPPED_SCOPES) or not name.endswith(QUANTIZED_SUFFIXES):
             return ""
         return self.dense_method
