@@ -2,11 +2,11 @@
 
 Conversations, not text: each item is `{"messages", "tools", "enable_thinking"}` (plus `copy`, the strings
 the training loss weighs more) so the training script renders them with the model's real chat template.
-Topics: capitals of the world in English and Chinese in several phrasings (half the English ones after an
-opener), small arithmetic, short facts, a weather tool (round trips with and without thinking, over capitals
-and other cities, random temperatures), short weather chats without the tool, short requests for the tool
-call's JSON (some for made-up cities), and thinking-style answers. `first_phase_corpus` is what training
-starts on (no weather), `build_corpus` the mix it continues with.
+Topics: capitals of the world in English and Chinese in several phrasings (a third of the English ones
+after an opener), small arithmetic, short facts, a weather tool (round trips with and without thinking, over
+capitals and other cities, random temperatures), short weather chats without the tool, short requests for
+the tool call's JSON (some for made-up cities), and thinking-style answers. `first_phase_corpus` is what
+training starts on (no weather), `build_corpus` the mix it continues with.
 
 Held-out phrasings (`HELD_OUT_*`) never appear in training; the evaluation asks with them. The weather of
 `HELD_OUT_CITIES` (capitals) is never asked in training either.
@@ -380,13 +380,13 @@ def _chat(
 def capital_conversations(
     templates_en: list[str] = TRAIN_EN, templates_zh: list[str] = TRAIN_ZH, rng: random.Random | None = None
 ) -> list[Conversation]:
-    """One conversation per country and template; with `rng`, half the English questions start with an opener
-    (`OPENERS`)."""
+    """One conversation per country and template; with `rng`, a third of the English questions start with an
+    opener (`OPENERS`)."""
     out = []
     for country, capital, country_zh, capital_zh in CAPITALS:
         for template in templates_en:
             question = template.format(c=country)
-            if rng is not None and rng.random() < 0.5:
+            if rng is not None and rng.random() < 1 / 3:
                 question = with_opener(rng, question, template)
             answer = f"The capital of {country} is {capital}."
             out.append(_chat(question, answer, copy=(country, capital)))
@@ -598,7 +598,7 @@ def build_corpus(
     weather_en: int = 240,
     weather_zh: int = 60,
     weather_short: int = 1500,
-    call_json: int = 1500,
+    call_json: int = 2000,
     first_phase_repeats: int = 2,
 ) -> list[Conversation]:
     """The training conversations after the first phase: `first_phase_corpus` `first_phase_repeats` times,

@@ -56,20 +56,28 @@ steps (teacher-forced copies for held-out weather phrasings) and `scripts/eval_d
   then the mix: with that corpus twice in the mix (2500 + 6500 steps) capitals 94% but the weather copies
   only began at the end (1/10 held-out calls named the city); once in the mix they are learned;
 - every capital failure left was one held-out phrasing, "I wonder which city is X's capital?": "wonder"
-  never occurs in training (tokens "I", "▁w", "on", "d", "er") and the model answered another country or
-  another capital. More phrasings with the country not after "capital of" (`TRAIN_EN`) fixed the wrong
-  countries; openers before half the English questions (`OPENERS`, "Hey, ", "I'm curious: ", ...) teach
-  that a question's first words do not change its answer (both: the rest of the held-out phrasings ~100%);
+  never occurs in training (tokens "I", "▁w", "on", "d", "er"), and the model answered another country or
+  another capital (62-78% held-out). More phrasings with the country not after "capital of" (`TRAIN_EN`)
+  fixed the wrong countries; openers before some English questions (`OPENERS`: "Hey, ", "I'm curious: ",
+  ...) teach that a question's first words do not change its answer: with them before half the questions
+  100% held-out (but in that run the call's city copy was not learned by the end), a third: 92%;
 - fewer tool round trips (240 + 60 instead of 300 + 75; each is a whole 256-token batch for ~30 scored
-  tokens) leave steps for the rest;
+  tokens) and more short call requests (2000) leave steps for the copies. When the call's city copy
+  appears varies from run to run (steps ~4500-7500): it is what limits the budget;
 - negative temperatures as single tokens like 10-105: "-3" had come out "3".
 
-Measured for this recipe (default arguments, pinned to one core, `taskset -c 0`, while another job used the
-other core):
+Measured for this recipe (default arguments, one thread pinned to one core with `taskset -c 0` while another
+job kept the machine's other core busy; 2026-11-30 02:33-02:48 UTC):
 
-    OMP_NUM_THREADS=1 MKL_DEBUG_CPU_TYPE=5 python scripts/train_demo_model.py --out checkpoints/ernie-4.5-tiny
+    OMP_NUM_THREADS=1 MKL_DEBUG_CPU_TYPE=5 taskset -c 0 python scripts/train_demo_model.py --out DIR
 
-RESULTS
+9000 steps (1500 first phase) in 14.8 min, 1.90M parameters, 3.7 MiB: the committed checkpoint.
+scripts/eval_demo_model.py: held-out capitals 92% (the 4 misses: "I wonder which city is X's capital?");
+the seed question answers "The capital of China is Beijing." with thinking on and off; the weather call
+names Beijing and the follow-up states 23 with thinking on and off; held-out weather phrasings: 9/10 valid
+calls (the miss: "帮我看看拉巴特的天气。", whose 帮 and 看 are bytes to the tokenizer), 5/10 name the city,
+8/10 follow-ups state the tool's temperature. Capitals whose weather training never asks for
+(`--never-asked`) are not copied into the call.
 """
 
 from __future__ import annotations
@@ -415,7 +423,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--head-dim", type=int, default=64)
     parser.add_argument("--steps", type=int, default=9000)
     parser.add_argument(
-        "--first-phase-steps", type=int, default=2000, help="steps on capitals, arithmetic, facts only"
+        "--first-phase-steps", type=int, default=1500, help="steps on capitals, arithmetic, facts only"
     )
     parser.add_argument("--batch-tokens", type=int, default=256, help="padded tokens per batch")
     parser.add_argument("--lr", type=float, default=2e-3)
@@ -428,7 +436,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--weather-en", type=int, default=240, help="English weather round trips")
     parser.add_argument("--weather-zh", type=int, default=60, help="Chinese weather round trips")
     parser.add_argument("--weather-short", type=int, default=1500, help="short weather chats, no tool")
-    parser.add_argument("--call-json", type=int, default=1500, help="short requests for the call's JSON")
+    parser.add_argument("--call-json", type=int, default=2000, help="short requests for the call's JSON")
     parser.add_argument(
         "--first-phase-repeats", type=int, default=1, help="copies of the first phase's corpus in the mix"
     )
