@@ -71,7 +71,8 @@ job kept the machine's other core busy; 2026-11-30 02:33-02:48 UTC):
 
     OMP_NUM_THREADS=1 MKL_DEBUG_CPU_TYPE=5 taskset -c 0 python scripts/train_demo_model.py --out DIR
 
-9000 steps (1500 first phase) in 14.8 min, 1.90M parameters, 3.7 MiB: the committed checkpoint.
+9000 steps (1500 first phase) in 14.8 min, 1.90M parameters, 3.7 MiB: the committed checkpoint (a second
+run of this command wrote byte-identical files).
 scripts/eval_demo_model.py: held-out capitals 92% (the 4 misses: "I wonder which city is X's capital?");
 the seed question answers "The capital of China is Beijing." with thinking on and off; the weather call
 names Beijing and the follow-up states 23 with thinking on and off; held-out weather phrasings: 9/10 valid
