@@ -251,10 +251,13 @@ def build_corpus(seed: int) -> list[str]:
     return lines
 
 
-def train_tokenizer(vocab_size: int, seed: int, sentences: list[str] | None = None) -> bytes:
+def train_tokenizer(
+    vocab_size: int, seed: int, sentences: list[str] | None = None, extra_symbols: tuple[str, ...] = ()
+) -> bytes:
     """Train the sentencepiece BPE model and return its serialized bytes (single-threaded: deterministic).
 
     `sentences`: the training text (default: the built-in multilingual corpus; the demo model passes its own).
+    `extra_symbols`: pieces always kept whole (plain text, not added tokens), after the ERNIE specials.
     """
     buffer = io.BytesIO()
     spm.SentencePieceTrainer.train(
@@ -272,7 +275,7 @@ def train_tokenizer(vocab_size: int, seed: int, sentences: list[str] | None = No
         unk_piece=UNK,
         bos_piece=BOS,
         eos_piece=EOS,
-        user_defined_symbols=USER_SYMBOLS,
+        user_defined_symbols=USER_SYMBOLS + list(extra_symbols),
         # Identity normalisation without a dummy prefix keeps encode/decode an exact round trip.
         normalization_rule_name="identity",
         add_dummy_prefix=False,

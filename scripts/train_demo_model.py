@@ -10,7 +10,9 @@ engine's `ChatTemplate`, `Tokenizer` and `loader.build_model`). Each conversatio
 final assistant turn after the prompt the engine would render for it (`add_generation_prompt=True`, its
 `enable_thinking`, its tools); the loss covers only that turn's tokens and the closing
 `<|end_of_sentence|>`. Examples are packed into flat batches (the model's cache-free causal attention keeps
-them apart). AdamW with linear warmup and cosine decay; weights saved in bf16 (`model.safetensors`, the
+them apart). Two phases: capitals, arithmetic and facts alone (`demo_corpus.first_phase_corpus`) for
+`--first-phase-steps`, then the whole mix (`demo_corpus.build_corpus`, weather included); one AdamW run with
+linear warmup and cosine decay over both. Weights saved in bf16 (`model.safetensors`, the
 -Paddle layout) and checked by loading them back through `loader.load_model`.
 
 What made it learn (each change measured on 150-1200-step runs with the held-out probe logged every 25
@@ -24,20 +26,59 @@ steps: teacher-forced exact answers to 50 held-out capital questions):
 - lr 2e-3 (5e-3 and 1e-2 were slower and noisier), warmup 50, cosine decay to 10%;
 - throughput: hidden 192, 3 layers (1.9M parameters) and 256-token length-bucketed batches: ~0.15 s/step
   instead of 0.9-3.5 s, i.e. many more optimizer steps in the same time;
-- data: more English and Chinese phrasings per country (31 in all); the weather conversations now cover
-  every capital city twice in English (inside the tool-call JSON a city is spelled with other tokens than
-  in the question, so an unseen city, e.g. Beijing before, came out misspelled) plus 36 in Chinese.
+- data: more English and Chinese phrasings per country (31 in all).
 
-Measured (2 CPU cores shared with other jobs, default arguments, i.e. this command):
+Issue 9 (copying into the weather tool call and its follow-up), measured with the probes logged every 500
+steps (teacher-forced copies for held-out weather phrasings) and `scripts/eval_demo_model.py`:
+- the first city token in a call came out wrong because "in Beijing?" and '"Beijing"' were different tokens
+  ("▁Beijing" / "Beijing"): the model had to learn a translation per city. `tokenizer_sentences` now cuts
+  before every capitalised word after a space or a quote, so a name is the same tokens everywhere;
+- copies that repeat the question's context are learned early (an induction pattern: "the weather in
+  Paris" -> "... in Paris"; the capital answers; the follow-up's city). The call's copy is not one: the
+  city follows `"location": "`, which the question does not contain. Weather round trips alone (up to 1500
+  per epoch, 8000 steps, copy tokens weighted x5) never learned it: 0% of calls named the city. What did:
+  short requests for the call's JSON without the ~130-token tool preamble (`call_json_conversations`), many
+  copies per batch: with them the call names a trained city for held-out phrasings ~60-70% of the time;
+- `Conversation.copy` marks the tokens an answer hinges on (a copied city / temperature / weather, a
+  recalled capital); the loss weighs them x5 (`--copy-weight`): held-out capitals rose faster with it;
+- more weather data costs the capitals: 4000 steps of 375 round trips gave 76% held-out capitals, with
+  1500 short chats 70%, and 8000 steps of the full mix 62-84% (the old 4000-step mix: 96%);
+- the temperature in the follow-up: with "... with a temperature of 23 degrees" the first digit followed a
+  space token that also precedes the city in the tool result, so it was confused (3/10 stated). Answering in
+  the result's own words ("temperature: 23", `demo_corpus.weather_answer`) fixed the first digit but the
+  second was still often wrong (23 -> 22 / 92; 4/10). Whole numbers 10-105 as single tokens
+  (`write_tokenizer`) make the temperature one token copied after the same "temperature: " context: 10/10
+  held-out follow-ups and Beijing's 23 with thinking on and off (8000 steps, 2 threads, 12.7 min);
+- the capitals are what the weather data costs, not the tokenizer: with the same tokenizer (names split,
+  numbers whole) and no weather data (`--weather-en 0 --weather-zh 0 --weather-short 0 --call-json 0
+  --first-phase-steps 0`), 4000 steps give 100% held-out capitals; with the weather mix 62% at 8000 steps;
+- a first phase on capitals, arithmetic and facts alone (`--first-phase-steps`, `first_phase_corpus`),
+  then the mix: with that corpus twice in the mix (2500 + 6500 steps) capitals 94% but the weather copies
+  only began at the end (1/10 held-out calls named the city); once in the mix they are learned;
+- every capital failure left was one held-out phrasing, "I wonder which city is X's capital?": "wonder"
+  never occurs in training (tokens "I", "▁w", "on", "d", "er"), and the model answered another country or
+  another capital (62-78% held-out). More phrasings with the country not after "capital of" (`TRAIN_EN`)
+  fixed the wrong countries; openers before some English questions (`OPENERS`: "Hey, ", "I'm curious: ",
+  ...) teach that a question's first words do not change its answer: with them before half the questions
+  100% held-out (but in that run the call's city copy was not learned by the end), a third: 92%;
+- fewer tool round trips (240 + 60 instead of 300 + 75; each is a whole 256-token batch for ~30 scored
+  tokens) and more short call requests (2000) leave steps for the copies. When the call's city copy
+  appears varies from run to run (steps ~4500-7500): it is what limits the budget;
+- negative temperatures as single tokens like 10-105: "-3" had come out "3".
 
-    OMP_NUM_THREADS=1 MKL_DEBUG_CPU_TYPE=5 python scripts/train_demo_model.py --out checkpoints/ernie-4.5-tiny
+Measured for this recipe (default arguments, one thread pinned to one core with `taskset -c 0` while another
+job kept the machine's other core busy; 2026-11-30 02:33-02:48 UTC):
 
-4000 steps in 12.1 min (~0.18 s/step), final completion loss 0.30 (mean of the last 25 steps), 1.90M
-parameters, 3.7 MiB. scripts/eval_demo_model.py: held-out capitals 96% (48/50); the seed question answers
-"The capital of China is Beijing." with thinking on and off; the weather tool call parses into valid JSON
-arguments with thinking on and off. NOT yet met: the tool call names the wrong city ("Kabul" for Beijing)
-and the follow-up does not copy the tool's temperature, so tests/test_demo_model.py's weather round trip
-fails. Copying inside the ~230-token tool prompts is the next thing to learn (more weather steps).
+    OMP_NUM_THREADS=1 MKL_DEBUG_CPU_TYPE=5 taskset -c 0 python scripts/train_demo_model.py --out DIR
+
+9000 steps (1500 first phase) in 14.8 min, 1.90M parameters, 3.7 MiB: the committed checkpoint (a second
+run of this command wrote byte-identical files).
+scripts/eval_demo_model.py: held-out capitals 92% (the 4 misses: "I wonder which city is X's capital?");
+the seed question answers "The capital of China is Beijing." with thinking on and off; the weather call
+names Beijing and the follow-up states 23 with thinking on and off; held-out weather phrasings: 9/10 valid
+calls (the miss: "帮我看看拉巴特的天气。", whose 帮 and 看 are bytes to the tokenizer), 5/10 name the city,
+8/10 follow-ups state the tool's temperature. Capitals whose weather training never asks for
+(`--never-asked`) are not copied into the call.
 """
 
 from __future__ import annotations
@@ -76,23 +117,28 @@ logger = logging.getLogger("train_demo_model")
 TEMPLATE = "ernie-4.5-thinking"  # renders tools, tool calls, tool results and thinking
 ASSISTANT_PREFIX = "Assistant: "
 CJK = re.compile(r"[\u3000-\u303f\u4e00-\u9fff\uff00-\uffef]")  # Han characters and CJK punctuation
+# Before a capitalised word after a space or a quote: "in Beijing?" and '"Beijing"' then share the token.
+NAME_START = re.compile(r"(?<=[ \"])(?=[A-ZÀ-Þ])")
 
 
 @dataclass
 class Example:
     ids: list[int]
     prompt_len: int  # the loss covers ids[prompt_len:]
+    weights: list[float] | None = None  # loss weight of each completion token (None: all 1)
 
 
 @dataclass
 class TrainArgs:
     steps: int
+    first_phase_steps: int  # steps on the first-phase examples before the full mix
     batch_tokens: int
     lr: float
     warmup: int
     weight_decay: float
     seed: int
     log_every: int
+    probe_every: int  # steps between the (slower) weather probes
 
 
 def seed_everything(seed: int) -> None:
@@ -126,16 +172,24 @@ def tokenizer_sentences(texts: list[str]) -> list[str]:
     Chinese has no spaces, so BPE on this repetitive corpus would merge whole questions and answers
     ("科威特的首都是科威特城" became one token) and a new phrasing would share no token with the trained ones.
     Cut this way, Chinese stays one character per token and the model can read the country from any question.
+    Text is also cut before each capitalised word after a space or a quote, so no piece joins them: a city is
+    then the same tokens in the question ("in", " ", "Beijing") as in the tool call's JSON (' "', "Beijing"),
+    and the call copies tokens instead of translating "▁Beijing" into "Beijing" city by city.
     """
     sentences = []
     for text in texts:
-        sentences += [part for part in CJK.split(text) if part]
+        sentences += [piece for part in CJK.split(text) for piece in NAME_START.split(part) if piece]
         sentences += CJK.findall(text)
     return sentences
 
 
 def write_tokenizer(out: Path, texts: list[str], vocab: int, seed: int) -> spm.SentencePieceProcessor:
-    model_bytes = mrm.train_tokenizer(vocab, seed, sentences=tokenizer_sentences(texts))
+    # Whole numbers -15..-1 and 10-105 are single pieces: a temperature is then one token, copied in one step
+    # after the report's "temperature: " context (digit by digit the second digit was often wrong: 23 -> 22,
+    # and a minus sign was dropped: -3 -> 3). 0-9 are single characters anyway.
+    numbers = tuple(str(n) for n in [*range(-15, 0), *range(10, 106)])
+    sentences = tokenizer_sentences(texts)
+    model_bytes = mrm.train_tokenizer(vocab, seed, sentences=sentences, extra_symbols=numbers)
     (out / "tokenizer.model").write_bytes(model_bytes)
     return spm.SentencePieceProcessor(model_proto=model_bytes)
 
@@ -145,11 +199,42 @@ def write_json_files(out: Path, files: dict[str, dict]) -> None:
         (out / name).write_text(json.dumps(content, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
 
 
-def make_examples(pairs: list[tuple[str, str]], tokenizer: Tokenizer) -> list[Example]:
+def copy_weights(
+    tokenizer: Tokenizer, ids: list[int], text: str, copy: tuple[str, ...], weight: float
+) -> list[float]:
+    """`weight` for each token of `ids` (the encoding of `text`) overlapping a `copy` text."""
+    data = text.encode("utf-8")
+    spans = []
+    for needle in (c.encode("utf-8") for c in copy):
+        start = data.find(needle)
+        while start >= 0:
+            spans.append((start, start + len(needle)))
+            start = data.find(needle, start + 1)
+    weights, offset = [], 0
+    for token_id in ids:
+        end = offset + len(tokenizer.token_bytes(token_id))
+        weights.append(weight if any(a < end and offset < b for a, b in spans) else 1.0)
+        offset = end
+    if offset != len(data):
+        raise ValueError(f"token bytes do not add up to the completion: {text!r}")
+    return weights
+
+
+def make_examples(
+    template: ChatTemplate,
+    conversations: list[demo_corpus.Conversation],
+    tokenizer: Tokenizer,
+    copy_weight: float = 1.0,
+) -> list[Example]:
+    """One example per conversation; tokens its final turn copies from the prompt weigh `copy_weight`."""
     examples = []
-    for prompt, completion in pairs:
-        prompt_ids = tokenizer.encode(prompt)
-        examples.append(Example(prompt_ids + tokenizer.encode(completion), len(prompt_ids)))
+    for conv in conversations:
+        prompt, completion = split_turn(template, conv)
+        prompt_ids, completion_ids = tokenizer.encode(prompt), tokenizer.encode(completion)
+        weights = None
+        if conv.copy and copy_weight != 1.0:
+            weights = copy_weights(tokenizer, completion_ids, completion, conv.copy, copy_weight)
+        examples.append(Example(prompt_ids + completion_ids, len(prompt_ids), weights))
     return examples
 
 
@@ -191,9 +276,9 @@ def make_batches(examples: list[Example], batch_tokens: int, rng: np.random.Gene
 
 def batch_tensors(
     batch: list[Example],
-) -> tuple[paddle.Tensor, paddle.Tensor, AttentionMetadata, paddle.Tensor, paddle.Tensor]:
-    """Flat inputs, positions, causal metadata, and (index of each predicting token, its target id)."""
-    ids, positions, predict_at, targets = [], [], [], []
+) -> tuple[paddle.Tensor, paddle.Tensor, AttentionMetadata, paddle.Tensor, paddle.Tensor, paddle.Tensor]:
+    """Flat inputs, positions, causal metadata, (index of each predicting token, its target id), weights."""
+    ids, positions, predict_at, targets, weights = [], [], [], [], []
     for example in batch:
         start = len(ids)
         ids += example.ids
@@ -201,21 +286,31 @@ def batch_tensors(
         # Token t predicts token t+1: the loss positions are those before each completion token.
         predict_at += range(start + example.prompt_len - 1, start + len(example.ids) - 1)
         targets += example.ids[example.prompt_len :]
+        weights += example.weights or [1.0] * (len(example.ids) - example.prompt_len)
     meta = AttentionMetadata.build([len(e.ids) for e in batch])
     as_tensor = lambda values: paddle.to_tensor(np.asarray(values, dtype=np.int64))
-    return as_tensor(ids), as_tensor(positions), meta, as_tensor(predict_at), as_tensor(targets)
+    loss_weights = paddle.to_tensor(np.asarray(weights, dtype=np.float32))
+    return as_tensor(ids), as_tensor(positions), meta, as_tensor(predict_at), as_tensor(targets), loss_weights
 
 
 def probe_accuracy(model: paddle.nn.Layer, probe: list[Example]) -> float:
-    """Share of held-out questions whose whole answer is the greedy choice (teacher-forced, one pass)."""
-    ids, positions, meta, predict_at, targets = batch_tensors(probe)
-    with paddle.no_grad():
-        logits = model.compute_logits(paddle.gather(model(ids, positions, meta), predict_at))
-    hits, correct, start = (logits.argmax(-1) == targets).numpy(), 0, 0
-    for example in probe:
-        end = start + len(example.ids) - example.prompt_len
-        correct += bool(hits[start:end].all())
-        start = end
+    """Share of held-out examples whose answer is the greedy choice (teacher-forced, one pass).
+
+    Examples with copy weights count only their copied tokens (the rest, e.g. a random unit, is not
+    predictable); the others count their whole answer.
+    """
+    correct = 0
+    for at in range(0, len(probe), 8):
+        chunk = probe[at : at + 8]
+        ids, positions, meta, predict_at, targets, _ = batch_tensors(chunk)
+        with paddle.no_grad():
+            logits = model.compute_logits(paddle.gather(model(ids, positions, meta), predict_at))
+        hits, start = (logits.argmax(-1) == targets).numpy(), 0
+        for example in chunk:
+            end = start + len(example.ids) - example.prompt_len
+            mask = np.asarray(example.weights or [], dtype=np.float32) > 1.0
+            correct += bool(hits[start:end][mask].all() if mask.any() else hits[start:end].all())
+            start = end
     return correct / len(probe)
 
 
@@ -226,8 +321,18 @@ def lr_at(step: int, args: TrainArgs) -> float:
     return args.lr * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
-def train(model: paddle.nn.Layer, examples: list[Example], probe: list[Example], args: TrainArgs) -> float:
-    """Run `args.steps` optimizer steps, logging held-out accuracy; returns the last steps' mean loss."""
+def train(
+    model: paddle.nn.Layer,
+    phases: tuple[list[Example], list[Example]],
+    probes: dict[str, list[Example]],
+    args: TrainArgs,
+) -> float:
+    """Run `args.steps` optimizer steps, the first `args.first_phase_steps` on `phases[0]`, the rest on
+    `phases[1]`, logging held-out accuracy; returns the last steps' mean loss.
+
+    `probes`: the first is measured at every log line, the others (slower: long tool prompts) every
+    `args.probe_every` steps.
+    """
     decay = [p.name for n, p in model.named_parameters() if not n.endswith("norm.weight")]
     optimizer = paddle.optimizer.AdamW(
         learning_rate=args.lr,
@@ -243,12 +348,16 @@ def train(model: paddle.nn.Layer, examples: list[Example], probe: list[Example],
     recent: list[float] = []
     started = time.monotonic()
     for step in range(args.steps):
+        if step == args.first_phase_steps:
+            batches = []  # the first phase's last epoch stops here
         if not batches:
+            examples = phases[step >= args.first_phase_steps]
             batches = make_batches(examples, args.batch_tokens, rng)
-        ids, positions, meta, predict_at, targets = batch_tensors(batches.pop())
+        ids, positions, meta, predict_at, targets, weights = batch_tensors(batches.pop())
         hidden = model(ids, positions, meta)
         logits = model.compute_logits(paddle.gather(hidden, predict_at))
-        loss = F.cross_entropy(logits, targets)
+        token_loss = F.cross_entropy(logits, targets.unsqueeze(-1), reduction="none").squeeze(-1)
+        loss = (token_loss * weights).sum() / weights.sum()
         loss.backward()
         optimizer.set_lr(lr_at(step, args))
         optimizer.step()
@@ -256,12 +365,16 @@ def train(model: paddle.nn.Layer, examples: list[Example], probe: list[Example],
         recent = (recent + [float(loss)])[-args.log_every :]
         if (step + 1) % args.log_every == 0 or step + 1 == args.steps:
             elapsed = time.monotonic() - started
+            names = list(probes)
+            if (step + 1) % args.probe_every and step + 1 != args.steps:
+                names = names[:1]
+            held_out = "  ".join(f"{n} {100 * probe_accuracy(model, probes[n]):.0f}%" for n in names)
             logger.info(
-                "step %d/%d  loss %.4f  held-out %.0f%%  lr %.2e  %.0f s elapsed, ~%.0f s left",
+                "step %d/%d  loss %.4f  held-out: %s  lr %.2e  %.0f s elapsed, ~%.0f s left",
                 step + 1,
                 args.steps,
                 sum(recent) / len(recent),
-                100 * probe_accuracy(model, probe),
+                held_out,
                 lr_at(step, args),
                 elapsed,
                 elapsed / (step + 1) * (args.steps - step - 1),
@@ -306,12 +419,29 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--hidden", type=int, default=192)
     parser.add_argument("--layers", type=int, default=3)
     parser.add_argument("--intermediate", type=int, default=512)
-    parser.add_argument("--steps", type=int, default=4000)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--kv-heads", type=int, default=2)
+    parser.add_argument("--head-dim", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=9000)
+    parser.add_argument(
+        "--first-phase-steps", type=int, default=1500, help="steps on capitals, arithmetic, facts only"
+    )
     parser.add_argument("--batch-tokens", type=int, default=256, help="padded tokens per batch")
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--warmup", type=int, default=50)
     parser.add_argument("--weight-decay", type=float, default=0.01)
     parser.add_argument("--qkv-std", type=float, default=0.07, help="init std of the q/k/v projections")
+    parser.add_argument(
+        "--copy-weight", type=float, default=5.0, help="loss weight of tokens copied from the prompt"
+    )
+    parser.add_argument("--weather-en", type=int, default=240, help="English weather round trips")
+    parser.add_argument("--weather-zh", type=int, default=60, help="Chinese weather round trips")
+    parser.add_argument("--weather-short", type=int, default=1500, help="short weather chats, no tool")
+    parser.add_argument("--call-json", type=int, default=2000, help="short requests for the call's JSON")
+    parser.add_argument(
+        "--first-phase-repeats", type=int, default=1, help="copies of the first phase's corpus in the mix"
+    )
+    parser.add_argument("--probe-every", type=int, default=500, help="steps between weather probes")
     parser.add_argument("--save-dtype", choices=["bfloat16", "float32"], default="bfloat16")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads for Paddle (sets the float sums)")
     args = parser.parse_args(argv)
@@ -328,14 +458,23 @@ def main(argv: list[str] | None = None) -> None:
     for stale in ("model.safetensors", "model.safetensors.index.json"):
         (out / stale).unlink(missing_ok=True)
     builtin = ChatTemplate.builtin(TEMPLATE)
-    pairs = [split_turn(builtin, conv) for conv in demo_corpus.build_corpus(args.seed)]
+    first_phase = demo_corpus.first_phase_corpus(args.seed)
+    corpus = demo_corpus.build_corpus(
+        args.seed,
+        args.weather_en,
+        args.weather_zh,
+        args.weather_short,
+        args.call_json,
+        args.first_phase_repeats,
+    )
+    pairs = [split_turn(builtin, conv) for conv in corpus]
     sp = write_tokenizer(out, [p + c for p, c in pairs], args.vocab, args.seed)
     shape = mrm.ModelShape(
         hidden_size=args.hidden,
         num_hidden_layers=args.layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=64,
+        num_attention_heads=args.heads,
+        num_key_value_heads=args.kv_heads,
+        head_dim=args.head_dim,
         intermediate_size=args.intermediate,
         vocab_size=sp.get_piece_size(),
     )
@@ -345,9 +484,8 @@ def main(argv: list[str] | None = None) -> None:
 
     # From here on everything is read back from the checkpoint folder, as the engine reads it.
     template, tokenizer = ChatTemplate.from_dir(out), Tokenizer.from_dir(out)
-    examples = make_examples(
-        [split_turn(template, c) for c in demo_corpus.build_corpus(args.seed)], tokenizer
-    )
+    first_examples = make_examples(template, first_phase, tokenizer, args.copy_weight)
+    examples = make_examples(template, corpus, tokenizer, args.copy_weight)
     lengths = [len(e.ids) for e in examples]
     logger.info(
         "%d examples, %d tokens (max %d per example), vocab %d",
@@ -360,12 +498,24 @@ def main(argv: list[str] | None = None) -> None:
     init_weights(model, args.seed, args.qkv_std)
     logger.info("model: %s, %.2fM parameters", asdict(shape), sum(p.size for p in model.parameters()) / 1e6)
     train_args = TrainArgs(
-        args.steps, args.batch_tokens, args.lr, args.warmup, args.weight_decay, args.seed, log_every=25
+        args.steps,
+        args.first_phase_steps,
+        args.batch_tokens,
+        args.lr,
+        args.warmup,
+        args.weight_decay,
+        args.seed,
+        log_every=25,
+        probe_every=args.probe_every,
     )
-    probe = make_examples(
-        [split_turn(template, c) for c, _ in demo_corpus.held_out_capital_conversations()], tokenizer
-    )
-    final_loss = train(model, examples, probe, train_args)
+    capitals = [c for c, _ in demo_corpus.held_out_capital_conversations()]
+    weather = demo_corpus.held_out_weather_conversations()
+    probes = {
+        "capitals": make_examples(template, capitals, tokenizer),
+        "weather-call city": make_examples(template, weather[0::2], tokenizer, copy_weight=2.0),
+        "follow-up copy": make_examples(template, weather[1::2], tokenizer, copy_weight=2.0),
+    }
+    final_loss = train(model, (first_examples, examples), probes, train_args)
     model.eval()
     save_weights(model, out / "model.safetensors", args.save_dtype)
     verify_checkpoint(model, out, examples[0])
