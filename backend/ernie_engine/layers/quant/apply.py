@@ -65,7 +65,7 @@ def quantize_experts(layer: GroupedExperts, method: str, group_size: int) -> Non
 
 def untie_lm_head(model: nn.Layer) -> None:
     """Give a tied model its own LM head: a Linear over a copy of the embedding table, which can then be
-    quantized while the float table stays for token lookups. Not a checkpoint tensor (not persistable)."""
+    quantized while the float table stays for token lookups (the loader ignores a tied `lm_head.weight`)."""
     if getattr(model, "lm_head", None) is not None:
         return
     table = getattr(model, "language_model", model).embed_tokens.weight  # [vocab, hidden]
