@@ -81,11 +81,11 @@ def test_linear_bf16_matches_the_bf16_reference(isa, m, k, n):
     assert rel_err(ours, fp32_ref) < BF16_ROUNDING_TOL
 
 
-@pytest.mark.parametrize(("method", "group"), [("wint8", -1), ("wint4", -1), ("wint4", 64), ("wint4", 128)])
-@pytest.mark.parametrize(("m", "k", "n"), [(1, 256, 48), (3, 128, 21), (17, 384, 53), (200, 384, 53)])
-def test_quantized_linear_matches_exact_dequant(isa, method, group, m, k, n):
-    """Layers quantized by layers/quant, packed for the kernel: its dequantized weight's values times
-    bf16-rounded activations, each row bit-equal to the same row run alone."""
+def quantized_kernel_run(
+    method: str, group: int, m: int, k: int, n: int
+) -> tuple[Linear, np.ndarray, np.ndarray]:
+    """A random Linear quantized by layers/quant and packed for the kernel, run on random x [m, k]; checks the
+    result against the dequantized weight's values times bf16-rounded activations. Returns (layer, x, y)."""
     layer = Linear(k, n, bias=True)
     layer.weight.set_value(paddle.randn([k, n]))
     layer.bias.set_value(paddle.randn([n]))
@@ -96,6 +96,15 @@ def test_quantized_linear_matches_exact_dequant(isa, method, group, m, k, n):
     assert cpu_kernels.prepare_linear(layer, bf16_weights=False)
     ours = layer(paddle.to_tensor(x)).numpy()
     assert rel_err(ours, ref) < REL_TOL
+    return layer, x, ours
+
+
+@pytest.mark.parametrize(("method", "group"), [("wint8", -1), ("wint4", -1), ("wint4", 64), ("wint4", 128)])
+@pytest.mark.parametrize(("m", "k", "n"), [(1, 256, 48), (3, 128, 21), (17, 384, 53), (200, 384, 53)])
+def test_quantized_linear_matches_exact_dequant(isa, method, group, m, k, n):
+    """Layers quantized by layers/quant, packed for the kernel: its dequantized weight's values times
+    bf16-rounded activations, each row bit-equal to the same row run alone."""
+    layer, x, ours = quantized_kernel_run(method, group, m, k, n)
     np.testing.assert_array_equal(ours[-1:], layer(paddle.to_tensor(x[-1:])).numpy())
 
 
@@ -106,17 +115,7 @@ def test_quantized_linear_rows_are_batch_invariant(isa, method, group, m, k):
     others (csrc/linear.cc), except when K is too large for the kept copy (4224); N = 100 leaves a partial
     column tile (7 blocks of 16). Every row is bit-equal to the same row run alone and matches the exact
     dequantized reference."""
-    n = 100
-    layer = Linear(k, n, bias=True)
-    layer.weight.set_value(paddle.randn([k, n]))
-    layer.bias.set_value(paddle.randn([n]))
-    quantize_linear(layer, method, group)
-    dense = dequantize_weight(linear_weight(layer)).numpy().astype(np.float64)
-    x = RNG.standard_normal((m, k)).astype(np.float32)
-    ref = round_to_bf16(x).astype(np.float64) @ dense + layer.bias.numpy()
-    assert cpu_kernels.prepare_linear(layer, bf16_weights=False)
-    ours = layer(paddle.to_tensor(x)).numpy()
-    assert rel_err(ours, ref) < REL_TOL
+    layer, x, ours = quantized_kernel_run(method, group, m, k, n=100)
     alone = np.concatenate([layer(paddle.to_tensor(x[i : i + 1])).numpy() for i in range(m)])
     np.testing.assert_array_equal(ours, alone)
 
