@@ -63,7 +63,20 @@ def test_round_to_bf16_matches_paddle():
     np.testing.assert_array_equal(round_to_bf16(x), expected)
 
 
-@pytest.mark.parametrize(("m", "k", "n"), SHAPES + [(2, 64, 48), (5, 62, 7), (32, 1024, 13)])
+@pytest.mark.parametrize("m", [1, 7, 20])
+def test_activations_are_rounded_to_bf16_bit_for_bit(isa, m):
+    """x times an identity weight is x rounded to bf16 exactly - ties to even, magnitudes from 1e-30 to 1e30,
+    an odd K - on every ISA and tile shape (the vector and scalar roundings are the same)."""
+    k = 37
+    x = (RNG.standard_normal((m, k)) * 10.0 ** RNG.integers(-30, 30, (m, k))).astype(np.float32)
+    bits = x.view(np.uint32)
+    bits[:, ::3] = (bits[:, ::3] & 0xFFFF0000) | 0x8000  # exact ties: both neighbours (even and odd) occur
+    identity = cpu_kernels.pack_weight(paddle.eye(k).astype("bfloat16"), 16)
+    ours = cpu_kernels.linear_packed(paddle.to_tensor(x), identity, k, 16).numpy()
+    np.testing.assert_array_equal(ours, round_to_bf16(x))
+
+
+@pytest.mark.parametrize(("m", "k", "n"), SHAPES + [(2, 64, 48), (5, 62, 7), (32, 1024, 13), (45, 66, 40)])
 def test_linear_bf16_matches_the_bf16_reference(isa, m, k, n):
     """Activations rounded to bf16 (the same on every ISA), then exact products summed in fp32."""
     x = RNG.standard_normal((m, k)).astype(np.float32)
@@ -109,11 +122,10 @@ def test_quantized_linear_matches_exact_dequant(isa, method, group, m, k, n):
 
 
 @pytest.mark.parametrize(("method", "group"), [("wint8", -1), ("wint4", 128)])
-@pytest.mark.parametrize(("m", "k"), [(7, 256), (13, 1024), (16, 4224)])
+@pytest.mark.parametrize(("m", "k"), [(7, 256), (16, 1024), (37, 4224)])
 def test_quantized_linear_rows_are_batch_invariant(isa, method, group, m, k):
-    """Batches past one row tile: the first row tile converts the int weights to bf16 and keeps them for the
-    others (csrc/linear.cc), except when K is too large for the kept copy (4224); N = 100 leaves a partial
-    column tile (7 blocks of 16). Every row is bit-equal to the same row run alone and matches the exact
+    """Tall tiles (csrc/linear.cc): 7 or 16 rows against one block at a time, or 16 + 16 + 5 rows reusing it;
+    N = 100 leaves a partial block. Every row is bit-equal to the same row run alone and matches the exact
     dequantized reference."""
     layer, x, ours = quantized_kernel_run(method, group, m, k, n=100)
     alone = np.concatenate([layer(paddle.to_tensor(x[i : i + 1])).numpy() for i in range(m)])

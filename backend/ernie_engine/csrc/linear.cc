@@ -17,20 +17,16 @@
 // AVX512 but not AVX512-BF16 split each pair into two fp32 FMAs; the scalar path computes the same sums one
 // output at a time.
 //
-// Tiling: a thread owns tiles of kNV column blocks (64 outputs) and runs up to kMR rows of x over them
-// (kMR x kNV accumulators), row tile after row tile. The first row tile streams the tile's weights from
-// memory (kNV sequential streams, software-prefetched a page ahead when M > 1); the tile (64 outputs x K)
-// then sits in L2, so the later row tiles compute from L2 and the weights are read from memory once per call.
-// For int weights the first row tile also stores its bf16 conversion of the tile in a per-thread buffer
-// (K <= 4096), and the later row tiles read that: each weight is converted once per call, not once per row
-// tile, and those row tiles run at the bf16 rate (~195-205 GFLOP/s per core from cache).
-// Within a thread, memory and arithmetic take turns: at decode sizes the first row tile is bound by memory
-// and the others by arithmetic. Overlapping them was tried and measured no faster on the Zen 4 VM this was
-// tuned on (1 thread, CPU time): K-chunked tiles (the chunk in cache serving every row tile, the next chunk
-// software-prefetched meanwhile) and prefetching the next tile during the current one's row tiles - the
-// prefetches issued while computing cost about what they save.
+// Tiling, two shapes. Up to kMR (6) rows - decode of a few sequences, bound by memory - a tile is the rows
+// against kNV (4) column blocks: four sequential weight streams per thread, one pass. More rows: a tall tile
+// is up to kTallRows (16) rows against one block, so that at decode sizes the weights stream from memory once
+// while the arithmetic of all 16 rows overlaps the stream (the old 6 x 4 tile run over 16 rows streamed on
+// its first row tile and computed from L2 on the others, one after the other: 1.2-1.3x slower at M = 16);
+// past 16 rows the next row chunk reuses the block from L1/L2. The 16 rows' x pairs are broadcast straight
+// from memory; x rows are padded by a cache line (`x_stride_for`) because rows a power of two apart would
+// share L1 sets and evict each other. Measured (`bench_kernels.py`, two threads): 390-430 GFLOP/s from
+// M = 16 up, the machine's vdpbf16ps peak; at M = 1..6 the 4-stream tile is 3-10 % faster for bf16.
 #include <algorithm>
-#include <type_traits>
 #include <vector>
 
 #include "cpu_kernels.h"
@@ -42,13 +38,11 @@ namespace {
 
 constexpr int64_t kLanes = 16;  // outputs per column block
 constexpr int kNV = 4;          // column blocks per tile
-constexpr int kMR = 6;          // x rows per tile: 6 x 4 accumulators + 4 weight vectors + 1 broadcast
-// How far ahead (bytes of each block's stream) the first row tile prefetches: one 4 KiB page, so the next
-// page's translation and first lines are on their way before the stream reaches it (see `tile`).
+constexpr int kMR = 6;          // most x rows of a small-batch tile: 6 x 4 accumulators + 4 weight vectors
+constexpr int kTallRows = 16;   // x rows of a tall tile: 16 accumulators against one block
+// How far ahead (bytes of a block's stream) the tiles prefetch: one 4 KiB page, so that the next page's
+// translation and first lines are on their way before the stream reaches it (see `tile`).
 constexpr int64_t kPrefetchAhead = 4096;
-// Largest bf16 copy of an int tile (kNV blocks x pairs x 64 bytes) kept for the later row tiles: K <= 4096,
-// so that it stays in L2 (1 MiB per core here) next to the int tile itself.
-constexpr int64_t kMaxKeptBytes = 512 * 1024;
 
 // Weight formats: bytes per (lane, pair), and one pair's two values for the scalar path.
 struct Bf16 {
@@ -76,20 +70,52 @@ struct Int4 {
 };
 
 struct Problem {
-  const uint32_t* xp;  // x rounded to bf16, as pairs: xp[m][p] = bf16(x[m][2p]) | bf16(x[m][2p + 1]) << 16
-  int64_t m_rows, pairs, groups, n_cols, n_pad;
+  const uint32_t* xp;  // x rounded to bf16, as pairs: xp[m * x_stride + p] = bf16(x[m][2p]) | bf16(x[m][2p + 1]) << 16
+  int64_t x_stride, m_rows, pairs, groups, n_cols, n_pad;
   const uint8_t* w;
   const float* scale;  // [groups, n_pad], or nullptr (bf16)
   const float* bias;   // [n_cols], or nullptr
   float* y;
 };
 
-std::vector<uint32_t> pack_x(const float* x, int64_t m_rows, int64_t k_dim, int64_t pairs) {
-  std::vector<uint32_t> xp(static_cast<size_t>(m_rows * pairs), 0);
+// Words between rows of packed x: whole 16-word chunks (the vector path writes 16 at a time) plus one cache
+// line, so that rows a power of two apart do not share L1 sets when a tile reads 16 of them at once.
+int64_t x_stride_for(int64_t pairs) { return (pairs + 15) / 16 * 16 + 16; }
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw")
+// float_to_bf16 on 16 lanes (the same bits, NaN included).
+inline __m256i to_bf16(__m512 v) {
+  const __m512i bits = _mm512_castps_si512(v);
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  const __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF))), 16);
+  const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(bits, _mm512_set1_epi32(0x7FFFFFFF)),
+                                                _mm512_set1_epi32(0x7F800000));
+  const __m512i quiet = _mm512_or_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(0x40));
+  return _mm512_cvtepi32_epi16(_mm512_mask_mov_epi32(rounded, nan, quiet));
+}
+
+// One row: 32 floats -> 16 words per step (little-endian pairs), zeros past k_dim.
+void pack_row_avx512(const float* row, int64_t k_dim, uint32_t* out) {
+  for (int64_t k = 0; k < k_dim; k += 32) {
+    const __m512 lo = _mm512_maskz_loadu_ps(lane_mask(k_dim - k), row + k);
+    const __m512 hi = _mm512_maskz_loadu_ps(lane_mask(std::max<int64_t>(0, k_dim - k - 16)), row + k + 16);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + k / 2), to_bf16(lo));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + k / 2 + 8), to_bf16(hi));
+  }
+}
+#pragma GCC pop_options
+
+std::vector<uint32_t> pack_x(const float* x, int64_t m_rows, int64_t k_dim, int64_t stride) {
+  std::vector<uint32_t> xp(static_cast<size_t>(m_rows * stride), 0);
   for (int64_t m = 0; m < m_rows; ++m) {
     const float* row = x + m * k_dim;
+    if (use_avx512()) {
+      pack_row_avx512(row, k_dim, xp.data() + m * stride);
+      continue;
+    }
     for (int64_t k = 0; k < k_dim; ++k)
-      xp[m * pairs + k / 2] |= static_cast<uint32_t>(float_to_bf16(row[k])) << (16 * (k % 2));
+      xp[m * stride + k / 2] |= static_cast<uint32_t>(float_to_bf16(row[k])) << (16 * (k % 2));
   }
   return xp;
 }
@@ -105,7 +131,7 @@ void linear_scalar(const Problem& pr) {
       for (int64_t g = 0; g < pr.groups; ++g) {
         float part = 0.f;
         for (int64_t p = g * group_pairs; p < (g + 1) * group_pairs; ++p) {
-          const uint32_t xv = pr.xp[m * pr.pairs + p];
+          const uint32_t xv = pr.xp[m * pr.x_stride + p];
           float even, odd;
           F::pair(col + p * kLanes * F::kPairBytes, &even, &odd);
           part += bf16_to_float(static_cast<uint16_t>(xv)) * even + bf16_to_float(static_cast<uint16_t>(xv >> 16)) * odd;
@@ -163,20 +189,19 @@ inline __m512 dot_pair(__m512 acc, uint32_t x_pair, __m512i w) {
 }
 
 // y[MR rows from m0, NV blocks from b0]: each group's sums in registers, folded (times the group's scales)
-// into `out`, then bias and the stores (columns past n_cols are not stored). `w`: block b0's weights in
-// format F (the packed weights, or a kept bf16 copy), blocks `pairs` steps apart. `keep`: where to store the
-// bf16 pairs this row tile converts, in the same layout, for the later row tiles (or nullptr).
+// into `out`, then bias and the stores (columns past n_cols are not stored). `w`: block b0's weights, blocks
+// `pairs` steps apart.
 template <class F, bool kDp, int MR, int NV>
-void tile(const Problem& pr, int64_t m0, int64_t b0, const uint8_t* w, uint8_t* keep) {
+void tile(const Problem& pr, int64_t m0, int64_t b0, const uint8_t* w) {
   constexpr int64_t kStep = kLanes * F::kPairBytes;
   const int64_t block_bytes = pr.pairs * kStep, group_pairs = pr.pairs / pr.groups;
-  // The first row tile reads the weights from memory, NV sequential streams. The hardware prefetchers stop at
+  // The first row chunk reads the weights from memory, NV sequential streams. The hardware prefetchers stop at
   // each 4 KiB page, so the stream stalls at every page boundary (a TLB miss and a cold start); a software
   // prefetch kPrefetchAhead ahead, one per cache line, keeps it going. Measured 2-10 % faster at M = 4..64,
   // but 3-5 % slower at M = 1 (pure streaming, where the hardware prefetchers keep up): not there. Later row
-  // tiles hit L2.
+  // chunks of a tall tile hit L1/L2.
   const bool streaming = m0 == 0 && pr.m_rows > 1;
-  const uint32_t* xp = pr.xp + m0 * pr.pairs;
+  const uint32_t* xp = pr.xp + m0 * pr.x_stride;
   __m512 out[MR][NV];
   for (int64_t g = 0; g < pr.groups; ++g) {
     __m512 acc[MR][NV];
@@ -189,11 +214,8 @@ void tile(const Problem& pr, int64_t m0, int64_t b0, const uint8_t* w, uint8_t* 
         for (int j = 0; j < NV; ++j)  // past a block's end this touches the next block (or nothing: no fault)
           _mm_prefetch(reinterpret_cast<const char*>(w + j * block_bytes + p * kStep + kPrefetchAhead), _MM_HINT_T1);
       }
-      if (keep) {
-        for (int j = 0; j < NV; ++j) _mm512_store_si512(keep + (j * pr.pairs + p) * 64, wv[j]);
-      }
       for (int m = 0; m < MR; ++m) {
-        const uint32_t x_pair = xp[m * pr.pairs + p];
+        const uint32_t x_pair = xp[m * pr.x_stride + p];
         for (int j = 0; j < NV; ++j) acc[m][j] = dot_pair<kDp>(acc[m][j], x_pair, wv[j]);
       }
     }
@@ -212,57 +234,44 @@ void tile(const Problem& pr, int64_t m0, int64_t b0, const uint8_t* w, uint8_t* 
   }
 }
 
-using TileFn = void (*)(const Problem&, int64_t, int64_t, const uint8_t*, uint8_t*);
+using TileFn = void (*)(const Problem&, int64_t, int64_t, const uint8_t*);
 
-template <class F, bool kDp, int NV>
-TileFn pick_tile(int64_t mr) {
-  switch (mr) {
-    case 1: return tile<F, kDp, 1, NV>;
-    case 2: return tile<F, kDp, 2, NV>;
-    case 3: return tile<F, kDp, 3, NV>;
-    case 4: return tile<F, kDp, 4, NV>;
-    case 5: return tile<F, kDp, 5, NV>;
-    default: return tile<F, kDp, kMR, NV>;
+// The tile of `rows` (1..MR) rows by NV blocks.
+template <class F, bool kDp, int NV, int MR>
+TileFn pick_tile(int64_t rows) {
+  if constexpr (MR > 1) {
+    if (rows < MR) return pick_tile<F, kDp, NV, MR - 1>(rows);
   }
+  return tile<F, kDp, MR, NV>;
 }
 
-// One row tile over the column tile at b0 (nv blocks), weights `w` in format F: block b0's, blocks `pairs`
-// steps apart; `keep` as for tile.
-template <class F, bool kDp>
-void row_tile(const Problem& pr, int64_t m0, int64_t mr, int64_t b0, int64_t nv, const uint8_t* w, uint8_t* keep) {
-  if (nv == kNV) return pick_tile<F, kDp, kNV>(mr)(pr, m0, b0, w, keep);
-  const int64_t block_bytes = pr.pairs * kLanes * F::kPairBytes;
-  for (int64_t j = 0; j < nv; ++j)
-    pick_tile<F, kDp, 1>(mr)(pr, m0, b0 + j, w + j * block_bytes, keep ? keep + j * pr.pairs * 64 : nullptr);
+// Work is claimed dynamically in chunks (~1/32 of it): a thread that runs late finds less left to do.
+template <class Fn>
+void run_chunks(int64_t units, int64_t chunks, Fn&& fn) {
+  const int64_t per_chunk = std::max<int64_t>(1, units / chunks);
+  ThreadPool::instance().run((units + per_chunk - 1) / per_chunk, [&](int64_t c) {
+    for (int64_t u = c * per_chunk; u < std::min(units, (c + 1) * per_chunk); ++u) fn(u);
+  });
 }
 
 template <class F, bool kDp>
 void linear_avx512(const Problem& pr) {
-  const int64_t n_blocks = pr.n_pad / kLanes, tiles = (n_blocks + kNV - 1) / kNV;
-  const int64_t block_bytes = pr.pairs * kLanes * F::kPairBytes, kept_bytes = kNV * pr.pairs * 64;
-  // int weights under several row tiles: the first keeps its bf16 conversion of the tile (exact, so the sums
-  // are the same) in a per-thread buffer and the others read that, at bf16 speed, instead of converting again.
-  const bool keep = !std::is_same_v<F, Bf16> && pr.m_rows > kMR && kept_bytes <= kMaxKeptBytes;
-  // Chunks of ~1/32 of the tiles, claimed dynamically: a thread that runs late finds less left to do.
-  const int64_t per_chunk = std::max<int64_t>(1, tiles / 32);
-  ThreadPool::instance().run((tiles + per_chunk - 1) / per_chunk, [&](int64_t c) {
-    thread_local std::vector<uint8_t> kept_storage;  // + 64 bytes to align the copy to cache lines
-    if (keep && kept_storage.size() < static_cast<size_t>(kept_bytes + 64)) kept_storage.resize(kept_bytes + 64);
-    uint8_t* kept = kept_storage.data() + (-reinterpret_cast<uintptr_t>(kept_storage.data()) & 63);
-    for (int64_t t = c * per_chunk; t < std::min(tiles, (c + 1) * per_chunk); ++t) {
+  const int64_t n_blocks = pr.n_pad / kLanes, block_bytes = pr.pairs * kLanes * F::kPairBytes;
+  if (pr.m_rows <= kMR) {  // all rows against kNV blocks at a time (the last tile may hold fewer)
+    const TileFn wide = pick_tile<F, kDp, kNV, kMR>(pr.m_rows), narrow = pick_tile<F, kDp, 1, kMR>(pr.m_rows);
+    run_chunks((n_blocks + kNV - 1) / kNV, 32, [&](int64_t t) {
       const int64_t b0 = t * kNV, nv = std::min<int64_t>(kNV, n_blocks - b0);
-      // The first row tile reads the weights from memory; the tile (or its kept copy) stays in L2 for the rest.
-      row_tile<F, kDp>(pr, 0, std::min<int64_t>(kMR, pr.m_rows), b0, nv, pr.w + b0 * block_bytes,
-                       keep ? kept : nullptr);
-      for (int64_t m = kMR; m < pr.m_rows; m += kMR) {
-        const int64_t mr = std::min<int64_t>(kMR, pr.m_rows - m);
-        if (keep) {
-          row_tile<Bf16, kDp>(pr, m, mr, b0, nv, kept, nullptr);
-        } else {
-          row_tile<F, kDp>(pr, m, mr, b0, nv, pr.w + b0 * block_bytes, nullptr);
-        }
-      }
-    }
+      if (nv == kNV) return wide(pr, 0, b0, pr.w + b0 * block_bytes);
+      for (int64_t b = b0; b < b0 + nv; ++b) narrow(pr, 0, b, pr.w + b * block_bytes);
+    });
+    return;
+  }
+  // Tall tiles: one block at a time, kTallRows rows after kTallRows rows (the block stays in L1/L2).
+  const TileFn full = pick_tile<F, kDp, 1, kTallRows>(kTallRows);
+  const TileFn rest = pick_tile<F, kDp, 1, kTallRows>(pr.m_rows % kTallRows);
+  run_chunks(n_blocks, 32, [&](int64_t b) {
+    for (int64_t m = 0; m < pr.m_rows; m += kTallRows)
+      (pr.m_rows - m >= kTallRows ? full : rest)(pr, m, b, pr.w + b * block_bytes);
   });
 }
 
@@ -310,8 +319,9 @@ std::vector<paddle::Tensor> Linear(const paddle::Tensor& x, const paddle::Tensor
   }
   auto y = paddle::empty({m_rows, n_cols}, paddle::DataType::FLOAT32, x.place());
   if (m_rows == 0) return {y};
-  const std::vector<uint32_t> xp = pack_x(x.data<float>(), m_rows, k_dim, pairs);
-  const Problem pr{xp.data(), m_rows, pairs, groups, n_cols, n_pad, static_cast<const uint8_t*>(w.data()),
+  const int64_t x_stride = x_stride_for(pairs);
+  const std::vector<uint32_t> xp = pack_x(x.data<float>(), m_rows, k_dim, x_stride);
+  const Problem pr{xp.data(), x_stride, m_rows, pairs, groups, n_cols, n_pad, static_cast<const uint8_t*>(w.data()),
                    sp, bp, y.data<float>()};
   if (bits == 16) linear_dispatch<Bf16>(pr);
   if (bits == 8) linear_dispatch<Int8>(pr);
