@@ -1,7 +1,10 @@
 """Offline engine benchmark on a 0.3B-shaped random checkpoint (built once into a cache folder).
 
 For each concurrency, that many requests with random-token prompts arrive together and decode a fixed
-number of tokens (greedy, eos ignored). Printed per concurrency: output tokens/s, TTFT and TPOT p50/p99.
+number of tokens (greedy, eos ignored), `--rounds` times (levels interleaved); printed per concurrency, from
+its median round by tokens/s: output tokens/s, TTFT and TPOT p50/p99. One round of concurrency 1 lasts
+about two seconds, and this VM's memory bandwidth, which sets the batch-1 speed, moves by 20-30 % from
+minute to minute: the median of interleaved rounds is the steadier ratio.
 Then the engine's per-step overhead: a batch-1 decode `LLMEngine.step()` against the bare model forward
 (+ LM head) on the same context length.
 
@@ -120,6 +123,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--prompt-len", type=int, default=32)
     # Issue 13's output length: a throughput ratio over 16-token answers mostly measures prefill.
     parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=3, help="runs of every level; the median is printed")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     levels = [1, 4, 16] if args.quick else [1, 4, 16, 64]
@@ -128,15 +132,20 @@ def main(argv: list[str] | None = None) -> None:
     engine = LLMEngine(EngineConfig(model=str(model), max_model_len=1024, max_num_seqs=64,
                                     max_num_batched_tokens=2048, kv_cache_memory_bytes=512 << 20))
     run_concurrency(engine, 2, args.prompt_len, 4, seed=0)  # warm-up: first-call kernel setup is not timed
-    rows = [run_concurrency(engine, c, args.prompt_len, max_tokens, seed=c) for c in levels]
+    runs = [[run_concurrency(engine, c, args.prompt_len, max_tokens, seed=c) for c in levels]
+            for _ in range(args.rounds)]
+    levels_runs = list(zip(*runs, strict=True))  # per level, its rounds
+    rows = [sorted(level, key=lambda r: r["tok_s"])[len(level) // 2] for level in levels_runs]
+    spread = [f"{min(r['tok_s'] for r in lv):.0f}-{max(r['tok_s'] for r in lv):.0f}" for lv in levels_runs]
     print(f"\n0.3B-shaped random checkpoint, prompt {args.prompt_len} tokens, {max_tokens} output tokens, "
-          f"greedy; {os.cpu_count()} CPU cores")
+          f"greedy; {os.cpu_count()} CPU cores; median of {args.rounds} rounds")
     print(f"{'conc':>5} {'out tok/s':>10} {'x conc1':>8} {'TTFT p50':>9} {'TTFT p99':>9} {'TPOT p50':>9} "
-          f"{'TPOT p99':>9} {'wall s':>7}")
+          f"{'TPOT p99':>9} {'wall s':>7} {'rounds tok/s':>13}")
     base = rows[0]["tok_s"]
-    for r in rows:
+    for r, tok_s_range in zip(rows, spread, strict=True):
         print(f"{r['concurrency']:>5} {r['tok_s']:>10.1f} {r['tok_s'] / base:>8.2f} {r['ttft_p50']:>9.3f} "
-              f"{r['ttft_p99']:>9.3f} {r['tpot_p50']:>9.3f} {r['tpot_p99']:>9.3f} {r['elapsed']:>7.1f}")
+              f"{r['ttft_p99']:>9.3f} {r['tpot_p50']:>9.3f} {r['tpot_p99']:>9.3f} {r['elapsed']:>7.1f} "
+              f"{tok_s_range:>13}")
     step, context = engine_decode_step(engine, args.prompt_len, steps=8 if args.quick else 16)
     bare = bare_forward(engine, context, repeats=8 if args.quick else 16)
     print(f"\nbatch-1 decode at context {context}: bare forward + LM head {bare * 1e3:.1f} ms, "
