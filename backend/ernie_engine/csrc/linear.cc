@@ -24,8 +24,9 @@
 // its first row tile and computed from L2 on the others, one after the other: 1.2-1.3x slower at M = 16);
 // past 16 rows the next row chunk reuses the block from L1/L2. The 16 rows' x pairs are broadcast straight
 // from memory; x rows are padded by a cache line (`x_stride_for`) because rows a power of two apart would
-// share L1 sets and evict each other. Measured (`bench_kernels.py`, two threads): 390-430 GFLOP/s from
-// M = 16 up, the machine's vdpbf16ps peak; at M = 1..6 the 4-stream tile is 3-10 % faster for bf16.
+// share L1 sets and evict each other. Measured (`bench_kernels.py`, two threads): the LM head at M = 16
+// ~400 GFLOP/s (from ~310), about the machine's vdpbf16ps peak; up to 6 rows the 4-stream tile measured
+// 2-19 % faster than one stream (docs/PERFORMANCE.md).
 #include <algorithm>
 #include <vector>
 
