@@ -22,6 +22,7 @@ import contextlib
 import json
 import logging
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -406,6 +407,8 @@ def run(args: argparse.Namespace) -> list[Result]:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    # SIGTERM (`timeout`, a cancelled job) unwinds like Ctrl-C: `serve_stack` stops the servers it started.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     for noisy in ("httpx", "ernie_engine"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     args = parse_args(argv)
