@@ -10,14 +10,22 @@ import paddle.nn.functional as F
 import pytest
 from ernie_engine.device import cpu_weight_dtype
 from ernie_engine.layers import cpu_kernels
-from ernie_engine.layers.attention import AttentionMetadata, paged_attention
+from ernie_engine.layers.attention import (
+    AttentionMetadata,
+    KVCache,
+    fused_qkv_attention,
+    paged_attention,
+    qkv_attention_fused,
+)
 from ernie_engine.layers.linear import Linear
+from ernie_engine.layers.norm import RMSNorm
 from ernie_engine.layers.quant.apply import quantize_linear
+from ernie_engine.layers.quant.kv_cache import Int8KVCache
 from ernie_engine.layers.quant.weights import dequantize_weight, linear_weight, quantized_linear
-from ernie_engine.layers.rotary import RotaryEmbedding
+from ernie_engine.layers.rotary import RotaryEmbedding, apply_rotary
 from ernie_engine.loader import load_model
 
-from tests.reference_utils import make_tiny_checkpoint, run_flat
+from tests.reference_utils import allocate_kv_caches, flat_positions, make_tiny_checkpoint, run_flat
 from tests.test_model_reference import CONFIGS
 
 pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason="cpu kernels unavailable on this machine")
@@ -193,6 +201,37 @@ def test_elementwise_ops_match_paddle(isa, shape):
     np.testing.assert_allclose(ours, expected.numpy(), rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("shape", [(1, 1024), (37, 100), (3, 5, 48)])
+def test_add_rms_norm_is_the_add_then_the_norm(isa, shape):
+    """The fused residual add + RMSNorm: bit-equal to x + residual and the RMSNorm kernel on it; RMSNorm's
+    Paddle path (kernels off) computes the same pair."""
+    x, residual, weight = paddle.randn(shape) * 4, paddle.randn(shape), paddle.randn(shape[-1:])
+    normed, total = cpu_kernels.add_rms_norm(x, residual, weight, 1e-5)
+    np.testing.assert_array_equal(total.numpy(), (x + residual).numpy())
+    np.testing.assert_array_equal(normed.numpy(), cpu_kernels.rms_norm(x + residual, weight, 1e-5).numpy())
+    norm = RMSNorm(shape[-1], 1e-5)
+    norm.weight.set_value(weight)
+    layer_normed, layer_total = norm(x, residual)
+    np.testing.assert_array_equal(layer_normed.numpy(), normed.numpy())
+    np.testing.assert_array_equal(layer_total.numpy(), total.numpy())
+    cpu_kernels.set_enabled(False)
+    try:
+        paddle_normed, paddle_total = norm(x, residual)
+    finally:
+        cpu_kernels.set_enabled(True)
+    np.testing.assert_array_equal(paddle_total.numpy(), total.numpy())
+    np.testing.assert_allclose(paddle_normed.numpy(), normed.numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_fp32_supported_takes_cpu_fp32_tensors_only():
+    """dtypes compare by identity: fp32 tensors from any op pass."""
+    x = paddle.randn([2, 8])
+    made = [cpu_kernels.rms_norm(x, paddle.ones([8]), 1e-5), x.astype("bfloat16").astype("float32"), x[:, :4]]
+    assert cpu_kernels.fp32_supported(x, *made)
+    assert not cpu_kernels.fp32_supported(x, x.astype("bfloat16"))
+    assert not cpu_kernels.fp32_supported(x.astype("float64"))
+
+
 def _mixed_batch(block_size: int, num_heads: int, num_kv_heads: int, head_dim: int):
     """Prefill chunks (one with cached context) and decodes, in scattered blocks of one cache."""
     query_lens, context_lens = [7, 1, 5, 1, 1], [7, 9, 12, 1, 33]
@@ -229,6 +268,63 @@ def test_paged_attention_matches_the_paddle_path(isa, block_size, heads, kv_head
         np.testing.assert_array_equal(ours_cache.numpy(), paddle_cache.numpy())
 
 
+def _split_rotary(qkv, cos, sin, heads: int, kv_heads: int, head_dim: int):
+    """The attention layer's input without `rotary_kv_write`: split, rotary on q and k -> q, k, v."""
+    q, k, v = paddle.split(qkv, [heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], axis=-1)
+    q = apply_rotary(q.reshape([-1, heads, head_dim]), cos, sin)
+    k = apply_rotary(k.reshape([-1, kv_heads, head_dim]), cos, sin)
+    return q, k, v.reshape([-1, kv_heads, head_dim])
+
+
+@pytest.mark.parametrize("block_size", [1, 16])
+@pytest.mark.parametrize(("heads", "kv_heads", "head_dim"), [(16, 2, 128), (4, 4, 40), (6, 2, 16)])
+def test_fused_qkv_attention_is_bit_equal_to_the_unfused_path(isa, block_size, heads, kv_heads, head_dim):
+    """Mixed prefill + decode batch in scattered blocks: the fused rotary + cache write gives the same q, the
+    same cache contents and the same attention output, bit for bit, as rotary + `paged_attention`; and
+    matches the Paddle path (kernels off)."""
+    _, _, _, meta, caches = _mixed_batch(block_size, heads, kv_heads, head_dim)
+    tokens = meta.slot_mapping.shape[0]
+    qkv = paddle.randn([tokens, (heads + 2 * kv_heads) * head_dim])
+    cos, sin = RotaryEmbedding(head_dim, 500000.0)(flat_positions(meta.query_lens, meta.context_lens))
+    unfused_caches, paddle_caches = [c.clone() for c in caches], [c.clone() for c in caches]
+    assert qkv_attention_fused(qkv, (cos, sin), meta, tuple(caches))
+    ours = fused_qkv_attention(qkv, cos, sin, meta, tuple(caches), head_dim**-0.5).numpy()
+    q, k, v = _split_rotary(qkv, cos, sin, heads, kv_heads, head_dim)
+    expected = paged_attention(q, k, v, meta, tuple(unfused_caches), head_dim**-0.5).numpy()
+    np.testing.assert_array_equal(ours, expected)
+    for ours_cache, unfused_cache in zip(caches, unfused_caches, strict=True):
+        np.testing.assert_array_equal(ours_cache.numpy(), unfused_cache.numpy())
+    q_fused = cpu_kernels.rotary_kv_write(qkv, cos, sin, *unfused_caches, meta.slot_mapping)
+    np.testing.assert_array_equal(q_fused.numpy(), q.numpy())
+    cpu_kernels.set_enabled(False)
+    try:
+        assert not qkv_attention_fused(qkv, (cos, sin), meta, tuple(paddle_caches))
+        q, k, v = _split_rotary(qkv, cos, sin, heads, kv_heads, head_dim)
+        reference = paged_attention(q, k, v, meta, tuple(paddle_caches), head_dim**-0.5).numpy()
+    finally:
+        cpu_kernels.set_enabled(True)
+    np.testing.assert_allclose(ours, reference, rtol=1e-5, atol=1e-5)
+    for ours_cache, paddle_cache in zip(caches, paddle_caches, strict=True):
+        np.testing.assert_allclose(ours_cache.numpy(), paddle_cache.numpy(), rtol=0, atol=1e-5)
+
+
+def test_fused_qkv_attention_only_for_fp32_caches():
+    """No cache, C8's int8 cache, a bf16 cache or bf16 activations keep the unfused path."""
+    _, _, _, meta, caches = _mixed_batch(4, 4, 2, 16)
+    qkv = paddle.randn([meta.slot_mapping.shape[0], 8 * 16])
+    rope = RotaryEmbedding(16, 500000.0)(flat_positions(meta.query_lens, meta.context_lens))
+    assert qkv_attention_fused(qkv, rope, meta, tuple(caches))
+    assert not qkv_attention_fused(qkv, rope, meta, None)
+    assert not qkv_attention_fused(qkv, rope, meta, Int8KVCache.allocate(caches[0].shape[0], 2, 16))
+    assert not qkv_attention_fused(qkv, rope, meta, tuple(c.astype("bfloat16") for c in caches))
+    assert not qkv_attention_fused(qkv.astype("bfloat16"), rope, meta, tuple(caches))
+    no_cache = AttentionMetadata.build(meta.query_lens[:1])
+    assert not qkv_attention_fused(qkv[:7], rope, no_cache, tuple(caches))
+    with pytest.raises(OSError, match="out of range"):
+        bad = paddle.full_like(meta.slot_mapping, caches[0].shape[0])
+        cpu_kernels.rotary_kv_write(qkv, *rope, *caches, bad)
+
+
 def test_paged_attention_without_cache(isa):
     """No cache: causal attention over packed sequences (kv_index points at the new tokens)."""
     meta = AttentionMetadata.build([3, 8, 1])
@@ -240,6 +336,45 @@ def test_paged_attention_without_cache(isa):
         cpu_kernels.set_enabled(True)
     ours = paged_attention(q, k, v, meta, None, 0.125).numpy()
     np.testing.assert_allclose(ours, expected, rtol=1e-5, atol=1e-5)
+
+
+def unfused_forward(model, ids, positions, meta, caches: list[KVCache]) -> paddle.Tensor:
+    """The decoder before the fusions: x += attention(norm(x)); x += mlp(norm(x)), attention through split,
+    rotary and `paged_attention`; -> logits."""
+    x = model.embed_tokens(ids)
+    cos, sin = model.rotary_emb(positions)
+    for layer, cache in zip(model.layers, caches, strict=True):
+        attn = layer.self_attn
+        qkv = attn.qkv_proj(layer.input_layernorm(x))
+        q, k, v = _split_rotary(qkv, cos, sin, attn.num_heads, attn.num_kv_heads, attn.head_dim)
+        out = paged_attention(q, k, v, meta, cache, attn.scale)
+        x = x + attn.o_proj(out.reshape([-1, attn.num_heads * attn.head_dim]))
+        x = x + layer.mlp(layer.post_attention_layernorm(x))
+    return model.compute_logits(model.norm(x))
+
+
+def run_mixed_steps(model, config, forward) -> tuple[list[np.ndarray], list[KVCache]]:
+    """Three sequences in scattered blocks of 4: prefills, a chunked prefill beside decodes, then decodes."""
+    caches = allocate_kv_caches(config, 24, 4)
+    tables = [[int(b) for b in np.random.default_rng(5).permutation(24)[i::3]] for i in range(3)]
+    steps = [  # (sequence, new tokens, context after the step)
+        [(0, 6, 6), (2, 5, 5)],
+        [(0, 1, 7), (1, 4, 4), (2, 3, 8)],
+        [(0, 1, 8), (1, 1, 5), (2, 1, 9)],
+        [(0, 1, 9), (1, 1, 6), (2, 1, 10)],
+    ]
+    rng, logits = np.random.default_rng(3), []
+    for step in steps:
+        q_lens, c_lens = [q for _, q, _ in step], [c for _, _, c in step]
+        meta = AttentionMetadata.build(q_lens, c_lens, [tables[s] for s, _, _ in step], 4)
+        ids = paddle.to_tensor(rng.integers(3, config.vocab_size, sum(q_lens)).astype(np.int64))
+        with paddle.no_grad():
+            logits.append(forward(model, ids, flat_positions(q_lens, c_lens), meta, caches).numpy())
+    return logits, caches
+
+
+def model_forward(model, ids, positions, meta, caches) -> paddle.Tensor:
+    return model.compute_logits(model(ids, positions, meta, caches))
 
 
 @pytest.fixture(scope="module")
@@ -288,3 +423,31 @@ def test_disabled_kernels_leave_the_paddle_path(kernels_off):
     q, kv = paddle.randn([2, 2, 16]), paddle.randn([2, 1, 16])
     assert not cpu_kernels.fp32_supported(q, kv)
     assert paged_attention(q, kv, kv, meta, None, 0.25).shape == [2, 2, 16]
+
+
+
+@pytest.mark.parametrize("kernels", ["on", "off"])
+def test_fused_decoder_is_bit_equal_to_the_unfused_layers(bf16_checkpoint, isa, kernels, monkeypatch):
+    """The model (fused residual adds, fused attention input on the kernels) against the layer loop as it
+    was, on mixed prefill / decode steps through a paged cache: the same logits and caches, bit for bit, with
+    the kernels and on the Paddle path."""
+    cpu_kernels.set_enabled(kernels == "on")
+    try:
+        model, config = load_model(bf16_checkpoint, device="cpu")
+        fused_calls, rotary_kv_write = [], cpu_kernels.rotary_kv_write
+
+        def counted(*args: paddle.Tensor) -> paddle.Tensor:
+            fused_calls.append(1)
+            return rotary_kv_write(*args)
+
+        monkeypatch.setattr(cpu_kernels, "rotary_kv_write", counted)
+        ours, our_caches = run_mixed_steps(model, config, model_forward)
+        expected, expected_caches = run_mixed_steps(model, config, unfused_forward)
+    finally:
+        cpu_kernels.set_enabled(True)
+    assert len(fused_calls) == (4 * config.num_hidden_layers if kernels == "on" else 0)
+    for got, want in zip(ours, expected, strict=True):
+        np.testing.assert_array_equal(got, want)
+    for got, want in zip(our_caches, expected_caches, strict=True):
+        np.testing.assert_array_equal(got[0].numpy(), want[0].numpy())
+        np.testing.assert_array_equal(got[1].numpy(), want[1].numpy())

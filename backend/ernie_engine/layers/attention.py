@@ -9,7 +9,9 @@ Without a cache (`slot_mapping is None`) the context is the new tokens themselve
 over packed sequences, which is what reference tests and one-shot scoring use.
 
 This is the portable Paddle path. Faster kernels (a CPU custom op, XPU's block attention) plug in behind
-`paged_attention` with the same metadata.
+`paged_attention` with the same metadata. On CPU with fp32 caches, `fused_qkv_attention` goes further: from
+the fused q/k/v projection's output, one op rotates q and k and writes k/v into the cache, and the attention
+kernel reads it (`qkv_attention_fused` says when; the layers fall back to rotary + `paged_attention`).
 """
 
 from __future__ import annotations
@@ -103,6 +105,36 @@ class AttentionMetadata:
             output_index=paddle.to_tensor(np.asarray(output_index, dtype=np.int64)),
             mask=paddle.to_tensor(mask),
         )
+
+
+def qkv_attention_fused(
+    qkv: paddle.Tensor,
+    rope: tuple[paddle.Tensor, paddle.Tensor],
+    meta: AttentionMetadata,
+    kv_cache: KVCache | None,
+) -> bool:
+    """Whether `fused_qkv_attention` takes this layer: exactly when the unfused path would run the CPU rotary,
+    fp32 cache writes and the CPU attention kernel (fp32 activations and caches on CPU, kernels available)."""
+    return (
+        meta.slot_mapping is not None
+        and isinstance(kv_cache, tuple)  # not C8's Int8KVCache, not None
+        and cpu_kernels.fp32_supported(qkv, *rope, *kv_cache)
+    )
+
+
+def fused_qkv_attention(
+    qkv: paddle.Tensor,
+    cos: paddle.Tensor,
+    sin: paddle.Tensor,
+    meta: AttentionMetadata,
+    kv_cache: tuple[paddle.Tensor, paddle.Tensor],
+    scale: float,
+) -> paddle.Tensor:
+    """qkv [T, (H + 2 KVH) * D] -> attention output [T, H, D], with rotary (cos, sin) applied to q and k and
+    the new keys/values written into the cache; bit-identical to the unfused path."""
+    key_cache, value_cache = kv_cache
+    q = cpu_kernels.rotary_kv_write(qkv, cos, sin, key_cache, value_cache, meta.slot_mapping)
+    return cpu_kernels.paged_attention(q, key_cache, value_cache, meta, scale)
 
 
 def paged_attention(

@@ -1,5 +1,6 @@
 """CPU custom operators (ernie_engine/csrc/): bf16 / int8 / int4 linear, paged attention, RMSNorm, rotary and
-SwiGLU, where Paddle has none (or only chains of small or single-threaded ops).
+SwiGLU, where Paddle has none (or only chains of small or single-threaded ops); and fused forms that save a
+decode step the dispatch of small ops around them (residual add + RMSNorm; rotary + KV-cache write).
 
 The sources ship inside the package, so a backend installed elsewhere (scripts/install_backend.sh) builds its
 own. The extension is compiled once per copy of the package into `.runtime/cpu_kernels/` in the package's
@@ -55,6 +56,14 @@ LDFLAGS = ["-pthread"]
 REQUIRED_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq")
 QUANT_FORMATS = {"wint8": 8, "wint4": 4, "w4a8": 4}
 LANES = 16  # outputs per column block of the packed layout
+FP32 = paddle.float32
+# A Paddle build without accelerators holds every tensor on the CPU: `on_cpu` then skips the place lookup
+# (~0.6 us, several times per layer and step).
+_CPU_ONLY = not (
+    paddle.is_compiled_with_cuda()
+    or paddle.is_compiled_with_xpu()
+    or paddle.device.get_all_custom_device_type()
+)
 
 _module: ModuleType | None = None
 _loaded = False  # tried (successfully or not) in this process
@@ -145,7 +154,7 @@ def ops() -> ModuleType:
 
 
 def on_cpu(x: paddle.Tensor) -> bool:
-    return x.place.is_cpu_place()
+    return _CPU_ONLY or x.place.is_cpu_place()
 
 
 # ---- linear ----
@@ -203,8 +212,9 @@ def linear_packed(
 ) -> paddle.Tensor:
     """x [..., K] fp32 @ W^T + bias for W [n, K] held by `pack_weight` (int: with scales from `pad_scale`)
     -> [..., n] fp32."""
-    flat = x.reshape([-1, x.shape[-1]])
-    out = ops().ernie_linear(flat, weight, scale, bias, n, bits)
+    if x.ndim == 2:  # the layers' usual [T, K]: no reshapes to dispatch
+        return ops().ernie_linear(x, weight, scale, bias, n, bits)
+    out = ops().ernie_linear(x.reshape([-1, x.shape[-1]]), weight, scale, bias, n, bits)
     return out.reshape(x.shape[:-1] + [n])
 
 
@@ -219,7 +229,7 @@ def matmul(
 ) -> paddle.Tensor:
     """x [..., K] @ W^T + bias for a packed weight of format `fmt` ("bf16" or a quant method, then with its
     scale) holding W [n, K] -> [..., n] fp32. W4A8 first quantizes x to int8 values per token."""
-    if x.dtype != paddle.float32:
+    if x.dtype is not FP32:
         x = x.astype("float32")
     if fmt != "w4a8":
         return linear_packed(x, weight, n, _bits(fmt), scale, bias)
@@ -364,8 +374,12 @@ def prepare_model(model: nn.Layer, bf16_weights: bool) -> None:
 
 def fp32_supported(*tensors: paddle.Tensor) -> bool:
     """Whether the fp32 ops (attention, element-wise) take these inputs: CPU fp32 tensors and the kernels
-    available (device and dtype first: on XPU this never triggers a build)."""
-    return on_cpu(tensors[0]) and all(t.dtype == paddle.float32 for t in tensors) and available()
+    available (dtype and device first: on XPU this never triggers a build). Called several times per layer,
+    so it compares dtypes by identity (Paddle's dtypes are singletons; `==` costs ~0.7 us)."""
+    for t in tensors:
+        if t.dtype is not FP32:
+            return False
+    return on_cpu(tensors[0]) and available()
 
 
 def rms_norm(x: paddle.Tensor, weight: paddle.Tensor, eps: float) -> paddle.Tensor:
@@ -373,13 +387,36 @@ def rms_norm(x: paddle.Tensor, weight: paddle.Tensor, eps: float) -> paddle.Tens
     return ops().ernie_rms_norm(x.contiguous(), weight, eps)
 
 
+def add_rms_norm(
+    x: paddle.Tensor, residual: paddle.Tensor, weight: paddle.Tensor, eps: float
+) -> tuple[paddle.Tensor, paddle.Tensor]:
+    """(rms_norm(x + residual), x + residual), fp32: a residual add and the norm after it in one op."""
+    normed, total = ops().ernie_add_rms_norm(x.contiguous(), residual.contiguous(), weight, eps)
+    return normed, total
+
+
 def rotary(x: paddle.Tensor, cos: paddle.Tensor, sin: paddle.Tensor) -> paddle.Tensor:
     """x [T, heads, D] with its (x[2i], x[2i + 1]) pairs rotated by cos / sin [T, ..., D/2], fp32."""
     return ops().ernie_rotary(x.contiguous(), cos, sin)
 
 
+def rotary_kv_write(
+    qkv: paddle.Tensor,
+    cos: paddle.Tensor,
+    sin: paddle.Tensor,
+    key_cache: paddle.Tensor,
+    value_cache: paddle.Tensor,
+    slot_mapping: paddle.Tensor,
+) -> paddle.Tensor:
+    """The fused q/k/v projection's output [T, (H + 2 KVH) * D] -> q [T, H, D] rotated as by `rotary`; k
+    (rotated) and v stored into the [S, KVH, D] caches at `slot_mapping` in place, fp32."""
+    return ops().ernie_rotary_kv_write(qkv.contiguous(), cos, sin, key_cache, value_cache, slot_mapping)[0]
+
+
 def swiglu(x: paddle.Tensor) -> paddle.Tensor:
     """silu(x[..., :I]) * x[..., I:] for x [..., 2I], fp32."""
+    if x.ndim == 2:
+        return ops().ernie_swiglu(x)
     flat = x.reshape([-1, x.shape[-1]])
     return ops().ernie_swiglu(flat).reshape([*x.shape[:-1], x.shape[-1] // 2])
 

@@ -5,6 +5,10 @@ interleaved RoPE and grouped-query heads; the MLP is SwiGLU with one fused gate/
 first, as the -Paddle checkpoints store it). Parameter names follow the -Paddle checkpoints without their
 `ernie.` prefix, so the loader's mapping stays a table.
 
+As in vLLM, a layer takes and returns (output, residual) - the residual stream being their sum - and each
+RMSNorm adds the two before normalizing (layers/norm), so the adds cost no ops of their own on CPU. With fp32
+caches on CPU the attention input is one op too (layers/attention.fused_qkv_attention).
+
 Subclasses change the MLP per layer through `make_mlp` (MoE: `Ernie4_5_MoeForCausalLM`).
 """
 
@@ -15,7 +19,13 @@ from paddle import nn
 
 from ..config import ModelConfig
 from ..layers.activation import swiglu
-from ..layers.attention import AttentionMetadata, KVCache, paged_attention
+from ..layers.attention import (
+    AttentionMetadata,
+    KVCache,
+    fused_qkv_attention,
+    paged_attention,
+    qkv_attention_fused,
+)
 from ..layers.linear import ZEROS, Linear
 from ..layers.norm import RMSNorm
 from ..layers.rotary import RotaryEmbedding, apply_rotary
@@ -43,11 +53,15 @@ class Ernie4_5Attention(nn.Layer):
     def forward(
         self, x: paddle.Tensor, rope: Rope, meta: AttentionMetadata, kv_cache: KVCache | None
     ) -> paddle.Tensor:
-        q, k, v = paddle.split(self.qkv_proj(x), self.split_sizes, axis=-1)
-        q = apply_rotary(q.reshape([-1, self.num_heads, self.head_dim]), *rope)
-        k = apply_rotary(k.reshape([-1, self.num_kv_heads, self.head_dim]), *rope)
-        v = v.reshape([-1, self.num_kv_heads, self.head_dim])
-        out = paged_attention(q, k, v, meta, kv_cache, self.scale)
+        qkv = self.qkv_proj(x)
+        if qkv_attention_fused(qkv, rope, meta, kv_cache):
+            out = fused_qkv_attention(qkv, *rope, meta, kv_cache, self.scale)
+        else:
+            q, k, v = paddle.split(qkv, self.split_sizes, axis=-1)
+            q = apply_rotary(q.reshape([-1, self.num_heads, self.head_dim]), *rope)
+            k = apply_rotary(k.reshape([-1, self.num_kv_heads, self.head_dim]), *rope)
+            v = v.reshape([-1, self.num_kv_heads, self.head_dim])
+            out = paged_attention(q, k, v, meta, kv_cache, self.scale)
         return self.o_proj(out.reshape([-1, self.num_heads * self.head_dim]))
 
 
@@ -63,8 +77,12 @@ class Ernie4_5MLP(nn.Layer):
         return self.down_proj(swiglu(self.up_gate_proj(x)))
 
 
+Residual = paddle.Tensor | None  # the residual stream before a layer's input (None before the first layer)
+
+
 class Ernie4_5DecoderLayer(nn.Layer):
-    """Pre-norm block; `mlp` is any layer mapping [T, hidden] -> [T, hidden] (dense or MoE)."""
+    """Pre-norm block passing (output, residual) on; `mlp` is any layer mapping [T, hidden] -> [T, hidden]
+    (dense or MoE)."""
 
     def __init__(self, config: ModelConfig, mlp: nn.Layer) -> None:
         super().__init__()
@@ -74,10 +92,36 @@ class Ernie4_5DecoderLayer(nn.Layer):
         self.mlp = mlp
 
     def forward(
-        self, x: paddle.Tensor, rope: Rope, meta: AttentionMetadata, kv_cache: KVCache | None
-    ) -> paddle.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), rope, meta, kv_cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        self,
+        x: paddle.Tensor,
+        residual: Residual,
+        rope: Rope,
+        meta: AttentionMetadata,
+        kv_cache: KVCache | None,
+    ) -> tuple[paddle.Tensor, paddle.Tensor]:
+        """(previous output, residual) -> (MLP output, residual): the stream after the layer is their sum."""
+        h, residual = self.attention_block(x, residual, rope, meta, kv_cache)
+        return self.mlp(h), residual
+
+    def attention_block(
+        self,
+        x: paddle.Tensor,
+        residual: Residual,
+        rope: Rope,
+        meta: AttentionMetadata,
+        kv_cache: KVCache | None,
+    ) -> tuple[paddle.Tensor, paddle.Tensor]:
+        """-> (the MLP's input, the residual stream after attention)."""
+        if residual is None:
+            h, residual = self.input_layernorm(x), x
+        else:
+            h, residual = self.input_layernorm(x, residual)
+        return self.post_attention_layernorm(self.self_attn(h, rope, meta, kv_cache), residual)
+
+
+def final_norm(norm: RMSNorm, x: paddle.Tensor, residual: Residual) -> paddle.Tensor:
+    """The model's last RMSNorm over the residual stream x + residual (x alone without layers)."""
+    return norm(x) if residual is None else norm(x, residual)[0]
 
 
 class Ernie4_5ForCausalLM(nn.Layer):
@@ -113,11 +157,11 @@ class Ernie4_5ForCausalLM(nn.Layer):
         """input_ids, positions: [T] int64 (flat batch) -> final-normed hidden states [T, hidden]."""
         if kv_caches is not None and len(kv_caches) != len(self.layers):
             raise ValueError(f"got {len(kv_caches)} KV caches for {len(self.layers)} layers")
-        x = self.embed_tokens(input_ids)
         rope = self.rotary_emb(positions)
+        x, residual = self.embed_tokens(input_ids), None
         for i, layer in enumerate(self.layers):
-            x = layer(x, rope, meta, None if kv_caches is None else kv_caches[i])
-        return self.norm(x)
+            x, residual = layer(x, residual, rope, meta, None if kv_caches is None else kv_caches[i])
+        return final_norm(self.norm, x, residual)
 
     def compute_logits(self, hidden: paddle.Tensor) -> paddle.Tensor:
         """hidden [N, hidden] -> logits [N, vocab] float32."""

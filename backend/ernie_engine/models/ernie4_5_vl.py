@@ -58,7 +58,7 @@ from ..layers.vision import (
     frame_seqlens,
     vision_position_ids,
 )
-from .ernie4_5 import Ernie4_5DecoderLayer, Ernie4_5MLP, Rope
+from .ernie4_5 import Ernie4_5DecoderLayer, Ernie4_5MLP, Residual, Rope
 from .vl_common import MRopeTextModel, VisionLanguageModel
 
 if TYPE_CHECKING:
@@ -346,14 +346,15 @@ class VLDecoderLayer(Ernie4_5DecoderLayer):
     def forward(
         self,
         x: paddle.Tensor,
+        residual: Residual,
         rope: Rope,
         meta: AttentionMetadata,
         kv_cache: KVCache | None,
         vision_mask: paddle.Tensor | None = None,
-    ) -> paddle.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), rope, meta, kv_cache)
-        h = self.post_attention_layernorm(x)
-        return x + (self.mlp(h, vision_mask) if isinstance(self.mlp, ModalityIsolatedMoe) else self.mlp(h))
+    ) -> tuple[paddle.Tensor, paddle.Tensor]:
+        h, residual = self.attention_block(x, residual, rope, meta, kv_cache)
+        h = self.mlp(h, vision_mask) if isinstance(self.mlp, ModalityIsolatedMoe) else self.mlp(h)
+        return h, residual
 
 
 def _feed_forward(config: ModelConfig, moe: MoeLayout, sparse: bool) -> nn.Layer:

@@ -22,6 +22,7 @@ from ..config import ModelConfig
 from ..layers.attention import AttentionMetadata, KVCache
 from ..layers.linear import ZEROS, Linear
 from ..layers.norm import RMSNorm
+from .ernie4_5 import final_norm
 
 if TYPE_CHECKING:
     from ..loader import ParamSpec, ShardFn
@@ -53,9 +54,11 @@ class MRopeTextModel(nn.Layer):
         if kv_caches is not None and len(kv_caches) != len(self.layers):
             raise ValueError(f"got {len(kv_caches)} KV caches for {len(self.layers)} layers")
         rope = self.rotary_emb(positions)
+        residual = None
         for i, layer in enumerate(self.layers):
-            x = layer(x, rope, meta, None if kv_caches is None else kv_caches[i], *layer_args)
-        return self.norm(x)
+            kv_cache = None if kv_caches is None else kv_caches[i]
+            x, residual = layer(x, residual, rope, meta, kv_cache, *layer_args)
+        return final_norm(self.norm, x, residual)
 
 
 class VisionLanguageModel:
