@@ -98,25 +98,19 @@ class Ernie4_5DecoderLayer(nn.Layer):
         rope: Rope,
         meta: AttentionMetadata,
         kv_cache: KVCache | None,
+        *mlp_args: paddle.Tensor | None,
     ) -> tuple[paddle.Tensor, paddle.Tensor]:
         """(previous output, residual) -> (MLP output, residual): the stream after the layer is their sum."""
-        h, residual = self.attention_block(x, residual, rope, meta, kv_cache)
-        return self.mlp(h), residual
-
-    def attention_block(
-        self,
-        x: paddle.Tensor,
-        residual: Residual,
-        rope: Rope,
-        meta: AttentionMetadata,
-        kv_cache: KVCache | None,
-    ) -> tuple[paddle.Tensor, paddle.Tensor]:
-        """-> (the MLP's input, the residual stream after attention)."""
         if residual is None:
             h, residual = self.input_layernorm(x), x
         else:
             h, residual = self.input_layernorm(x, residual)
-        return self.post_attention_layernorm(self.self_attn(h, rope, meta, kv_cache), residual)
+        h, residual = self.post_attention_layernorm(self.self_attn(h, rope, meta, kv_cache), residual)
+        return self.feed_forward(h, *mlp_args), residual
+
+    def feed_forward(self, h: paddle.Tensor, *mlp_args: paddle.Tensor | None) -> paddle.Tensor:
+        """The MLP on the normed stream; a subclass whose MLP needs more per-token inputs takes them here."""
+        return self.mlp(h)
 
 
 def final_norm(norm: RMSNorm, x: paddle.Tensor, residual: Residual) -> paddle.Tensor:

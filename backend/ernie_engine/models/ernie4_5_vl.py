@@ -58,7 +58,7 @@ from ..layers.vision import (
     frame_seqlens,
     vision_position_ids,
 )
-from .ernie4_5 import Ernie4_5DecoderLayer, Ernie4_5MLP, Residual, Rope
+from .ernie4_5 import Ernie4_5DecoderLayer, Ernie4_5MLP
 from .vl_common import MRopeTextModel, VisionLanguageModel
 
 if TYPE_CHECKING:
@@ -343,18 +343,8 @@ class ModalityIsolatedMoe(nn.Layer):
 class VLDecoderLayer(Ernie4_5DecoderLayer):
     """The ERNIE-4.5 block; its MoE additionally needs to know which tokens are vision tokens."""
 
-    def forward(
-        self,
-        x: paddle.Tensor,
-        residual: Residual,
-        rope: Rope,
-        meta: AttentionMetadata,
-        kv_cache: KVCache | None,
-        vision_mask: paddle.Tensor | None = None,
-    ) -> tuple[paddle.Tensor, paddle.Tensor]:
-        h, residual = self.attention_block(x, residual, rope, meta, kv_cache)
-        h = self.mlp(h, vision_mask) if isinstance(self.mlp, ModalityIsolatedMoe) else self.mlp(h)
-        return h, residual
+    def feed_forward(self, h: paddle.Tensor, vision_mask: paddle.Tensor | None = None) -> paddle.Tensor:
+        return self.mlp(h, vision_mask) if isinstance(self.mlp, ModalityIsolatedMoe) else self.mlp(h)
 
 
 def _feed_forward(config: ModelConfig, moe: MoeLayout, sparse: bool) -> nn.Layer:
