@@ -132,8 +132,9 @@ def main(argv: list[str] | None = None) -> None:
     engine = LLMEngine(EngineConfig(model=str(model), max_model_len=1024, max_num_seqs=64,
                                     max_num_batched_tokens=2048, kv_cache_memory_bytes=512 << 20))
     run_concurrency(engine, 2, args.prompt_len, 4, seed=0)  # warm-up: first-call kernel setup is not timed
-    runs = [[run_concurrency(engine, c, args.prompt_len, max_tokens, seed=c) for c in levels]
-            for _ in range(args.rounds)]
+    # Fresh prompts for every level of every round: none is served from an earlier one's prefix cache.
+    runs = [[run_concurrency(engine, c, args.prompt_len, max_tokens, seed=1000 * (r + 1) + c) for c in levels]
+            for r in range(args.rounds)]
     levels_runs = list(zip(*runs, strict=True))  # per level, its rounds
     rows = [sorted(level, key=lambda r: r["tok_s"])[len(level) // 2] for level in levels_runs]
     spread = [f"{min(r['tok_s'] for r in lv):.0f}-{max(r['tok_s'] for r in lv):.0f}" for lv in levels_runs]

@@ -53,8 +53,9 @@ class Load:
     token_range: tuple[int, int] = (10, 3000)  # fits the random checkpoints' 3000-piece tokenizer
     seed: int = 0
 
-    def prompts(self) -> list[list[int]]:
-        rng = np.random.default_rng(self.seed)
+    def prompts(self, level: int = 0) -> list[list[int]]:
+        """Each level gets prompts of its own: no level is served from another's prefix cache."""
+        rng = np.random.default_rng((self.seed, level))
         low, high = self.token_range
         return [rng.integers(low, high, size=self.prompt_len).tolist() for _ in range(self.num_requests)]
 
@@ -156,7 +157,9 @@ def openai_sender(client: Any, model: str, max_tokens: int) -> SendFn:
                 event = json.loads(line[5:])
                 if "error" in event:
                     raise RuntimeError(str(event["error"]))
-                if any(c.get("text") for c in event.get("choices") or []):
+                # A chunk carries a token when it has text or is not the closing one: llama-server streams
+                # tokens it does not render (e.g. ids past the random checkpoints' pieces) with empty text.
+                if any(c.get("text") or c.get("finish_reason") is None for c in event.get("choices") or []):
                     trace.chunks.append(time.perf_counter())
                     chunks += 1
                 usage = (event.get("usage") or {}).get("completion_tokens") or usage
@@ -286,7 +289,7 @@ async def measure(target: str, send: SendFn, load: Load, levels: list[int], time
     results = []
     for concurrency in levels:
         before = steps() if steps else 0
-        result = await run_level(target, send, load.prompts(), concurrency, timeout)
+        result = await run_level(target, send, load.prompts(concurrency), concurrency, timeout)
         result.steps = steps() - before if steps else 0
         logger.info("%s c%d: %.1f tok/s (load average %.1f)", target, concurrency, result.tok_s,
                     result.load_avg)
@@ -298,7 +301,10 @@ async def measure_openai(target: str, base_url: str, model: str, load: Load, lev
                          timeout: float, steps: StepsFn | None = None) -> list[Result]:
     import httpx
 
-    limits = httpx.Limits(max_connections=max(levels) + 4, max_keepalive_connections=max(levels) + 4)
+    # No keep-alive: llama-server closes idle connections, and reusing one it has just closed fails the
+    # request ("Server disconnected without sending a response"). A new loopback connection per request costs
+    # every target the same.
+    limits = httpx.Limits(max_connections=max(levels) + 4, max_keepalive_connections=0)
     http_timeout = httpx.Timeout(connect=10.0, read=timeout, write=30.0, pool=None)
     client = httpx.AsyncClient(base_url=base_url.rstrip("/"), limits=limits, timeout=http_timeout)
     async with client:
