@@ -2,13 +2,14 @@
 
 Prints the machine's streaming read bandwidth, then per Linear shape at M = 1, 16 and 32 (--rows) the median
 time, the weight bytes streamed per second and the GFLOP/s for Paddle's fp32 matmul and the bf16 / wint8 /
-wint4 kernels; then paged attention for a decode batch, and a decode-step estimate (18 layers + LM head +
-attention).
+wint4 kernels; then paged attention for a decode batch and for prefills (--prefill), and a decode-step
+estimate (18 layers + LM head + attention).
 Each weight is cycled through enough copies to exceed the last-level cache, so decode numbers are DRAM-bound
 as in a real step. The machine is shared: every figure is a median over --repeats runs.
 
     MKL_DEBUG_CPU_TYPE=5 python scripts/bench_kernels.py [--repeats 15] [--rows 1,16,32] [--formats fp32,bf16]
     ERNIE_CPU_KERNELS_THREADS=1 python scripts/bench_kernels.py --cpu-time --formats bf16 --rows 16,64,512
+    python scripts/bench_kernels.py --formats none --rows 16 --prefill 16x128,4x256+768  # attention only
 """
 
 from __future__ import annotations
@@ -130,6 +131,18 @@ def bench_attention(repeats: int, batch: int, context: int, block_size: int = 16
     return kernel, fallback
 
 
+def bench_prefill_attention(repeats: int, seqs: int, query: int, cached: int, block_size: int = 16) -> float:
+    """One prefill call's attention: `seqs` sequences of `query` new tokens after `cached` ones, seconds."""
+    context = cached + query
+    blocks = -(-context // block_size)
+    tables = [list(range(b * blocks, (b + 1) * blocks)) for b in range(seqs)]
+    meta = AttentionMetadata.build([query] * seqs, [context] * seqs, tables, block_size)
+    caches = [paddle.randn([seqs * blocks * block_size, KV_HEADS, HEAD_DIM]) for _ in range(2)]
+    q = paddle.randn([seqs * query, HEADS, HEAD_DIM])
+    k, v = paddle.randn([seqs * query, KV_HEADS, HEAD_DIM]), paddle.randn([seqs * query, KV_HEADS, HEAD_DIM])
+    return median_time(lambda _: paged_attention(q, k, v, meta, caches, HEAD_DIM**-0.5), repeats)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -139,6 +152,11 @@ def main() -> None:
         "--context", type=int, default=192, help="tokens per sequence for the attention bench"
     )
     parser.add_argument("--rows", default="1,16,32", help="comma-separated M (decode batch sizes)")
+    parser.add_argument(
+        "--prefill",
+        default="16x128,4x256+768",
+        help="comma-separated prefill attention cases: SEQSxTOKENS[+CACHED] (a chunk after CACHED tokens)",
+    )
     parser.add_argument("--formats", default=",".join(FORMATS), help=f"comma-separated subset of {FORMATS}")
     parser.add_argument(
         "--cpu-time",
@@ -167,6 +185,17 @@ def main() -> None:
             f"batch {batch:>2}: kernel {kernel * 1e3:.3f} ms, Paddle gather+SDPA {fallback * 1e3:.3f} ms "
             f"({fallback / kernel:.1f}x)"
         )
+
+    print("\n## Paged attention, prefill (median ms; GFLOP/s = 4 D H sum of the keys each query sees / time)")
+    for case in args.prefill.split(","):
+        shape, _, cached = case.partition("+")
+        seqs, query = (int(n) for n in shape.split("x"))
+        cached = int(cached or 0)
+        seconds = bench_prefill_attention(args.repeats, seqs, query, cached)
+        keys = seqs * sum(cached + i + 1 for i in range(query))
+        gflops = 4 * HEAD_DIM * HEADS * keys / seconds / 1e9
+        label = f"{seqs} x {query} tokens" + (f" after {cached} cached" if cached else "")
+        print(f"{label:<32} kernel {seconds * 1e3:8.3f} ms {gflops:6.1f} GFLOP/s")
 
     print("\n## 0.3B decode step estimate: 18 x (4 Linears + attention) + LM head (norms/rope/etc. excluded)")
     layer_names = [name for name, _, _ in SHAPES if name != "lm_head"]

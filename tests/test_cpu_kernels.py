@@ -233,8 +233,9 @@ def test_fp32_supported_takes_cpu_fp32_tensors_only():
 
 
 def _mixed_batch(block_size: int, num_heads: int, num_kv_heads: int, head_dim: int):
-    """Prefill chunks (one with cached context) and decodes, in scattered blocks of one cache."""
-    query_lens, context_lens = [7, 1, 5, 1, 1], [7, 9, 12, 1, 33]
+    """Prefill chunks (some with cached context, some longer than the kernel's blocks of query tokens) and
+    decodes, in scattered blocks of one cache."""
+    query_lens, context_lens = [7, 1, 5, 1, 1, 70, 37], [7, 9, 12, 1, 33, 70, 90]
     blocks_needed = [-(-c // block_size) for c in context_lens]
     order = RNG.permutation(sum(blocks_needed) + 3)
     tables, start = [], 0
@@ -250,10 +251,13 @@ def _mixed_batch(block_size: int, num_heads: int, num_kv_heads: int, head_dim: i
     return q, k, v, meta, caches
 
 
+# GQA groups 8, 4, 2, 1, 3 and 16 (a token's heads fill two vectors of rows); head_dim 40 is not a whole
+# number of vectors (the scalar path on any ISA).
+ATTENTION_HEADS = [(16, 2, 128), (8, 2, 64), (8, 4, 64), (8, 8, 32), (4, 4, 40), (6, 2, 16), (16, 1, 32)]
+
+
 @pytest.mark.parametrize("block_size", [1, 4, 16])
-@pytest.mark.parametrize(
-    ("heads", "kv_heads", "head_dim"), [(16, 2, 128), (8, 2, 64), (4, 4, 40), (6, 2, 16)]
-)
+@pytest.mark.parametrize(("heads", "kv_heads", "head_dim"), ATTENTION_HEADS)
 def test_paged_attention_matches_the_paddle_path(isa, block_size, heads, kv_heads, head_dim):
     q, k, v, meta, caches = _mixed_batch(block_size, heads, kv_heads, head_dim)
     paddle_caches = [c.clone() for c in caches]
@@ -266,6 +270,50 @@ def test_paged_attention_matches_the_paddle_path(isa, block_size, heads, kv_head
     np.testing.assert_allclose(ours, expected, rtol=1e-5, atol=1e-5)
     for ours_cache, paddle_cache in zip(caches, paddle_caches, strict=True):  # the same cache writes
         np.testing.assert_array_equal(ours_cache.numpy(), paddle_cache.numpy())
+
+
+@pytest.mark.parametrize(("heads", "kv_heads", "head_dim"), ATTENTION_HEADS)
+def test_paged_attention_is_batch_invariant(isa, heads, kv_heads, head_dim):
+    """A token's attention output is the same bit for bit however it is computed: in one prefill of its whole
+    prompt, in chunks of odd sizes after a cached prefix, or token by token as decode steps, whatever else is
+    in the batch (other prefills, chunks, decodes)."""
+    block_size, lens = 4, [45, 70, 23]  # two sequences under test and a companion
+    blocks = [-(-n // block_size) for n in lens]
+    order = RNG.permutation(sum(blocks)).tolist()
+    tables = [order[sum(blocks[:b]) : sum(blocks[: b + 1])] for b in range(len(lens))]
+    caches = [paddle.randn([sum(blocks) * block_size, kv_heads, head_dim]) for _ in range(2)]
+    qs = [paddle.randn([n, heads, head_dim]) for n in lens]
+
+    def step(parts: list[tuple[int, int, int]]) -> dict[int, np.ndarray]:
+        """One call over (sequence, first, end): its query tokens first..end-1, context end -> outputs."""
+        meta = AttentionMetadata.build(
+            [end - first for _, first, end in parts],
+            [end for _, _, end in parts],
+            [tables[b] for b, _, _ in parts],
+            block_size,
+        )
+        q = paddle.concat([qs[b][first:end] for b, first, end in parts])
+        out = cpu_kernels.paged_attention(q, *caches, meta, head_dim**-0.5).numpy()
+        sizes = np.cumsum([end - first for _, first, end in parts])[:-1]
+        return {b: o for (b, _, _), o in zip(parts, np.split(out, sizes), strict=True)}
+
+    full = step([(0, 0, 45), (1, 0, 70)])
+    chunked: dict[int, list[np.ndarray]] = {0: [], 1: []}
+    a_cuts, b_cuts = [0, 13, 14, 31, 45], [0, 7, 40, 41, 70]
+    for i in range(4):  # chunks of both, next to a decode or a prefill of the companion
+        company = (2, 9 + i, 10 + i) if i % 2 else (2, 0, 5 + i)
+        outs = step([(0, a_cuts[i], a_cuts[i + 1]), company, (1, b_cuts[i], b_cuts[i + 1])])
+        chunked[0].append(outs[0])
+        chunked[1].append(outs[1])
+    decoded: dict[int, list[np.ndarray]] = {0: [], 1: []}
+    for t in range(70):  # decode steps, with the companion's prefill in every other one
+        parts = [(b, t, t + 1) for b in (0, 1) if t < lens[b]] + ([(2, 0, 23)] if t % 2 else [])
+        for b, out in step(parts).items():
+            if b != 2:
+                decoded[b].append(out)
+    for b in (0, 1):
+        np.testing.assert_array_equal(np.concatenate(chunked[b]), full[b])
+        np.testing.assert_array_equal(np.concatenate(decoded[b]), full[b])
 
 
 def _split_rotary(qkv, cos, sin, heads: int, kv_heads: int, head_dim: int):
@@ -423,7 +471,6 @@ def test_disabled_kernels_leave_the_paddle_path(kernels_off):
     q, kv = paddle.randn([2, 2, 16]), paddle.randn([2, 1, 16])
     assert not cpu_kernels.fp32_supported(q, kv)
     assert paged_attention(q, kv, kv, meta, None, 0.25).shape == [2, 2, 16]
-
 
 
 @pytest.mark.parametrize("kernels", ["on", "off"])
