@@ -23,6 +23,7 @@ import numpy as np
 import paddle
 
 from .config import EngineConfig, ModelConfig
+from .device import keep_freed_memory
 from .layers.attention import AttentionMetadata, KVCache
 from .layers.quant.config import QuantConfig
 from .layers.quant.kv_cache import Int8KVCache, kv_cache_bytes_per_token, read_static_kv_scales
@@ -126,6 +127,8 @@ class ModelRunner:
             ]
         logger.info("KV cache: %d blocks of %d tokens (%.1f MiB)", num_blocks, self.block_size,
                     num_blocks * self.block_size * self.kv_bytes_per_token() / 2**20)
+        if paddle.get_device() == "cpu":  # the last big allocation: from here on, activations come and go
+            keep_freed_memory()
 
     # Step -------------------------------------------------------------------------------------------
 
