@@ -1,7 +1,8 @@
 """Serving benchmark (issue 13's load): streamed OpenAI completions at several concurrencies.
 
 Load: `--num-requests` (32) prompts of `--prompt-len` (128) random token ids (seeded, ids in --token-range, so
-every server sees the same tokens), `--max-tokens` (64) output tokens, greedy, EOS ignored (`ignore_eos`),
+every server sees the same tokens; each level its own, so none is served from another's prefix cache),
+`--max-tokens` (64) output tokens, greedy, EOS ignored (`ignore_eos`),
 streamed, at most `--concurrency` requests in flight (1, 4, 16, 32). Per concurrency: output tok/s (all
 output tokens / wall time), TTFT and inter-token latency (gaps between streamed chunks) p50 / p99.
 
