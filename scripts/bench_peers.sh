@@ -146,7 +146,8 @@ EOF
   port="$(free_port)"
   log="$peers/vllm.log"
   # Both cores (its default binding leaves one idle).
-  VLLM_TARGET_DEVICE=cpu VLLM_CPU_OMP_THREADS_BIND=0-1 VLLM_CPU_KVCACHE_SPACE=2 "$venv/bin/python" "$peers/vllm_cli.py" serve "$hf" \
+  VLLM_TARGET_DEVICE=cpu VLLM_CPU_OMP_THREADS_BIND=0-1 VLLM_CPU_KVCACHE_SPACE=2 \
+    "$venv/bin/python" "$peers/vllm_cli.py" serve "$hf" \
     --host 127.0.0.1 --port "$port" --dtype bfloat16 --max-model-len 2048 --max-num-seqs 128 \
     --served-model-name ernie-bench >"$log" 2>&1 &
   server_pid=$!

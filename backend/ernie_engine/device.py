@@ -100,8 +100,8 @@ def set_cpu_math_env() -> None:
 
 
 # glibc hands large freed blocks back to the kernel (mmap'd ones at once, the heap's top past a trim
-# threshold), so every prefill step touches its activations' pages afresh: ~200-500k page faults and
-# 0.6-1.2 s of system time for a 2048-token step (~15 % of its wall time). Serving from memory already
+# threshold), so every prefill step touches its activations' pages afresh: 160-520k page faults and
+# 0.5-1.3 s of system time for a 2048-token step (~15-25 % of its wall time). Serving from memory already
 # touched, as vLLM-CPU does by preloading tcmalloc, leaves almost none. Set once the weights and the KV cache
 # are in place, so that loading's temporaries still go back to the kernel.
 _MALLOC_OPTIONS = {
