@@ -113,16 +113,21 @@ def bench_linears(repeats: int, rows: list[int], formats: list[str]) -> dict[tup
     return times
 
 
-def bench_attention(repeats: int, batch: int, context: int, block_size: int = 16) -> tuple[float, float]:
-    """One decode step's attention over `batch` sequences of `context` tokens: (kernel, Paddle) seconds."""
+def attention_step(seqs: int, query: int, context: int, block_size: int = 16) -> Callable[[int], object]:
+    """One paged-attention call: `seqs` sequences of `query` new tokens, each `context` tokens long."""
     blocks = -(-context // block_size)
-    tables = [list(range(b * blocks, (b + 1) * blocks)) for b in range(batch)]
-    meta = AttentionMetadata.build([1] * batch, [context] * batch, tables, block_size)
-    slots = batch * blocks * block_size
+    tables = [list(range(b * blocks, (b + 1) * blocks)) for b in range(seqs)]
+    meta = AttentionMetadata.build([query] * seqs, [context] * seqs, tables, block_size)
+    slots = seqs * blocks * block_size
     caches = (paddle.randn([slots, KV_HEADS, HEAD_DIM]), paddle.randn([slots, KV_HEADS, HEAD_DIM]))
-    q = paddle.randn([batch, HEADS, HEAD_DIM])
-    k, v = paddle.randn([batch, KV_HEADS, HEAD_DIM]), paddle.randn([batch, KV_HEADS, HEAD_DIM])
-    step = lambda _: paged_attention(q, k, v, meta, caches, HEAD_DIM**-0.5)  # noqa: E731
+    q = paddle.randn([seqs * query, HEADS, HEAD_DIM])
+    k, v = paddle.randn([seqs * query, KV_HEADS, HEAD_DIM]), paddle.randn([seqs * query, KV_HEADS, HEAD_DIM])
+    return lambda _: paged_attention(q, k, v, meta, caches, HEAD_DIM**-0.5)
+
+
+def bench_attention(repeats: int, batch: int, context: int) -> tuple[float, float]:
+    """One decode step's attention over `batch` sequences of `context` tokens: (kernel, Paddle) seconds."""
+    step = attention_step(batch, 1, context)
     kernel = median_time(step, repeats)
     cpu_kernels.set_enabled(False)
     try:
@@ -132,16 +137,9 @@ def bench_attention(repeats: int, batch: int, context: int, block_size: int = 16
     return kernel, fallback
 
 
-def bench_prefill_attention(repeats: int, seqs: int, query: int, cached: int, block_size: int = 16) -> float:
+def bench_prefill_attention(repeats: int, seqs: int, query: int, cached: int) -> float:
     """One prefill call's attention: `seqs` sequences of `query` new tokens after `cached` ones, seconds."""
-    context = cached + query
-    blocks = -(-context // block_size)
-    tables = [list(range(b * blocks, (b + 1) * blocks)) for b in range(seqs)]
-    meta = AttentionMetadata.build([query] * seqs, [context] * seqs, tables, block_size)
-    caches = [paddle.randn([seqs * blocks * block_size, KV_HEADS, HEAD_DIM]) for _ in range(2)]
-    q = paddle.randn([seqs * query, HEADS, HEAD_DIM])
-    k, v = paddle.randn([seqs * query, KV_HEADS, HEAD_DIM]), paddle.randn([seqs * query, KV_HEADS, HEAD_DIM])
-    return median_time(lambda _: paged_attention(q, k, v, meta, caches, HEAD_DIM**-0.5), repeats)
+    return median_time(attention_step(seqs, query, cached + query), repeats)
 
 
 def main() -> None:
