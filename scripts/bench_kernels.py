@@ -2,10 +2,11 @@
 
 Prints the machine's streaming read bandwidth, then per Linear shape at M = 1, 16 and 32 (--rows) the median
 time, the weight bytes streamed per second and the GFLOP/s for Paddle's fp32 matmul and the bf16 / wint8 /
-wint4 kernels; then paged attention for a decode batch and for prefills (--prefill), and a decode-step
-estimate (18 layers + LM head + attention).
+wint4 kernels; then paged attention for a decode batch (bf16 and fp32 caches) and for prefills (--prefill),
+and a decode-step estimate (18 layers + LM head + attention).
 Each weight is cycled through enough copies to exceed the last-level cache, so decode numbers are DRAM-bound
-as in a real step. The machine is shared: every figure is a median over --repeats runs.
+as in a real step; the attention benches' caches (one layer's, a few MB) stay in the L3 cache. The machine
+is shared: every figure is a median over --repeats runs.
 
     MKL_DEBUG_CPU_TYPE=5 python scripts/bench_kernels.py [--repeats 15] [--rows 1,16,32] [--formats fp32,bf16]
     ERNIE_CPU_KERNELS_THREADS=1 python scripts/bench_kernels.py --cpu-time --formats bf16 --rows 16,64,512
@@ -113,28 +114,33 @@ def bench_linears(repeats: int, rows: list[int], formats: list[str]) -> dict[tup
     return times
 
 
-def attention_step(seqs: int, query: int, context: int, block_size: int = 16) -> Callable[[int], object]:
-    """One paged-attention call: `seqs` sequences of `query` new tokens, each `context` tokens long."""
+def attention_step(
+    seqs: int, query: int, context: int, cache_dtype: str = "bfloat16", block_size: int = 16
+) -> Callable[[int], object]:
+    """One paged-attention call: `seqs` sequences of `query` new tokens, each `context` tokens long, over
+    caches of `cache_dtype` (bf16: the engine's for bf16 weights)."""
     blocks = -(-context // block_size)
     tables = [list(range(b * blocks, (b + 1) * blocks)) for b in range(seqs)]
     meta = AttentionMetadata.build([query] * seqs, [context] * seqs, tables, block_size)
     slots = seqs * blocks * block_size
-    caches = (paddle.randn([slots, KV_HEADS, HEAD_DIM]), paddle.randn([slots, KV_HEADS, HEAD_DIM]))
+    caches = tuple(paddle.randn([slots, KV_HEADS, HEAD_DIM]).astype(cache_dtype) for _ in range(2))
     q = paddle.randn([seqs * query, HEADS, HEAD_DIM])
     k, v = paddle.randn([seqs * query, KV_HEADS, HEAD_DIM]), paddle.randn([seqs * query, KV_HEADS, HEAD_DIM])
     return lambda _: paged_attention(q, k, v, meta, caches, HEAD_DIM**-0.5)
 
 
-def bench_attention(repeats: int, batch: int, context: int) -> tuple[float, float]:
-    """One decode step's attention over `batch` sequences of `context` tokens: (kernel, Paddle) seconds."""
-    step = attention_step(batch, 1, context)
-    kernel = median_time(step, repeats)
+def bench_attention(repeats: int, batch: int, context: int) -> tuple[float, float, float]:
+    """One decode step's attention over `batch` sequences of `context` tokens: (kernel on bf16 caches, kernel
+    on fp32 caches, Paddle on fp32 caches) seconds."""
+    kernel = median_time(attention_step(batch, 1, context), repeats)
+    fp32_step = attention_step(batch, 1, context, "float32")
+    kernel_fp32 = median_time(fp32_step, repeats)
     cpu_kernels.set_enabled(False)
     try:
-        fallback = median_time(step, repeats)
+        fallback = median_time(fp32_step, repeats)
     finally:
         cpu_kernels.set_enabled(True)
-    return kernel, fallback
+    return kernel, kernel_fp32, fallback
 
 
 def bench_prefill_attention(repeats: int, seqs: int, query: int, cached: int) -> float:
@@ -179,11 +185,11 @@ def main() -> None:
     print(f"\n## Paged attention, decode, context {args.context} (median ms)")
     attention = {}
     for batch in rows:
-        kernel, fallback = bench_attention(args.repeats, batch, args.context)
+        kernel, kernel_fp32, fallback = bench_attention(args.repeats, batch, args.context)
         attention[batch] = (kernel, fallback)
         print(
-            f"batch {batch:>2}: kernel {kernel * 1e3:.3f} ms, Paddle gather+SDPA {fallback * 1e3:.3f} ms "
-            f"({fallback / kernel:.1f}x)"
+            f"batch {batch:>2}: kernel {kernel * 1e3:.3f} ms on bf16 caches, {kernel_fp32 * 1e3:.3f} ms on "
+            f"fp32 ones; Paddle gather+SDPA {fallback * 1e3:.3f} ms ({fallback / kernel:.1f}x)"
         )
 
     print("\n## Paged attention, prefill (median ms; GFLOP/s = 4 D H sum of the keys each query sees / time)")

@@ -232,9 +232,9 @@ def test_fp32_supported_takes_cpu_fp32_tensors_only():
     assert not cpu_kernels.fp32_supported(x.astype("float64"))
 
 
-def _mixed_batch(block_size: int, num_heads: int, num_kv_heads: int, head_dim: int):
+def _mixed_batch(block_size: int, num_heads: int, num_kv_heads: int, head_dim: int, cache_dtype="float32"):
     """Prefill chunks (some with cached context, some longer than the kernel's blocks of query tokens) and
-    decodes, in scattered blocks of one cache."""
+    decodes, in scattered blocks of one cache (fp32 or bf16)."""
     query_lens, context_lens = [7, 1, 5, 1, 1, 70, 37], [7, 9, 12, 1, 33, 70, 90]
     blocks_needed = [-(-c // block_size) for c in context_lens]
     order = RNG.permutation(sum(blocks_needed) + 3)
@@ -244,7 +244,7 @@ def _mixed_batch(block_size: int, num_heads: int, num_kv_heads: int, head_dim: i
         start += count
     meta = AttentionMetadata.build(query_lens, context_lens, tables, block_size)
     slots = (sum(blocks_needed) + 3) * block_size
-    caches = [paddle.randn([slots, num_kv_heads, head_dim]) for _ in range(2)]
+    caches = [paddle.randn([slots, num_kv_heads, head_dim]).astype(cache_dtype) for _ in range(2)]
     tokens = sum(query_lens)
     q = paddle.randn([tokens, num_heads, head_dim])
     k, v = paddle.randn([tokens, num_kv_heads, head_dim]), paddle.randn([tokens, num_kv_heads, head_dim])
@@ -256,24 +256,48 @@ def _mixed_batch(block_size: int, num_heads: int, num_kv_heads: int, head_dim: i
 ATTENTION_HEADS = [(16, 2, 128), (8, 2, 64), (8, 4, 64), (8, 8, 32), (4, 4, 40), (6, 2, 16), (16, 1, 32)]
 
 
+@pytest.mark.parametrize("cache_dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("block_size", [1, 4, 16])
 @pytest.mark.parametrize(("heads", "kv_heads", "head_dim"), ATTENTION_HEADS)
-def test_paged_attention_matches_the_paddle_path(isa, block_size, heads, kv_heads, head_dim):
-    q, k, v, meta, caches = _mixed_batch(block_size, heads, kv_heads, head_dim)
-    paddle_caches = [c.clone() for c in caches]
+def test_paged_attention_matches_the_paddle_path(isa, block_size, heads, kv_heads, head_dim, cache_dtype):
+    """Against gather + SDPA (kernels off). Paddle has no bf16 scatter on CPU: its side of a bf16 cache is an
+    fp32 one given the new keys/values rounded as Paddle's cast rounds them."""
+    q, k, v, meta, caches = _mixed_batch(block_size, heads, kv_heads, head_dim, cache_dtype)
+    paddle_caches = [c.astype("float32") for c in caches]
     cpu_kernels.set_enabled(False)
     try:
-        expected = paged_attention(q, k, v, meta, tuple(paddle_caches), head_dim**-0.5).numpy()
+        k_in, v_in = (_rounded(t, cache_dtype) for t in (k, v))
+        expected = paged_attention(q, k_in, v_in, meta, tuple(paddle_caches), head_dim**-0.5).numpy()
     finally:
         cpu_kernels.set_enabled(True)
     ours = paged_attention(q, k, v, meta, tuple(caches), head_dim**-0.5).numpy()
     np.testing.assert_allclose(ours, expected, rtol=1e-5, atol=1e-5)
     for ours_cache, paddle_cache in zip(caches, paddle_caches, strict=True):  # the same cache writes
-        np.testing.assert_array_equal(ours_cache.numpy(), paddle_cache.numpy())
+        np.testing.assert_array_equal(_bits(ours_cache), _bits(paddle_cache))
 
 
-@pytest.mark.parametrize(("heads", "kv_heads", "head_dim"), ATTENTION_HEADS)
-def test_paged_attention_is_batch_invariant(isa, heads, kv_heads, head_dim):
+def _bits(t: paddle.Tensor) -> np.ndarray:
+    """A tensor's values as numpy (bf16 as its fp32 widening, which is exact)."""
+    return t.astype("float32").numpy()
+
+
+def _rounded(t: paddle.Tensor, dtype: str) -> paddle.Tensor:
+    """fp32 t holding what a cache of `dtype` stores of it."""
+    return t.astype(dtype).astype("float32")
+
+
+def test_paged_attention_reads_bf16_caches_exactly(isa):
+    """A bf16 cache is widened exactly: the output equals, bit for bit, that of an fp32 cache holding the
+    same (bf16-representable) values."""
+    q, _, _, meta, caches = _mixed_batch(16, 16, 2, 128, "bfloat16")
+    wide = [c.astype("float32") for c in caches]
+    ours = cpu_kernels.paged_attention(q, *caches, meta, 128**-0.5).numpy()
+    np.testing.assert_array_equal(ours, cpu_kernels.paged_attention(q, *wide, meta, 128**-0.5).numpy())
+
+
+@pytest.mark.parametrize(("heads", "kv_heads", "head_dim", "cache_dtype"),
+                         [(*shape, "float32") for shape in ATTENTION_HEADS] + [(16, 2, 128, "bfloat16")])
+def test_paged_attention_is_batch_invariant(isa, heads, kv_heads, head_dim, cache_dtype):
     """A token's attention output is the same bit for bit however it is computed: in one prefill of its whole
     prompt, in chunks of odd sizes after a cached prefix, or token by token as decode steps, whatever else is
     in the batch (other prefills, chunks, decodes)."""
@@ -281,7 +305,8 @@ def test_paged_attention_is_batch_invariant(isa, heads, kv_heads, head_dim):
     blocks = [-(-n // block_size) for n in lens]
     order = RNG.permutation(sum(blocks)).tolist()
     tables = [order[sum(blocks[:b]) : sum(blocks[: b + 1])] for b in range(len(lens))]
-    caches = [paddle.randn([sum(blocks) * block_size, kv_heads, head_dim]) for _ in range(2)]
+    shape = [sum(blocks) * block_size, kv_heads, head_dim]
+    caches = [paddle.randn(shape).astype(cache_dtype) for _ in range(2)]
     qs = [paddle.randn([n, heads, head_dim]) for n in lens]
 
     def step(parts: list[tuple[int, int, int]]) -> dict[int, np.ndarray]:
@@ -324,47 +349,54 @@ def _split_rotary(qkv, cos, sin, heads: int, kv_heads: int, head_dim: int):
     return q, k, v.reshape([-1, kv_heads, head_dim])
 
 
+@pytest.mark.parametrize("cache_dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("block_size", [1, 16])
 @pytest.mark.parametrize(("heads", "kv_heads", "head_dim"), [(16, 2, 128), (4, 4, 40), (6, 2, 16)])
-def test_fused_qkv_attention_is_bit_equal_to_the_unfused_path(isa, block_size, heads, kv_heads, head_dim):
+def test_fused_qkv_attention_is_bit_equal_to_the_unfused_path(
+    isa, block_size, heads, kv_heads, head_dim, cache_dtype
+):
     """Mixed prefill + decode batch in scattered blocks: the fused rotary + cache write gives the same q, the
     same cache contents and the same attention output, bit for bit, as rotary + `paged_attention`; and
     matches the Paddle path (kernels off)."""
-    _, _, _, meta, caches = _mixed_batch(block_size, heads, kv_heads, head_dim)
+    _, _, _, meta, caches = _mixed_batch(block_size, heads, kv_heads, head_dim, cache_dtype)
     tokens = meta.slot_mapping.shape[0]
     qkv = paddle.randn([tokens, (heads + 2 * kv_heads) * head_dim])
     cos, sin = RotaryEmbedding(head_dim, 500000.0)(flat_positions(meta.query_lens, meta.context_lens))
-    unfused_caches, paddle_caches = [c.clone() for c in caches], [c.clone() for c in caches]
+    unfused_caches, paddle_caches = [c.clone() for c in caches], [c.astype("float32") for c in caches]
     assert qkv_attention_fused(qkv, (cos, sin), meta, tuple(caches))
     ours = fused_qkv_attention(qkv, cos, sin, meta, tuple(caches), head_dim**-0.5).numpy()
     q, k, v = _split_rotary(qkv, cos, sin, heads, kv_heads, head_dim)
     expected = paged_attention(q, k, v, meta, tuple(unfused_caches), head_dim**-0.5).numpy()
     np.testing.assert_array_equal(ours, expected)
     for ours_cache, unfused_cache in zip(caches, unfused_caches, strict=True):
-        np.testing.assert_array_equal(ours_cache.numpy(), unfused_cache.numpy())
+        np.testing.assert_array_equal(_bits(ours_cache), _bits(unfused_cache))
     q_fused = cpu_kernels.rotary_kv_write(qkv, cos, sin, *unfused_caches, meta.slot_mapping)
     np.testing.assert_array_equal(q_fused.numpy(), q.numpy())
     cpu_kernels.set_enabled(False)
     try:
         assert not qkv_attention_fused(qkv, (cos, sin), meta, tuple(paddle_caches))
         q, k, v = _split_rotary(qkv, cos, sin, heads, kv_heads, head_dim)
+        k, v = _rounded(k, cache_dtype), _rounded(v, cache_dtype)
         reference = paged_attention(q, k, v, meta, tuple(paddle_caches), head_dim**-0.5).numpy()
     finally:
         cpu_kernels.set_enabled(True)
     np.testing.assert_allclose(ours, reference, rtol=1e-5, atol=1e-5)
     for ours_cache, paddle_cache in zip(caches, paddle_caches, strict=True):
-        np.testing.assert_allclose(ours_cache.numpy(), paddle_cache.numpy(), rtol=0, atol=1e-5)
+        np.testing.assert_allclose(_bits(ours_cache), _bits(paddle_cache), rtol=0, atol=1e-5)
 
 
-def test_fused_qkv_attention_only_for_fp32_caches():
-    """No cache, C8's int8 cache, a bf16 cache or bf16 activations keep the unfused path."""
+def test_fused_qkv_attention_for_fp32_and_bf16_caches():
+    """fp32 and bf16 caches take the fused path; no cache, C8's int8 cache, caches of other or mixed dtypes,
+    or bf16 activations keep the unfused one."""
     _, _, _, meta, caches = _mixed_batch(4, 4, 2, 16)
     qkv = paddle.randn([meta.slot_mapping.shape[0], 8 * 16])
     rope = RotaryEmbedding(16, 500000.0)(flat_positions(meta.query_lens, meta.context_lens))
     assert qkv_attention_fused(qkv, rope, meta, tuple(caches))
     assert not qkv_attention_fused(qkv, rope, meta, None)
     assert not qkv_attention_fused(qkv, rope, meta, Int8KVCache.allocate(caches[0].shape[0], 2, 16))
-    assert not qkv_attention_fused(qkv, rope, meta, tuple(c.astype("bfloat16") for c in caches))
+    assert qkv_attention_fused(qkv, rope, meta, tuple(c.astype("bfloat16") for c in caches))
+    assert not qkv_attention_fused(qkv, rope, meta, tuple(c.astype("float16") for c in caches))
+    assert not qkv_attention_fused(qkv, rope, meta, (caches[0], caches[1].astype("bfloat16")))
     assert not qkv_attention_fused(qkv.astype("bfloat16"), rope, meta, tuple(caches))
     no_cache = AttentionMetadata.build(meta.query_lens[:1])
     assert not qkv_attention_fused(qkv[:7], rope, no_cache, tuple(caches))

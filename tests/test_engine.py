@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import paddle
 import pytest
 from ernie_engine import AsyncLLMEngine, EngineConfig, LLMEngine, SamplingParams
 from ernie_engine.outputs import RequestOutput, merge_outputs
@@ -111,6 +112,22 @@ def test_chunked_and_max_prefill_give_the_same_outputs(model_dir, alone, kw):
     outs = run(engine, PROMPTS)
     assert tokens(outs) == alone
     assert_no_leak(engine)
+
+
+def test_kv_cache_dtype_follows_the_weights(model_dir):
+    """The float cache holds the Linear weights' dtype - bf16 for this bf16-declared checkpoint, so the tests
+    above run on bf16 caches; fp32 when dtype asks for it - unless kv_cache_dtype names one. bf16 takes half
+    the bytes per token; an fp32 cache keeps batch invariance too."""
+    bf16 = make_engine(model_dir, num_gpu_blocks_override=4)
+    assert bf16.runner.kv_dtype == "bfloat16" and bf16.runner.kv_caches[0][0].dtype == paddle.bfloat16
+    assert make_engine(model_dir, dtype="float32", num_gpu_blocks_override=4).runner.kv_dtype == "float32"
+    fp32 = make_engine(model_dir, kv_cache_dtype="float32", enable_prefix_caching=False)
+    assert fp32.runner.kv_caches[0][0].dtype == paddle.float32
+    assert 2 * bf16.runner.kv_bytes_per_token() == fp32.runner.kv_bytes_per_token()
+    prompts = PROMPTS[::3]
+    alone_fp32 = [tokens(run(fp32, [p]))[0] for p in prompts]
+    assert tokens(run(fp32, prompts)) == alone_fp32
+    assert_no_leak(fp32)
 
 
 def test_abort_mid_generation_frees_every_block(model_dir):

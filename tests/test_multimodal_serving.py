@@ -169,11 +169,13 @@ def test_bad_mm_processor_kwargs_name_the_key(ocr_checkpoint: Path) -> None:
 @pytest.fixture(scope="module")
 def ocr_server(tmp_path_factory: pytest.TempPathFactory, ocr_checkpoint: Path) -> Iterator[TritonServer]:
     """The OCR row as committed (its model PaddlePaddle/PaddleOCR-VL resolved under ERNIE_MODEL_ROOT to the
-    random checkpoint), plus a small KV cache for the test machine."""
+    random checkpoint), plus a small KV cache for the test machine and fp32 weights and cache: the greedy
+    reference's numerics, so that its text is the server's exactly."""
     params = row_params(OCR_ROW)
     assert params["model"] == "PaddlePaddle/PaddleOCR-VL" and params["enable_max_prefill"] == "true"
     base = tmp_path_factory.mktemp("ocr-triton")
-    with serve_row(base, OCR_ROW, ocr_checkpoint, {"num_gpu_blocks_override": "64"}) as server:
+    overrides = {"num_gpu_blocks_override": "64", "dtype": "float32"}
+    with serve_row(base, OCR_ROW, ocr_checkpoint, overrides) as server:
         yield server
 
 

@@ -146,7 +146,7 @@ class EngineConfig:
     kv_cache_host_fraction: float = 0.5
     kv_cache_max_host_bytes: int = 1 << 30
     quantization: str = ""  # "", "wint8", "wint4", "w4a8"
-    kv_cache_dtype: str = ""  # "", "int8" (C8)
+    kv_cache_dtype: str = ""  # "" (the model's: bf16 for bf16 weights), "float32", "bfloat16", "int8" (C8)
     quantize_lm_head: bool = False  # the LM head too, with `quantization`'s method (layers/quant/config.py)
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True

@@ -85,6 +85,20 @@ def cpu_weight_dtype(dtype: str | None, checkpoint_dtype: str) -> str:
     return "float32"
 
 
+def kv_cache_dtype(requested: str, dtype: str | None, device: str, checkpoint_dtype: str) -> str:
+    """The float KV cache's dtype: `requested` when it names one ("float32", "bfloat16"), else the model's,
+    as vLLM and FastDeploy keep it. On CPU that is the Linear weights' storage dtype (`cpu_weight_dtype`):
+    bf16 caches halve what attention reads, and the kernels widen them to fp32 as they gather."""
+    if device_type(device) != "cpu":
+        return requested if requested in ("float32", "bfloat16") else resolve_dtype(dtype, device)
+    from .layers import cpu_kernels
+
+    if requested == "bfloat16" and not cpu_kernels.available():
+        logger.warning("kv_cache_dtype bfloat16 on CPU needs the custom CPU kernels; keeping a float32 cache")
+        return "float32"
+    return requested if requested in ("float32", "bfloat16") else cpu_weight_dtype(dtype, checkpoint_dtype)
+
+
 def _amd_cpu() -> bool:
     try:
         return "AuthenticAMD" in Path("/proc/cpuinfo").read_text()

@@ -1,10 +1,10 @@
 """Runs one scheduled step on the model: flat inputs + attention metadata -> logits of the sampling rows.
 
 Owns the model and the paged KV caches (one (keys, values) pair per layer, each
-[num_blocks * block_size, num_kv_heads, head_dim] in the model's dtype, or int8 with scales when the
-cache is C8). Only the last token of each sequence that samples this step goes through the LM head:
-prefill chunks short of the prompt's end produce no logits, and the [T, vocab] matrix of a long prefill
-is never built.
+[num_blocks * block_size, num_kv_heads, head_dim] in the model's dtype - bf16 on CPU too for bf16 weights,
+`device.kv_cache_dtype` - or int8 with scales when the cache is C8). Only the last token of each sequence
+that samples this step goes through the LM head: prefill chunks short of the prompt's end produce no
+logits, and the [T, vocab] matrix of a long prefill is never built.
 
 Multimodal models (`embed_multimodal`): a request's image embeddings are computed at its first prefill chunk
 holding placeholders (one vision pass for all such requests of the step), the placeholders of each chunk take
@@ -23,11 +23,11 @@ import numpy as np
 import paddle
 
 from .config import EngineConfig, ModelConfig
-from .device import keep_freed_memory
+from .device import keep_freed_memory, kv_cache_dtype
 from .layers.attention import AttentionMetadata, KVCache
 from .layers.quant.config import QuantConfig
 from .layers.quant.kv_cache import Int8KVCache, kv_cache_bytes_per_token, read_static_kv_scales
-from .loader import load_model
+from .loader import checkpoint_dtype, load_model
 from .multimodal.engine_inputs import step_positions, step_vision_mask
 from .sampler import SampledToken, Sampler, argmax_only
 from .scheduler import SchedulerOutput
@@ -61,6 +61,12 @@ def vision_token_ids(model: paddle.nn.Layer) -> list[int] | None:
     return model.vision_token_ids if takes_mask else None
 
 
+def float_kv_cache_dtype(config: EngineConfig, model_dir: Path) -> str:
+    """The dtype of a float (not C8) KV cache for this config on the current device."""
+    dtype = None if config.dtype == "auto" else config.dtype
+    return kv_cache_dtype(config.kv_cache_dtype, dtype, paddle.get_device(), checkpoint_dtype(model_dir))
+
+
 class ModelRunner:
     def __init__(self, config: EngineConfig, model_dir: Path, vocab_limit: int | None = None):
         self.config = config
@@ -74,6 +80,7 @@ class ModelRunner:
         if self.quant.kv_cache_int8:
             self.kv_static_scales = read_static_kv_scales(model_dir, self.model_config.num_hidden_layers)
         self.dtype = token_embedding(self.model).weight.dtype
+        self.kv_dtype = float_kv_cache_dtype(config, model_dir)
         self.block_size = config.block_size
         # Ids the tokenizer cannot decode (padded embedding rows) are never sampled.
         vocab = self.model_config.vocab_size
@@ -90,7 +97,7 @@ class ModelRunner:
     def kv_bytes_per_token(self) -> int:
         mc = self.model_config
         return kv_cache_bytes_per_token(
-            mc.num_hidden_layers, mc.num_key_value_heads, mc.head_dim, self.dtype,
+            mc.num_hidden_layers, mc.num_key_value_heads, mc.head_dim, self.kv_dtype,
             int8=self.quant.kv_cache_int8, static_scales=self.kv_static_scales is not None,
         )
 
@@ -122,7 +129,7 @@ class ModelRunner:
             self.kv_caches = [Int8KVCache.allocate(*shape, static_scales=s) for s in scales]
         else:
             self.kv_caches = [
-                (paddle.zeros(shape, dtype=self.dtype), paddle.zeros(shape, dtype=self.dtype))
+                (paddle.zeros(shape, dtype=self.kv_dtype), paddle.zeros(shape, dtype=self.kv_dtype))
                 for _ in range(mc.num_hidden_layers)
             ]
         logger.info("KV cache: %d blocks of %d tokens (%.1f MiB)", num_blocks, self.block_size,

@@ -50,6 +50,12 @@ inline float bf16_to_float(uint16_t v) {
 
 inline float round_to_bf16(float v) { return bf16_to_float(float_to_bf16(v)); }
 
+// KV caches hold fp32 or bf16 (as uint16_t bits): one element of either, as a float and back (rounded).
+inline float to_float(float v) { return v; }
+inline float to_float(uint16_t v) { return bf16_to_float(v); }
+inline void store_float(float v, float* out) { *out = v; }
+inline void store_float(float v, uint16_t* out) { *out = float_to_bf16(v); }
+
 // exp(x) for x <= 0 (softmax arguments after subtracting the max): Cephes-style range reduction
 // x = n ln2 + r, |r| <= ln2/2, a degree-6 polynomial for e^r, then scalef by 2^n. Relative error ~2e-7;
 // very negative inputs (and -inf) flush to 0.

@@ -8,11 +8,12 @@
 // rotary: pairs (x[2i], x[2i + 1]) of every head of token t rotated by the angle whose cos / sin are
 // cos[t, i] / sin[t, i] (layers/rotary.RotaryEmbedding computes them once per forward).
 // rotary_kv_write: the attention input from the fused q/k/v projection's output [T, (H + 2 KVH) * D]
-// (per token: q heads, k heads, v heads): q and k rotated as by `rotary`, k and v stored into fp32 paged
-// caches [S, KVH, D] at slots[t]; returns q [T, H, D].
+// (per token: q heads, k heads, v heads): q and k rotated as by `rotary`, k and v stored into paged caches
+// [S, KVH, D] at slots[t] (fp32, or bf16 rounded to nearest even as Paddle's cast rounds); returns q [T, H, D].
 // swiglu: y[t] = silu(x[t, :I]) * x[t, I:] for x [T, 2I] (the fused gate / up projection's output).
 #include <cmath>
 #include <cstring>
+#include <vector>
 
 #include "cpu_kernels.h"
 #include "paddle/extension.h"
@@ -158,8 +159,11 @@ std::vector<paddle::Tensor> RotaryKvWrite(const paddle::Tensor& qkv, const paddl
                                           const paddle::Tensor& sin, paddle::Tensor& key_cache,
                                           paddle::Tensor& value_cache, const paddle::Tensor& slots) {
   for (const auto* t : {&qkv, &cos, &sin}) check_fp32(*t, "qkv, cos and sin");
-  for (const auto* t : {&key_cache, &value_cache}) check_fp32(*t, "the caches");
-  PD_CHECK(key_cache.dims().size() == 3 && value_cache.dims() == key_cache.dims(),
+  for (const auto* t : {&key_cache, &value_cache})
+    PD_CHECK(t->is_cpu() && (t->dtype() == paddle::DataType::FLOAT32 || t->dtype() == paddle::DataType::BFLOAT16),
+             "the caches must be CPU fp32 or bf16 tensors");
+  PD_CHECK(key_cache.dims().size() == 3 && value_cache.dims() == key_cache.dims() &&
+               value_cache.dtype() == key_cache.dtype(),
            "the caches must be [slots, kv_heads, head_dim], alike");
   const int64_t num_slots = key_cache.dims()[0], kv_heads = key_cache.dims()[1], dim = key_cache.dims()[2];
   PD_CHECK(dim % 2 == 0 && qkv.dims().size() == 2 && qkv.dims()[1] % dim == 0 &&
@@ -173,15 +177,26 @@ std::vector<paddle::Tensor> RotaryKvWrite(const paddle::Tensor& qkv, const paddl
   for (int64_t t = 0; t < tokens; ++t) PD_CHECK(sl[t] >= 0 && sl[t] < num_slots, "slot ", sl[t], " out of range");
   auto q = paddle::empty({tokens, heads, dim}, paddle::DataType::FLOAT32, qkv.place());
   const float *in = qkv.data<float>(), *cp = cos.data<float>(), *sp = sin.data<float>();
-  float *qp = q.data<float>(), *kp = key_cache.data<float>(), *vp = value_cache.data<float>();
-  const int64_t width = (heads + 2 * kv_heads) * dim, kv_width = kv_heads * dim;
-  for (int64_t t = 0; t < tokens; ++t) {  // as in `rotary`: not worth threads
-    const float *row = in + t * width, *c = cp + t * half, *s = sp + t * half;
-    for (int64_t h = 0; h < heads; ++h) rotate_head(row + h * dim, c, s, half, qp + (t * heads + h) * dim);
-    float* k_slot = kp + sl[t] * kv_width;
-    for (int64_t h = 0; h < kv_heads; ++h) rotate_head(row + (heads + h) * dim, c, s, half, k_slot + h * dim);
-    std::memcpy(vp + sl[t] * kv_width, row + (heads + kv_heads) * dim, kv_width * sizeof(float));
-  }
+  float* qp = q.data<float>();
+  const int64_t width = (heads + 2 * kv_heads) * dim;
+  const auto write = [&](auto* kp, auto* vp) {
+    const int64_t kv_width = kv_heads * dim;
+    std::vector<float> k(kv_width);
+    for (int64_t t = 0; t < tokens; ++t) {  // as in `rotary`: not worth threads
+      const float *row = in + t * width, *c = cp + t * half, *s = sp + t * half;
+      for (int64_t h = 0; h < heads; ++h) rotate_head(row + h * dim, c, s, half, qp + (t * heads + h) * dim);
+      for (int64_t h = 0; h < kv_heads; ++h) rotate_head(row + (heads + h) * dim, c, s, half, k.data() + h * dim);
+      const float* v = row + (heads + kv_heads) * dim;
+      for (int64_t i = 0; i < kv_width; ++i) {
+        store_float(k[i], kp + sl[t] * kv_width + i);
+        store_float(v[i], vp + sl[t] * kv_width + i);
+      }
+    }
+  };
+  if (key_cache.dtype() == paddle::DataType::BFLOAT16)
+    write(static_cast<uint16_t*>(key_cache.data()), static_cast<uint16_t*>(value_cache.data()));
+  else
+    write(key_cache.data<float>(), value_cache.data<float>());
   return {q};
 }
 

@@ -1,6 +1,7 @@
 // Attention for a flat mixed batch (prefill chunks and decode tokens) straight out of a paged KV cache.
 //
-// q [T, H, D]; key/value caches [S, KVH, D] (or the new k/v themselves when there is no cache);
+// q [T, H, D] fp32; key/value caches [S, KVH, D], fp32 or bf16 (or the new k/v themselves when there is no
+// cache); scores, softmax and sums are fp32 either way (a bf16 tile is widened as it is gathered);
 // slots [B, max_kv]: the cache slot of each context position of each sequence (AttentionMetadata.kv_index);
 // lens [2, B]: query_lens and context_lens. Query i of sequence b sits at position ctx - q_len + i and sees
 // keys 0..that position.
@@ -38,10 +39,12 @@ constexpr int kTile = 16;          // keys per tile; tiles start at key 0 of the
 constexpr int kLanes = 8;
 constexpr int64_t kMaxRows = 128;  // rows per item: 16 tokens of a GQA-8 group share each K/V tile
 
+// T: the caches' element, float or uint16_t (bf16 bits).
+template <class T>
 struct Problem {
   const float* q;
-  const float* k;
-  const float* v;
+  const T* k;
+  const T* v;
   const int64_t* slots;
   int64_t max_kv, heads, kv_heads, dim;
   float scale;
@@ -62,16 +65,17 @@ struct Scratch {
 };
 
 // Portable path for one (token, kv head): the n_keys visible keys of sequence `seq`.
-void token_scalar(const Problem& p, int64_t t, int64_t g, int64_t seq, int64_t n_keys) {
+template <class T>
+void token_scalar(const Problem<T>& p, int64_t t, int64_t g, int64_t seq, int64_t n_keys) {
   const int64_t group = p.heads / p.kv_heads;
   std::vector<float> scores(n_keys);
   for (int64_t h = g * group; h < (g + 1) * group; ++h) {
     const float* qh = p.q + (t * p.heads + h) * p.dim;
     float max_score = -std::numeric_limits<float>::infinity();
     for (int64_t j = 0; j < n_keys; ++j) {
-      const float* kr = p.k + (p.slots[seq * p.max_kv + j] * p.kv_heads + g) * p.dim;
+      const T* kr = p.k + (p.slots[seq * p.max_kv + j] * p.kv_heads + g) * p.dim;
       float dot = 0.f;
-      for (int64_t d = 0; d < p.dim; ++d) dot += qh[d] * kr[d];
+      for (int64_t d = 0; d < p.dim; ++d) dot += qh[d] * to_float(kr[d]);
       scores[j] = dot * p.scale;
       max_score = std::max(max_score, scores[j]);
     }
@@ -81,14 +85,15 @@ void token_scalar(const Problem& p, int64_t t, int64_t g, int64_t seq, int64_t n
     for (int64_t j = 0; j < n_keys; ++j) {
       const float w = std::exp(scores[j] - max_score);
       total += w;
-      const float* vr = p.v + (p.slots[seq * p.max_kv + j] * p.kv_heads + g) * p.dim;
-      for (int64_t d = 0; d < p.dim; ++d) oh[d] += w * vr[d];
+      const T* vr = p.v + (p.slots[seq * p.max_kv + j] * p.kv_heads + g) * p.dim;
+      for (int64_t d = 0; d < p.dim; ++d) oh[d] += w * to_float(vr[d]);
     }
     for (int64_t d = 0; d < p.dim; ++d) oh[d] /= total;
   }
 }
 
-void item_scalar(const Problem& p, const Item& it, Scratch&) {
+template <class T>
+void item_scalar(const Problem<T>& p, const Item& it, Scratch&) {
   for (int64_t i = 0; i < it.tokens; ++i) token_scalar(p, it.first + i, it.g, it.seq, it.pos + i + 1);
 }
 
@@ -102,6 +107,19 @@ inline void exp_pair(__m256& a, __m256& b) {
   const __m512 e = exp512(_mm512_insertf32x8(_mm512_zextps256_ps512(a), b, 1));
   a = _mm512_castps512_ps256(e);
   b = _mm512_extractf32x8_ps(e, 1);
+}
+
+// One cache row of D elements into an fp32 tile row.
+template <int D>
+inline void load_row(float* dst, const float* src) {
+  std::memcpy(dst, src, D * sizeof(float));
+}
+template <int D>
+inline void load_row(float* dst, const uint16_t* src) {
+  for (int d = 0; d < D; d += 16) {  // bf16 -> fp32: the bits move to the upper half
+    const __m512i bits = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + d)));
+    _mm512_storeu_ps(dst + d, _mm512_castsi512_ps(_mm512_slli_epi32(bits, 16)));
+  }
 }
 
 // Transpose 8 x 8 floats held as 8 rows.
@@ -172,8 +190,8 @@ void tile_update(const float* qt, const float* kt, const float* vt, __m256i pos,
 // One item for head_dim D. Scratch: buf holds kt, vt [kTile][D], then per vector of rows qt and ot [D][kLanes]
 // and the running max and sum [kLanes]; per row (vectors x kLanes) its position and the offset of its q in q
 // (and of its output in out).
-template <int D>
-void item_avx512(const Problem& p, const Item& it, Scratch& scratch) {
+template <int D, class T>
+void item_avx512(const Problem<T>& p, const Item& it, Scratch& scratch) {
   const int64_t group = p.heads / p.kv_heads, rows = it.tokens * group;
   const int64_t vecs = (rows + kLanes - 1) / kLanes, per_vec = 2 * D * kLanes + 2 * kLanes;
   const size_t buf_size = static_cast<size_t>(2 * kTile * D + vecs * per_vec);
@@ -227,12 +245,12 @@ void item_avx512(const Problem& p, const Item& it, Scratch& scratch) {
     const int64_t last = std::min<int64_t>(kTile, n_keys - j0) - 1;
     for (int j = 0; j < kTile; ++j) {
       const int64_t offset = key_offset(j0 + std::min<int64_t>(j, last));
-      std::memcpy(kt + j * D, p.k + offset, D * sizeof(float));
-      std::memcpy(vt + j * D, p.v + offset, D * sizeof(float));
+      load_row<D>(kt + j * D, p.k + offset);
+      load_row<D>(vt + j * D, p.v + offset);
     }
     // Prefetch the next tile (from L3 or DRAM) while this one is computed.
     for (int64_t j = j0 + kTile; j < std::min(j0 + 2 * kTile, n_keys); ++j)
-      for (int d = 0; d < D; d += 16) {
+      for (int d = 0; d < D; d += 64 / static_cast<int>(sizeof(T))) {  // one per cache line
         _mm_prefetch(reinterpret_cast<const char*>(p.k + key_offset(j) + d), _MM_HINT_T0);
         _mm_prefetch(reinterpret_cast<const char*>(p.v + key_offset(j) + d), _MM_HINT_T0);
       }
@@ -261,33 +279,49 @@ void item_avx512(const Problem& p, const Item& it, Scratch& scratch) {
   }
 }
 
-using ItemFn = void (*)(const Problem&, const Item&, Scratch&);
+template <class T>
+using ItemFn = void (*)(const Problem<T>&, const Item&, Scratch&);
 
 // The AVX512 item for this head_dim (whole vectors, up to 128), or nullptr: then the scalar path.
-ItemFn pick_item(int64_t dim) {
+template <class T>
+ItemFn<T> pick_item(int64_t dim) {
   switch (dim) {
-    case 16: return item_avx512<16>;
-    case 32: return item_avx512<32>;
-    case 48: return item_avx512<48>;
-    case 64: return item_avx512<64>;
-    case 80: return item_avx512<80>;
-    case 96: return item_avx512<96>;
-    case 112: return item_avx512<112>;
-    case 128: return item_avx512<128>;
+    case 16: return item_avx512<16, T>;
+    case 32: return item_avx512<32, T>;
+    case 48: return item_avx512<48, T>;
+    case 64: return item_avx512<64, T>;
+    case 80: return item_avx512<80, T>;
+    case 96: return item_avx512<96, T>;
+    case 112: return item_avx512<112, T>;
+    case 128: return item_avx512<128, T>;
     default: return nullptr;
   }
 }
 
 #pragma GCC pop_options
 
+template <class T>
+void run_items(const Problem<T>& p, const std::vector<Item>& items) {
+  const ItemFn<T> avx512_item = use_avx512() ? pick_item<T>(p.dim) : nullptr;
+  const ItemFn<T> item_fn = avx512_item ? avx512_item : item_scalar<T>;
+  ThreadPool::instance().run(static_cast<int64_t>(items.size()), [&](int64_t i) {
+    thread_local Scratch scratch;
+    item_fn(p, items[i], scratch);
+  });
+}
+
 }  // namespace
 
 std::vector<paddle::Tensor> PagedAttention(const paddle::Tensor& q, const paddle::Tensor& key_cache,
                                            const paddle::Tensor& value_cache, const paddle::Tensor& slots,
                                            const paddle::Tensor& lens, float scale) {
-  for (const auto* t : {&q, &key_cache, &value_cache})
-    PD_CHECK(t->is_cpu() && t->dtype() == paddle::DataType::FLOAT32 && t->dims().size() == 3,
-             "q and the caches must be CPU fp32 [tokens, heads, head_dim]");
+  PD_CHECK(q.is_cpu() && q.dtype() == paddle::DataType::FLOAT32 && q.dims().size() == 3,
+           "q must be CPU fp32 [tokens, heads, head_dim]");
+  const bool bf16 = key_cache.dtype() == paddle::DataType::BFLOAT16;
+  for (const auto* t : {&key_cache, &value_cache})
+    PD_CHECK(t->is_cpu() && (t->dtype() == paddle::DataType::FLOAT32 || bf16) && t->dtype() == key_cache.dtype() &&
+                 t->dims().size() == 3,
+             "the caches must be CPU [slots, kv_heads, head_dim], both fp32 or both bf16");
   PD_CHECK(slots.dtype() == paddle::DataType::INT64 && lens.dtype() == paddle::DataType::INT64,
            "slots and lens must be int64");
   const int64_t tokens = q.dims()[0], heads = q.dims()[1], dim = q.dims()[2];
@@ -324,14 +358,17 @@ std::vector<paddle::Tensor> PagedAttention(const paddle::Tensor& q, const paddle
                          context_lens[b] - query_lens[b] + i, g});
 
   auto out = paddle::empty({tokens, heads, dim}, paddle::DataType::FLOAT32, q.place());
-  const Problem p{q.data<float>(), key_cache.data<float>(), value_cache.data<float>(), slots.data<int64_t>(),
-                  slots.numel() / num_seqs, heads, kv_heads, dim, scale, out.data<float>()};
-  const ItemFn avx512_item = use_avx512() ? pick_item(dim) : nullptr;
-  const ItemFn item_fn = avx512_item ? avx512_item : item_scalar;
-  ThreadPool::instance().run(static_cast<int64_t>(items.size()), [&](int64_t i) {
-    thread_local Scratch scratch;
-    item_fn(p, items[i], scratch);
-  });
+  const int64_t max_kv = slots.numel() / num_seqs;
+  if (bf16) {
+    run_items(Problem<uint16_t>{q.data<float>(), static_cast<const uint16_t*>(key_cache.data()),
+                                static_cast<const uint16_t*>(value_cache.data()), slots.data<int64_t>(), max_kv,
+                                heads, kv_heads, dim, scale, out.data<float>()},
+              items);
+  } else {
+    run_items(Problem<float>{q.data<float>(), key_cache.data<float>(), value_cache.data<float>(),
+                             slots.data<int64_t>(), max_kv, heads, kv_heads, dim, scale, out.data<float>()},
+              items);
+  }
   return {out};
 }
 

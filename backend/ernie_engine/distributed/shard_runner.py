@@ -26,7 +26,7 @@ from ..layers.quant.apply import quantize_model
 from ..layers.quant.config import QuantConfig
 from ..layers.quant.kv_cache import read_static_kv_scales
 from ..loader import build_model, checkpoint_dtype, load_weights, prepare_prequantized_shard
-from ..model_runner import ModelRunner, token_embedding, vision_token_ids
+from ..model_runner import ModelRunner, float_kv_cache_dtype, token_embedding, vision_token_ids
 from .messages import StepBatch, StepMedia, StepResult
 from .sharding import ShardPlan
 
@@ -92,6 +92,7 @@ class ShardRunner(ModelRunner):
             scales = read_static_kv_scales(model_dir, plan.config.num_hidden_layers)
             self.kv_static_scales = scales and [(self._own_heads(k), self._own_heads(v)) for k, v in scales]
         self.dtype = token_embedding(self.model).weight.dtype
+        self.kv_dtype = float_kv_cache_dtype(config, model_dir)
         self.vision_token_ids = vision_token_ids(self.model)  # told to the engine, which builds the masks
         self.block_size = config.block_size
         self.vocab_limit = vocab_limit

@@ -9,9 +9,10 @@ Without a cache (`slot_mapping is None`) the context is the new tokens themselve
 over packed sequences, which is what reference tests and one-shot scoring use.
 
 This is the portable Paddle path. Faster kernels (a CPU custom op, XPU's block attention) plug in behind
-`paged_attention` with the same metadata. On CPU with fp32 caches, `fused_qkv_attention` goes further: from
-the fused q/k/v projection's output, one op rotates q and k and writes k/v into the cache, and the attention
-kernel reads it (`qkv_attention_fused` says when; the layers fall back to rotary + `paged_attention`).
+`paged_attention` with the same metadata. On CPU (fp32 or bf16 caches), `fused_qkv_attention` goes further:
+from the fused q/k/v projection's output, one op rotates q and k and writes k/v into the cache, and the
+attention kernel reads it (`qkv_attention_fused` says when; the layers fall back to rotary +
+`paged_attention`).
 """
 
 from __future__ import annotations
@@ -114,11 +115,12 @@ def qkv_attention_fused(
     kv_cache: KVCache | None,
 ) -> bool:
     """Whether `fused_qkv_attention` takes this layer: exactly when the unfused path would run the CPU rotary,
-    fp32 cache writes and the CPU attention kernel (fp32 activations and caches on CPU, kernels available)."""
+    cache writes and the CPU attention kernel (fp32 activations, fp32 or bf16 caches, kernels available)."""
     return (
         meta.slot_mapping is not None
         and isinstance(kv_cache, tuple)  # not C8's Int8KVCache, not None
-        and cpu_kernels.fp32_supported(qkv, *rope, *kv_cache)
+        and cpu_kernels.fp32_supported(qkv, *rope)
+        and cpu_kernels.caches_supported(*kv_cache)
     )
 
 
@@ -135,6 +137,15 @@ def fused_qkv_attention(
     key_cache, value_cache = kv_cache
     q = cpu_kernels.rotary_kv_write(qkv, cos, sin, key_cache, value_cache, meta.slot_mapping)
     return cpu_kernels.paged_attention(q, key_cache, value_cache, meta, scale)
+
+
+def write_rows(cache: paddle.Tensor, slots: paddle.Tensor, rows: paddle.Tensor) -> None:
+    """cache[slots] = rows in the cache's dtype (Paddle's CPU scatter has no bf16 kernel; index_put has)."""
+    rows = rows.astype(cache.dtype)
+    if cache.dtype is cpu_kernels.BF16 and cpu_kernels.on_cpu(cache):
+        paddle.index_put_(cache, (slots,), rows)
+    else:
+        paddle.scatter_(cache, slots, rows, overwrite=True)
 
 
 def paged_attention(
@@ -155,10 +166,10 @@ def paged_attention(
     else:
         if meta.slot_mapping is not None:
             key_cache, value_cache = kv_cache
-            paddle.scatter_(key_cache, meta.slot_mapping, k.astype(key_cache.dtype), overwrite=True)
-            paddle.scatter_(value_cache, meta.slot_mapping, v.astype(value_cache.dtype), overwrite=True)
+            write_rows(key_cache, meta.slot_mapping, k)
+            write_rows(value_cache, meta.slot_mapping, v)
             k, v = key_cache, value_cache
-        if cpu_kernels.fp32_supported(q, k):  # reads k/v at kv_index in place: no padded copies
+        if cpu_kernels.fp32_supported(q) and cpu_kernels.caches_supported(k, v):  # in place: no padded copies
             return cpu_kernels.paged_attention(q, k, v, meta, scale)
         k_ctx, v_ctx = paddle.gather(k, meta.kv_index), paddle.gather(v, meta.kv_index)
     num_seqs, max_q, max_kv = meta.num_seqs, meta.max_query_len, meta.max_context_len

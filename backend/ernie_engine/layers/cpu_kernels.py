@@ -57,6 +57,7 @@ REQUIRED_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq")
 QUANT_FORMATS = {"wint8": 8, "wint4": 4, "w4a8": 4}
 LANES = 16  # outputs per column block of the packed layout
 FP32 = paddle.float32
+BF16 = paddle.bfloat16
 # A Paddle build without accelerators holds every tensor on the CPU: `on_cpu` then skips the place lookup
 # (~0.6 us, several times per layer and step).
 _CPU_ONLY = not (
@@ -382,6 +383,13 @@ def fp32_supported(*tensors: paddle.Tensor) -> bool:
     return on_cpu(tensors[0]) and available()
 
 
+def caches_supported(key_cache: paddle.Tensor, value_cache: paddle.Tensor) -> bool:
+    """Whether the attention ops take these KV caches: CPU tensors, both fp32 or both bf16 (kernels built)."""
+    dtype = key_cache.dtype
+    same = value_cache.dtype is dtype
+    return (dtype is FP32 or dtype is BF16) and same and on_cpu(key_cache) and available()
+
+
 def rms_norm(x: paddle.Tensor, weight: paddle.Tensor, eps: float) -> paddle.Tensor:
     """weight * x / sqrt(mean(x^2, last axis) + eps), fp32."""
     return ops().ernie_rms_norm(x.contiguous(), weight, eps)
@@ -409,7 +417,7 @@ def rotary_kv_write(
     slot_mapping: paddle.Tensor,
 ) -> paddle.Tensor:
     """The fused q/k/v projection's output [T, (H + 2 KVH) * D] -> q [T, H, D] rotated as by `rotary`; k
-    (rotated) and v stored into the [S, KVH, D] caches at `slot_mapping` in place, fp32."""
+    (rotated) and v stored into the [S, KVH, D] caches (fp32 or bf16) at `slot_mapping` in place."""
     return ops().ernie_rotary_kv_write(qkv.contiguous(), cos, sin, key_cache, value_cache, slot_mapping)[0]
 
 
@@ -431,7 +439,8 @@ def paged_attention(
     meta: AttentionMetadata,
     scale: float,
 ) -> paddle.Tensor:
-    """q [T, H, D] against the keys/values at `meta.kv_index` of [S, KVH, D] caches -> [T, H, D]."""
+    """q [T, H, D] against the keys/values at `meta.kv_index` of [S, KVH, D] caches (fp32 or bf16)
+    -> [T, H, D]."""
     return ops().ernie_paged_attention(q, key_cache, value_cache, meta.kv_index, meta.lens, scale)
 
 

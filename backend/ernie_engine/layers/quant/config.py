@@ -9,7 +9,7 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 VALID_METHODS = ("wint8", "wint4", "w4a8")
-VALID_KV_CACHE_DTYPES = ("", "auto", "int8")
+VALID_KV_CACHE_DTYPES = ("", "auto", "float32", "bfloat16", "int8")
 DEFAULT_GROUP_SIZE = 128  # wint4: group-wise scales keep accuracy at ~0.13x of fp32 bytes
 # A Linear is quantized when its parameter path ends with one of these; everything else keeps its dtype.
 QUANTIZED_SUFFIXES = (
