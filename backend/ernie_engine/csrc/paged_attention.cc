@@ -22,7 +22,6 @@
 // head_dim that is not a whole number of vectors) goes token by token and is just as invariant.
 #include <algorithm>
 #include <cmath>
-#include <cstring>
 #include <limits>
 #include <vector>
 
