@@ -12,7 +12,6 @@
 // [S, KVH, D] at slots[t] (fp32, or bf16 rounded to nearest even as Paddle's cast rounds); returns q [T, H, D].
 // swiglu: y[t] = silu(x[t, :I]) * x[t, I:] for x [T, 2I] (the fused gate / up projection's output).
 #include <cmath>
-#include <cstring>
 #include <vector>
 
 #include "cpu_kernels.h"
