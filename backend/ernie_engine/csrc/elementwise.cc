@@ -9,7 +9,8 @@
 // cos[t, i] / sin[t, i] (layers/rotary.RotaryEmbedding computes them once per forward).
 // rotary_kv_write: the attention input from the fused q/k/v projection's output [T, (H + 2 KVH) * D]
 // (per token: q heads, k heads, v heads): q and k rotated as by `rotary`, k and v stored into paged caches
-// [S, KVH, D] at slots[t] (fp32, or bf16 rounded to nearest even as Paddle's cast rounds); returns q [T, H, D].
+// [S, KVH, D] at slots[t] (fp32, or bf16 rounded to nearest even as Paddle's cast rounds); returns q
+// [T, H, D].
 // swiglu: y[t] = silu(x[t, :I]) * x[t, I:] for x [T, 2I] (the fused gate / up projection's output).
 #include <cmath>
 #include <vector>
