@@ -23,6 +23,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "cpu_kernels.h"
@@ -359,17 +360,16 @@ std::vector<paddle::Tensor> PagedAttention(const paddle::Tensor& q, const paddle
                          context_lens[b] - query_lens[b] + i, g});
 
   auto out = paddle::empty({tokens, heads, dim}, paddle::DataType::FLOAT32, q.place());
-  const int64_t max_kv = slots.numel() / num_seqs;
-  if (bf16) {
-    run_items(Problem<uint16_t>{q.data<float>(), static_cast<const uint16_t*>(key_cache.data()),
-                                static_cast<const uint16_t*>(value_cache.data()), slots.data<int64_t>(), max_kv,
-                                heads, kv_heads, dim, scale, out.data<float>()},
+  const auto run = [&](const auto* key, const auto* value) {  // float caches, or uint16_t bf16 bits
+    using T = std::remove_const_t<std::remove_pointer_t<decltype(key)>>;
+    run_items(Problem<T>{q.data<float>(), key, value, slots.data<int64_t>(), slots.numel() / num_seqs, heads,
+                         kv_heads, dim, scale, out.data<float>()},
               items);
-  } else {
-    run_items(Problem<float>{q.data<float>(), key_cache.data<float>(), value_cache.data<float>(),
-                             slots.data<int64_t>(), max_kv, heads, kv_heads, dim, scale, out.data<float>()},
-              items);
-  }
+  };
+  if (bf16)
+    run(static_cast<const uint16_t*>(key_cache.data()), static_cast<const uint16_t*>(value_cache.data()));
+  else
+    run(key_cache.data<float>(), value_cache.data<float>());
   return {out};
 }
 
