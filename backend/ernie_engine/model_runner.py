@@ -67,6 +67,14 @@ def float_kv_cache_dtype(config: EngineConfig, model_dir: Path) -> str:
     return kv_cache_dtype(config.kv_cache_dtype, dtype, paddle.get_device(), checkpoint_dtype(model_dir))
 
 
+def greedy_token_ids(logits: paddle.Tensor) -> np.ndarray:
+    """Row-wise argmax of logits [B, V]. On a device it runs there, so only [B] ids leave it; on CPU NumPy's
+    argmax over a zero-copy view is ~4x faster than Paddle's (16 rows of a 103k vocabulary: 0.3 vs 1.4 ms)."""
+    if logits.place.is_cpu_place():
+        return np.from_dlpack(logits).argmax(axis=1)
+    return paddle.argmax(logits, axis=1).numpy()
+
+
 class ModelRunner:
     def __init__(self, config: EngineConfig, model_dir: Path, vocab_limit: int | None = None):
         self.config = config
@@ -150,11 +158,12 @@ class ModelRunner:
             return []
         sampling = set(out.sampling)
         ends = np.cumsum(meta.query_lens) - 1
-        rows = np.array([end for seq, end in zip(seqs, ends, strict=True) if seq in sampling], dtype=np.int64)
-        logits = self.model.compute_logits(paddle.gather(hidden, paddle.to_tensor(rows)))
-        logits = logits[:, : self.vocab_limit]
-        if all(argmax_only(seq) for seq in out.sampling):  # plain greedy batch: only [B] ids leave the device
-            return [SampledToken(int(t)) for t in paddle.argmax(logits, axis=1).numpy()]
+        rows = [end for seq, end in zip(seqs, ends, strict=True) if seq in sampling]
+        if len(rows) < hidden.shape[0]:  # prefill chunks: only a sequence's last token is sampled
+            hidden = paddle.gather(hidden, paddle.to_tensor(np.array(rows, dtype=np.int64)))
+        logits = self.model.compute_logits(hidden)[:, : self.vocab_limit]
+        if all(argmax_only(seq) for seq in out.sampling):
+            return [SampledToken(int(t)) for t in greedy_token_ids(logits)]
         return self.sampler(logits.numpy(), out.sampling)
 
     def _prepare(

@@ -33,13 +33,14 @@ KVCache = tuple[paddle.Tensor, paddle.Tensor] | Int8KVCache
 
 @dataclass
 class AttentionMetadata:
+    """One step's attention inputs. The kernels (CPU custom op, XPU) read only `slot_mapping`, `kv_index` and
+    `lens`; the portable Paddle path's padded indices and mask are built the first time it asks, since the
+    mask alone is [B, 1, max_q, max_kv] floats (a 2048-token prefill: 16 MB and ~15 ms of numpy per step)."""
+
     query_lens: list[int]
     context_lens: list[int]
     slot_mapping: paddle.Tensor | None  # [T] int64, or None for no cache
-    query_index: paddle.Tensor  # [B * max_q] int64: flat token behind each padded query (pads -> 0)
     kv_index: paddle.Tensor  # [B * max_kv] int64: cache slot (or flat token) behind each padded key
-    output_index: paddle.Tensor  # [T] int64: padded position (b * max_q + i) of each flat token
-    mask: paddle.Tensor  # [B, 1, max_q, max_kv] additive float mask (0 or -inf)
 
     @property
     def num_seqs(self) -> int:
@@ -58,6 +59,36 @@ class AttentionMetadata:
         """[2, B] int64: query_lens then context_lens (built once per step, shared by every layer)."""
         return paddle.to_tensor(np.asarray([self.query_lens, self.context_lens], dtype=np.int64))
 
+    @cached_property
+    def query_index(self) -> paddle.Tensor:
+        """[B * max_q] int64: the flat token behind each padded query (pads -> 0)."""
+        max_q = self.max_query_len
+        index = np.zeros((self.num_seqs, max_q), dtype=np.int64)
+        starts = np.cumsum([0, *self.query_lens[:-1]])
+        for b, (start, q_len) in enumerate(zip(starts, self.query_lens, strict=True)):
+            index[b, :q_len] = np.arange(start, start + q_len)
+        return paddle.to_tensor(index.reshape(-1))
+
+    @cached_property
+    def output_index(self) -> paddle.Tensor:
+        """[T] int64: the padded position (b * max_q + i) of each flat token."""
+        max_q = self.max_query_len
+        return paddle.to_tensor(
+            np.concatenate([b * max_q + np.arange(q_len) for b, q_len in enumerate(self.query_lens)])
+        )
+
+    @cached_property
+    def mask(self) -> paddle.Tensor:
+        """[B, 1, max_q, max_kv] additive float mask (0 or -inf): causal within each sequence's context."""
+        max_q, max_kv = self.max_query_len, self.max_context_len
+        mask = np.full((self.num_seqs, 1, max_q, max_kv), -np.inf, dtype=np.float32)
+        for b, (q_len, ctx_len) in enumerate(zip(self.query_lens, self.context_lens, strict=True)):
+            # Query i sits at position ctx_len - q_len + i and sees keys 0..that position.
+            visible = np.arange(max_kv)[None, :] <= (ctx_len - q_len + np.arange(q_len))[:, None]
+            mask[b, 0, :q_len][visible] = 0.0
+            mask[b, 0, q_len:, 0] = 0.0  # padded query rows see one key so softmax stays finite
+        return paddle.to_tensor(mask)
+
     @classmethod
     def build(
         cls,
@@ -67,20 +98,16 @@ class AttentionMetadata:
         block_size: int = 0,
     ) -> AttentionMetadata:
         """Metadata for one step. `block_tables=None` means no cache (context_lens must equal query_lens)."""
+        query_lens = list(query_lens)
         context_lens = list(query_lens) if context_lens is None else list(context_lens)
         if len(context_lens) != len(query_lens):
             raise ValueError("query_lens and context_lens differ in length")
-        num_seqs, max_q, max_kv = len(query_lens), max(query_lens), max(context_lens)
-        query_index = np.zeros((num_seqs, max_q), dtype=np.int64)
-        kv_index = np.zeros((num_seqs, max_kv), dtype=np.int64)
-        mask = np.full((num_seqs, 1, max_q, max_kv), -np.inf, dtype=np.float32)
-        output_index, slots = [], []
+        kv_index = np.zeros((len(query_lens), max(context_lens)), dtype=np.int64)
+        slots = []
         start = 0
         for b, (q_len, ctx_len) in enumerate(zip(query_lens, context_lens, strict=True)):
             if q_len > ctx_len or q_len <= 0:
                 raise ValueError(f"sequence {b}: query_len {q_len} must be in 1..context_len {ctx_len}")
-            query_index[b, :q_len] = np.arange(start, start + q_len)
-            output_index.extend(b * max_q + i for i in range(q_len))
             if block_tables is None:
                 if ctx_len != q_len:
                     raise ValueError("without a cache every sequence's context is its query")
@@ -91,21 +118,9 @@ class AttentionMetadata:
                 ctx_slots = table[positions // block_size] * block_size + positions % block_size
                 kv_index[b, :ctx_len] = ctx_slots
                 slots.append(ctx_slots[ctx_len - q_len :])
-            # Query i sits at position ctx_len - q_len + i and sees keys 0..that position.
-            visible = np.arange(max_kv)[None, :] <= (ctx_len - q_len + np.arange(q_len))[:, None]
-            mask[b, 0, :q_len][visible] = 0.0
-            mask[b, 0, q_len:, 0] = 0.0  # padded query rows see one key so softmax stays finite
             start += q_len
         slot_mapping = None if block_tables is None else paddle.to_tensor(np.concatenate(slots))
-        return cls(
-            query_lens=list(query_lens),
-            context_lens=context_lens,
-            slot_mapping=slot_mapping,
-            query_index=paddle.to_tensor(query_index.reshape(-1)),
-            kv_index=paddle.to_tensor(kv_index.reshape(-1)),
-            output_index=paddle.to_tensor(np.asarray(output_index, dtype=np.int64)),
-            mask=paddle.to_tensor(mask),
-        )
+        return cls(query_lens, context_lens, slot_mapping, paddle.to_tensor(kv_index.reshape(-1)))
 
 
 def qkv_attention_fused(
