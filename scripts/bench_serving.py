@@ -63,12 +63,14 @@ class Load:
 
 @dataclass
 class Trace:
-    """One request: when it was sent, when each chunk of output arrived, how many tokens it carried."""
+    """One request: when it was sent, when each chunk of output arrived, how many tokens it carried, whether
+    its stream ran to the end."""
 
     sent: float
     chunks: list[float] = field(default_factory=list)
     tokens: int = 0
     error: str = ""
+    finished: bool = False
 
 
 @dataclass
@@ -100,9 +102,12 @@ def _percentile(values: list[float], q: float) -> float:
 
 
 def summarize(target: str, concurrency: int, traces: list[Trace], wall: float) -> Result:
-    done = [t for t in traces if t.chunks and not t.error]
-    ttft = [t.chunks[0] - t.sent for t in done]
-    itl = [b - a for t in done for a, b in zip(t.chunks, t.chunks[1:], strict=False)]
+    """TTFT and ITL come from the requests that streamed output: a request of a random-weight checkpoint can
+    spend all its tokens on byte pieces that never form text, and then sends only its closing chunk."""
+    done = [t for t in traces if t.finished]
+    timed = [t for t in done if t.chunks]
+    ttft = [t.chunks[0] - t.sent for t in timed]
+    itl = [b - a for t in timed for a, b in zip(t.chunks, t.chunks[1:], strict=False)]
     tokens = sum(t.tokens for t in traces)
     errors = sorted({t.error for t in traces if t.error})
     return Result(target, concurrency, len(traces), len(done), tokens, wall, tokens / wall if wall else 0.0,
@@ -122,6 +127,7 @@ async def run_level(target: str, send: SendFn, prompts: list[list[int]], concurr
             traces.append(trace)
             try:
                 await send(prompt, trace)
+                trace.finished = True
             except asyncio.CancelledError:
                 trace.error = "cancelled at the level timeout"
                 raise
