@@ -4,7 +4,9 @@ Load: `--num-requests` (32) prompts of `--prompt-len` (128) random token ids (se
 every server sees the same tokens; each level its own, so none is served from another's prefix cache),
 `--max-tokens` (64) output tokens, greedy, EOS ignored (`ignore_eos`),
 streamed, at most `--concurrency` requests in flight (1, 4, 16, 32). Per concurrency: output tok/s (all
-output tokens / wall time), TTFT and inter-token latency (gaps between streamed chunks) p50 / p99.
+output tokens / wall time), TTFT and inter-token latency (gaps between streamed chunks) p50 / p99; for our
+targets also the CPU time each output token cost, per process (backend, tritonserver, frontend, this load
+generator): on a 2-core machine every part of the stack takes its share from the engine's two kernel threads.
 
 Targets, one of (combinable: `--engine --serve` prints the stack / engine ratio per concurrency):
     python scripts/bench_serving.py --base-url http://127.0.0.1:8188/v1 --model ROW   # a running server
@@ -23,6 +25,7 @@ import contextlib
 import json
 import logging
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -89,12 +92,35 @@ class Result:
     load_avg: float
     errors: list[str] = field(default_factory=list)
     steps: int = 0  # engine steps during the level (0: unknown); tokens / steps shows how well it batched
+    cpu_ms_per_token: dict[str, float] = field(default_factory=dict)  # by process, where known
 
 
 # One request of the load: (prompt, trace to fill). Implementations stream and fill `trace` as chunks arrive.
 SendFn = Callable[[list[int], Trace], Awaitable[None]]
 # The engine's step counter (num_steps_total), where the target exposes it.
 StepsFn = Callable[[], int]
+# CPU seconds used so far, by process, where the target's processes are known.
+CpuFn = Callable[[], dict[str, float]]
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """User + system time of a process, all its threads (/proc/PID/stat fields 14 and 15)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def child_pids(pid: int) -> list[int]:
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                children.append(int(stat.parent.name))
+    return children
+
+
+def own_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -245,9 +271,11 @@ def _wait_http(url: str, process: subprocess.Popen, timeout: float) -> None:
 
 
 @contextlib.contextmanager
-def serve_stack(params: dict[str, str], load_timeout: float, log_dir: Path) -> Iterator[tuple[str, StepsFn]]:
-    """tritonserver (one row) + the OpenAI frontend on free loopback ports; yields the frontend's /v1 URL and
-    the engine's step counter (from Triton's metrics endpoint)."""
+def serve_stack(params: dict[str, str], load_timeout: float,
+                log_dir: Path) -> Iterator[tuple[str, StepsFn, CpuFn]]:
+    """tritonserver (one row) + the OpenAI frontend on free loopback ports; yields the frontend's /v1 URL, the
+    engine's step counter (from Triton's metrics endpoint) and the processes' CPU time (the backend is
+    tritonserver's Python stub process)."""
     import triton_env
 
     backends = triton_env.assemble_backends()
@@ -270,7 +298,14 @@ def serve_stack(params: dict[str, str], load_timeout: float, log_dir: Path) -> I
             processes.append(subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT))
         base_url = f"http://127.0.0.1:{openai}/v1"
         _wait_http(f"{base_url}/models", processes[1], READY_TIMEOUT_S)
-        yield base_url, lambda: triton_steps(f"http://127.0.0.1:{metrics}/metrics")
+        triton, frontend = (p.pid for p in processes)
+
+        def cpu() -> dict[str, float]:
+            return {"backend": sum(process_cpu_seconds(pid) for pid in child_pids(triton)),
+                    "tritonserver": process_cpu_seconds(triton), "frontend": process_cpu_seconds(frontend),
+                    "load generator": own_cpu_seconds()}
+
+        yield base_url, lambda: triton_steps(f"http://127.0.0.1:{metrics}/metrics"), cpu
     finally:
         for process in reversed(processes):
             _stop(process)
@@ -290,14 +325,17 @@ def triton_steps(metrics_url: str) -> int:
 # Driver ------------------------------------------------------------------------------------------------
 
 async def measure(target: str, send: SendFn, load: Load, levels: list[int], timeout: float,
-                  steps: StepsFn | None = None) -> list[Result]:
+                  steps: StepsFn | None = None, cpu: CpuFn | None = None) -> list[Result]:
     warm = Load(num_requests=2, prompt_len=load.prompt_len, max_tokens=4, seed=load.seed + 1)
     await run_level(f"{target} warm-up", send, warm.prompts(), 2, timeout)  # first-call setup is not timed
     results = []
     for concurrency in levels:
-        before = steps() if steps else 0
+        before, cpu_before = steps() if steps else 0, cpu() if cpu else {}
         result = await run_level(target, send, load.prompts(concurrency), concurrency, timeout)
         result.steps = steps() - before if steps else 0
+        if cpu and result.tokens:
+            result.cpu_ms_per_token = {name: (seconds - cpu_before[name]) * 1e3 / result.tokens
+                                       for name, seconds in cpu().items()}
         logger.info("%s c%d: %.1f tok/s (load average %.1f)", target, concurrency, result.tok_s,
                     result.load_avg)
         results.append(result)
@@ -305,7 +343,8 @@ async def measure(target: str, send: SendFn, load: Load, levels: list[int], time
 
 
 async def measure_openai(target: str, base_url: str, model: str, load: Load, levels: list[int],
-                         timeout: float, steps: StepsFn | None = None) -> list[Result]:
+                         timeout: float, steps: StepsFn | None = None,
+                         cpu: CpuFn | None = None) -> list[Result]:
     import httpx
 
     # No keep-alive: llama-server closes idle connections, and reusing one it has just closed fails the
@@ -318,7 +357,7 @@ async def measure_openai(target: str, base_url: str, model: str, load: Load, lev
         if not model:
             model = (await client.get("/models")).json()["data"][0]["id"]
         send = openai_sender(client, model, load.max_tokens)
-        return await measure(target, send, load, levels, timeout, steps)
+        return await measure(target, send, load, levels, timeout, steps, cpu)
 
 
 async def measure_engine(label: str, params: dict[str, str], load: Load, levels: list[int],
@@ -330,7 +369,10 @@ async def measure_engine(label: str, params: dict[str, str], load: Load, levels:
         def steps() -> int:
             return engine.metrics()["num_steps_total"]
 
-        return await measure(label, engine_sender(engine, load.max_tokens), load, levels, timeout, steps)
+        def cpu() -> dict[str, float]:
+            return {"engine + load generator": own_cpu_seconds()}
+
+        return await measure(label, engine_sender(engine, load.max_tokens), load, levels, timeout, steps, cpu)
     finally:
         engine.shutdown()
 
@@ -345,6 +387,9 @@ def print_table(results: list[Result], load: Load) -> None:
         print(f"{r.target:<18} {r.concurrency:>4} {r.completed:>3}/{r.requests:<2} {r.tok_s:>9.1f} "
               f"{r.ttft_p50:>9.3f} {r.ttft_p99:>9.3f} {r.itl_p50 * 1e3:>6.0f}ms {r.itl_p99 * 1e3:>6.0f}ms "
               f"{r.wall_s:>7.1f} {r.load_avg:>5.1f} {r.tokens / r.steps if r.steps else float('nan'):>8.1f}")
+        if r.cpu_ms_per_token:
+            parts = ", ".join(f"{name} {ms:.2f}" for name, ms in r.cpu_ms_per_token.items())
+            print(f"    CPU ms per output token: {parts}")
         for error in r.errors:
             print(f"    error: {error}")
 
@@ -404,9 +449,10 @@ def run(args: argparse.Namespace) -> list[Result]:
         results["engine"] = asyncio.run(measure_engine(label, params, load, levels, args.timeout))
     if args.serve:
         log_dir = Path(tempfile.mkdtemp(prefix="bench-serving-"))
-        with serve_stack(engine_parameters(args), args.load_timeout, log_dir) as (url, steps):
+        with serve_stack(engine_parameters(args), args.load_timeout, log_dir) as (url, steps, cpu):
+            label = args.label or "stack"
             results["stack"] = asyncio.run(
-                measure_openai(args.label or "stack", url, SERVED_NAME, load, levels, args.timeout, steps))
+                measure_openai(label, url, SERVED_NAME, load, levels, args.timeout, steps, cpu))
     if args.base_url:
         results["server"] = asyncio.run(
             measure_openai(args.label or "server", args.base_url, args.model or "", load, levels,
