@@ -33,9 +33,10 @@ KVCache = tuple[paddle.Tensor, paddle.Tensor] | Int8KVCache
 
 @dataclass
 class AttentionMetadata:
-    """One step's attention inputs. The kernels (CPU custom op, XPU) read only `slot_mapping`, `kv_index` and
-    `lens`; the portable Paddle path's padded indices and mask are built the first time it asks, since the
-    mask alone is [B, 1, max_q, max_kv] floats (a 2048-token prefill: 16 MB and ~15 ms of numpy per step)."""
+    """One step's attention inputs. The CPU kernel reads only `slot_mapping`, `kv_index` and `lens`; the
+    portable Paddle path's (XPU today, or no kernels) padded indices and mask are built the first time it
+    asks, since the mask alone is [B, 1, max_q, max_kv] floats (a 2048-token prefill: 16 MB and ~15 ms of
+    numpy per step)."""
 
     query_lens: list[int]
     context_lens: list[int]
