@@ -206,6 +206,19 @@ def test_completions_streaming_matches_non_streaming(client: openai.OpenAI):
     assert chunks[-1].usage == whole.usage
 
 
+def test_completions_stream_a_chunk_per_token_even_with_text_held_back(client: openai.OpenAI):
+    request = {"model": "default", "prompt": QUESTION, "temperature": 0, "max_tokens": 6,
+               "extra_body": {"ignore_eos": True}}
+    text = client.completions.create(**request).choices[0].text
+    # The whole completion is a prefix of this stop string, so its text is held back to the end.
+    chunks = list(client.completions.create(**request, stop=[text + "\x07"], stream=True,
+                                            stream_options={"include_usage": True}))
+    token_chunks = [c for c in chunks if c.choices]
+    assert len(token_chunks) == chunks[-1].usage.completion_tokens == 6
+    assert [c.choices[0].text for c in token_chunks] == [""] * 5 + [text]
+    assert token_chunks[-1].choices[0].finish_reason == "length"
+
+
 def test_completions_several_prompts_and_token_ids(client: openai.OpenAI):
     resp = client.completions.create(model="default", prompt=[QUESTION, "Hello"], max_tokens=3, n=2,
                                      extra_body={"min_tokens": 3})
