@@ -126,6 +126,7 @@ class ChoiceState:
     tool_calls: list[dict[str, Any]] = field(default_factory=list)
     finish_reason: str | None = None
     num_output_tokens: int = 0
+    new_tokens: int = 0  # how many tokens the last output added
     logprobs: list[dict[str, Any]] = field(default_factory=list)
     token_ids: list[int] = field(default_factory=list)
 
@@ -135,7 +136,9 @@ class ChoiceState:
         for delta in out.tool_calls:
             merge_tool_call(self.tool_calls, delta)
         self.finish_reason = out.finish_reason or self.finish_reason
+        self.new_tokens = 0
         if out.num_output_tokens is not None:
+            self.new_tokens = out.num_output_tokens - self.num_output_tokens
             self.num_output_tokens = out.num_output_tokens
         self.logprobs.extend(out.logprobs)
         self.token_ids.extend(out.token_ids)

@@ -96,6 +96,19 @@ def test_chat_non_streaming(client: openai.OpenAI, triton_server: TritonServer):
     assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
 
 
+def test_chat_streams_a_chunk_per_token_even_with_text_held_back(client: openai.OpenAI):
+    request = {"model": "default", "messages": MESSAGES, "temperature": 0, "max_tokens": 6,
+               "extra_body": {"ignore_eos": True}}
+    text = client.chat.completions.create(**request).choices[0].message.content
+    # The whole answer is a prefix of this stop string, so its text is held back to the end.
+    chunks = list(client.chat.completions.create(**request, stop=[text + "\x07"], stream=True,
+                                                 stream_options={"include_usage": True}))
+    token_chunks = [c for c in chunks[1:] if c.choices]  # after the role chunk
+    assert len(token_chunks) == chunks[-1].usage.completion_tokens == 6
+    assert [c.choices[0].delta.content for c in token_chunks] == [""] * 5 + [text]
+    assert token_chunks[-1].choices[0].finish_reason == "length"
+
+
 def test_chat_streaming_matches_non_streaming(client: openai.OpenAI):
     request = {"model": "default", "messages": MESSAGES, "temperature": 0, "max_tokens": 12}
     whole = client.chat.completions.create(**request)

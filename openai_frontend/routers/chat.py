@@ -99,7 +99,7 @@ async def _chunks(req: ChatCompletionRequest, stream: TritonStream, meta: Respon
         meta.saw_output(out)
         _as_tool_call(out, named_tool(req), state)
         choice = state.add(out)
-        if out.has_delta:
+        if out.has_delta or choice.new_tokens:  # a chunk per step that generated tokens, as in completions
             for delta_choice in delta_choices(out, choice.index, bool(req.return_token_ids)):
                 yield chunk([delta_choice])
     totals = usage([state])

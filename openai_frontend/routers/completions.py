@@ -94,12 +94,10 @@ async def _chunks(req: CompletionRequest, streams: list[TritonStream],
                      for p in range(len(prompts)) for i in range(req.n)])
     async for p, out in merged(streams):
         meta.saw_output(out)
-        before = states[p].choices.get(out.index)
-        tokens_before = before.num_output_tokens if before else 0
         choice = states[p].add(out)
-        # As vLLM streams completions: a chunk for every step that generated tokens, also when their text is
-        # still held back (an unfinished UTF-8 character, a possible stop string), so each token is seen.
-        if out.has_delta or choice.num_output_tokens > tokens_before:
+        # As vLLM streams: a chunk for every step that generated tokens, also when their text is still held
+        # back (an unfinished UTF-8 character, a possible stop string), so that each token is seen.
+        if out.has_delta or choice.new_tokens:
             offset = len(prefix[p]) + len(choice.text) - len(out.text)
             yield chunk([_choice(out, choice.index, offset, bool(req.return_token_ids))])
     totals = usage(states)
