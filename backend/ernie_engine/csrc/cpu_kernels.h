@@ -11,6 +11,9 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <type_traits>
+
+#include "paddle/extension.h"
 
 #define ERNIE_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma")))
 
@@ -55,6 +58,25 @@ inline float to_float(float v) { return v; }
 inline float to_float(uint16_t v) { return bf16_to_float(v); }
 inline void store_float(float v, float* out) { *out = v; }
 inline void store_float(float v, uint16_t* out) { *out = float_to_bf16(v); }
+
+// Paged KV caches, (keys, values): CPU [slots, kv_heads, head_dim], alike, fp32 or bf16.
+inline void check_caches(const paddle::Tensor& key_cache, const paddle::Tensor& value_cache) {
+  PD_CHECK(key_cache.is_cpu() && value_cache.is_cpu() &&
+               (key_cache.dtype() == paddle::DataType::FLOAT32 || key_cache.dtype() == paddle::DataType::BFLOAT16) &&
+               value_cache.dtype() == key_cache.dtype() && key_cache.dims().size() == 3 &&
+               value_cache.dims() == key_cache.dims(),
+           "the caches must be CPU [slots, kv_heads, head_dim] tensors, alike, both fp32 or both bf16");
+}
+
+// fn(keys, values) with checked caches' elements: float*, or uint16_t* (bf16 bits); const for const caches.
+template <class Tensor, class Fn>
+void with_cache_elements(Tensor& key_cache, Tensor& value_cache, Fn&& fn) {
+  using Bits = std::conditional_t<std::is_const_v<Tensor>, const uint16_t, uint16_t>;
+  if (key_cache.dtype() == paddle::DataType::BFLOAT16)
+    fn(static_cast<Bits*>(key_cache.data()), static_cast<Bits*>(value_cache.data()));
+  else
+    fn(key_cache.template data<float>(), value_cache.template data<float>());
+}
 
 // exp(x) for x <= 0 (softmax arguments after subtracting the max): Cephes-style range reduction
 // x = n ln2 + r, |r| <= ln2/2, a degree-6 polynomial for e^r, then scalef by 2^n. Relative error ~2e-7;

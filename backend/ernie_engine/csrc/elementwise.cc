@@ -159,12 +159,7 @@ std::vector<paddle::Tensor> RotaryKvWrite(const paddle::Tensor& qkv, const paddl
                                           const paddle::Tensor& sin, paddle::Tensor& key_cache,
                                           paddle::Tensor& value_cache, const paddle::Tensor& slots) {
   for (const auto* t : {&qkv, &cos, &sin}) check_fp32(*t, "qkv, cos and sin");
-  for (const auto* t : {&key_cache, &value_cache})
-    PD_CHECK(t->is_cpu() && (t->dtype() == paddle::DataType::FLOAT32 || t->dtype() == paddle::DataType::BFLOAT16),
-             "the caches must be CPU fp32 or bf16 tensors");
-  PD_CHECK(key_cache.dims().size() == 3 && value_cache.dims() == key_cache.dims() &&
-               value_cache.dtype() == key_cache.dtype(),
-           "the caches must be [slots, kv_heads, head_dim], alike");
+  check_caches(key_cache, value_cache);
   const int64_t num_slots = key_cache.dims()[0], kv_heads = key_cache.dims()[1], dim = key_cache.dims()[2];
   PD_CHECK(dim % 2 == 0 && qkv.dims().size() == 2 && qkv.dims()[1] % dim == 0 &&
                qkv.dims()[1] / dim > 2 * kv_heads,
@@ -179,7 +174,7 @@ std::vector<paddle::Tensor> RotaryKvWrite(const paddle::Tensor& qkv, const paddl
   const float *in = qkv.data<float>(), *cp = cos.data<float>(), *sp = sin.data<float>();
   float* qp = q.data<float>();
   const int64_t width = (heads + 2 * kv_heads) * dim;
-  const auto write = [&](auto* kp, auto* vp) {
+  with_cache_elements(key_cache, value_cache, [&](auto* kp, auto* vp) {
     const int64_t kv_width = kv_heads * dim;
     std::vector<float> k(kv_width);
     for (int64_t t = 0; t < tokens; ++t) {  // as in `rotary`: not worth threads
@@ -192,11 +187,7 @@ std::vector<paddle::Tensor> RotaryKvWrite(const paddle::Tensor& qkv, const paddl
         store_float(v[i], vp + sl[t] * kv_width + i);
       }
     }
-  };
-  if (key_cache.dtype() == paddle::DataType::BFLOAT16)
-    write(static_cast<uint16_t*>(key_cache.data()), static_cast<uint16_t*>(value_cache.data()));
-  else
-    write(key_cache.data<float>(), value_cache.data<float>());
+  });
   return {q};
 }
 

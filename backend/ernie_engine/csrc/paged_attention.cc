@@ -319,16 +319,12 @@ std::vector<paddle::Tensor> PagedAttention(const paddle::Tensor& q, const paddle
                                            const paddle::Tensor& lens, float scale) {
   PD_CHECK(q.is_cpu() && q.dtype() == paddle::DataType::FLOAT32 && q.dims().size() == 3,
            "q must be CPU fp32 [tokens, heads, head_dim]");
-  const bool bf16 = key_cache.dtype() == paddle::DataType::BFLOAT16;
-  for (const auto* t : {&key_cache, &value_cache})
-    PD_CHECK(t->is_cpu() && (t->dtype() == paddle::DataType::FLOAT32 || bf16) && t->dtype() == key_cache.dtype() &&
-                 t->dims().size() == 3,
-             "the caches must be CPU [slots, kv_heads, head_dim], both fp32 or both bf16");
+  check_caches(key_cache, value_cache);
   PD_CHECK(slots.dtype() == paddle::DataType::INT64 && lens.dtype() == paddle::DataType::INT64,
            "slots and lens must be int64");
   const int64_t tokens = q.dims()[0], heads = q.dims()[1], dim = q.dims()[2];
   const int64_t kv_heads = key_cache.dims()[1], num_seqs = lens.numel() / 2;
-  PD_CHECK(heads % kv_heads == 0 && key_cache.dims()[2] == dim && value_cache.dims() == key_cache.dims(),
+  PD_CHECK(heads % kv_heads == 0 && key_cache.dims()[2] == dim,
            "q/k/v shapes disagree");
   PD_CHECK(num_seqs > 0 && slots.numel() % num_seqs == 0, "slots must be [num_seqs * max_kv]");
   const int64_t* query_lens = lens.data<int64_t>();
@@ -360,16 +356,12 @@ std::vector<paddle::Tensor> PagedAttention(const paddle::Tensor& q, const paddle
                          context_lens[b] - query_lens[b] + i, g});
 
   auto out = paddle::empty({tokens, heads, dim}, paddle::DataType::FLOAT32, q.place());
-  const auto run = [&](const auto* key, const auto* value) {  // float caches, or uint16_t bf16 bits
-    using T = std::remove_const_t<std::remove_pointer_t<decltype(key)>>;
+  with_cache_elements(key_cache, value_cache, [&](auto* key, auto* value) {
+    using T = std::remove_const_t<std::remove_pointer_t<decltype(key)>>;  // float, or uint16_t bf16 bits
     run_items(Problem<T>{q.data<float>(), key, value, slots.data<int64_t>(), slots.numel() / num_seqs, heads,
                          kv_heads, dim, scale, out.data<float>()},
               items);
-  };
-  if (bf16)
-    run(static_cast<const uint16_t*>(key_cache.data()), static_cast<const uint16_t*>(value_cache.data()));
-  else
-    run(key_cache.data<float>(), value_cache.data<float>());
+  });
   return {out};
 }
 
