@@ -11,7 +11,6 @@ import io
 import json
 import re
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -19,7 +18,7 @@ import openai
 import pytest
 
 from tests.fixtures.frontend import GUARD_API_KEY, GUARD_MAX_BODY_BYTES, Frontend, start_frontend
-from tests.fixtures.triton import TEST_ROW_PARAMS, TritonServer, free_ports, write_row
+from tests.fixtures.triton import TritonServer, free_ports, longer_context_row
 from tests.process_utils import wait_for
 
 pytestmark = pytest.mark.server
@@ -34,10 +33,11 @@ def client(openai_frontend: Frontend) -> openai.OpenAI:
     return openai.OpenAI(base_url=openai_frontend.base_url, api_key="EMPTY", max_retries=0, timeout=TIMEOUT)
 
 
-def engine_metric(triton_server: TritonServer, name: str) -> float:
-    """Sum of the backend's `ernie:<name>` samples on Triton's metrics endpoint."""
+def engine_metric(triton_server: TritonServer, name: str, model: str | None = None) -> float:
+    """Sum of the backend's `ernie:<name>` samples on Triton's metrics endpoint (of one model, if named)."""
     text = httpx.get(triton_server.metrics_url, timeout=10).text
-    pattern = re.compile(rf"^ernie:{name}(?:\{{[^}}]*\}})? (\S+)$", re.MULTILINE)
+    labels = rf'\{{[^}}]*model="{model}"[^}}]*\}}' if model else r"(?:\{[^}]*\})?"
+    pattern = re.compile(rf"^ernie:{name}{labels} (\S+)$", re.MULTILINE)
     values = pattern.findall(text)
     assert values, f"ernie:{name} not exported"
     return sum(float(v) for v in values)
@@ -293,32 +293,10 @@ SEED_TOOL_REQUESTS = [
 ]
 
 
-def _ready(triton_server: TritonServer) -> set[str]:
-    url = f"{triton_server.http_url}/v2/repository/index"
-    index = httpx.post(url, json={"ready": True}, timeout=10).json()
-    return {m["name"] for m in index if m.get("state") == "READY"}
-
-
-@contextlib.contextmanager
-def longer_context_row(triton_server: TritonServer, checkpoint: Path) -> Iterator[str]:
-    """The test row with room for the seed's tool prompts (~360 tokens; not much more, as the seed's bodies
-    set no max_tokens), loaded only meanwhile: with two ready models the placeholder names stop resolving."""
-    name = "ernie-test-448"
-    params = {**TEST_ROW_PARAMS, "model": str(checkpoint), "max_model_len": "448"}
-    write_row(triton_server.repository, name, params)
-    url = f"{triton_server.http_url}/v2/repository/models/{name}"
-    response = httpx.post(f"{url}/load", timeout=300)
-    assert response.status_code == 200, response.text
-    try:
-        yield name
-    finally:
-        httpx.post(f"{url}/unload", timeout=120)
-        assert wait_for(lambda: name not in _ready(triton_server), timeout=30)
-
-
 def test_seed_tool_requests(openai_frontend: Frontend, triton_server: TritonServer,
                             ernie_random_checkpoint: Path):
-    with longer_context_row(triton_server, ernie_random_checkpoint) as model:
+    # Room for the seed's tool prompts (~360 tokens; not much more, as the seed's bodies set no max_tokens).
+    with longer_context_row(triton_server, ernie_random_checkpoint, 448) as model:
         for body in SEED_TOOL_REQUESTS:  # the seed's bodies name no model: this one is asked for by name
             url = f"{openai_frontend.base_url}/chat/completions"
             response = httpx.post(url, json={**body, "model": model}, timeout=TIMEOUT)
@@ -362,22 +340,31 @@ def test_seed_vl_python_example(openai_frontend: Frontend):
 # ---- cancellation -------------------------------------------------------------------------------
 
 
-def test_client_disconnect_cancels_the_triton_request(openai_frontend: Frontend, triton_server: TritonServer):
-    aborted = engine_metric(triton_server, "request_abort_total")
-    generated = engine_metric(triton_server, "generation_tokens_total")
-    body = {"messages": MESSAGES, "stream": True, "max_tokens": 200, "ignore_eos": True}
-    url = f"{openai_frontend.base_url}/chat/completions"
-    with httpx.stream("POST", url, json=body, timeout=TIMEOUT) as r:
-        seen = 0
-        for line in r.iter_lines():
-            seen += line.startswith("data: {")
-            if seen == 4:
-                break
-    assert seen == 4
-    assert wait_for(lambda: engine_metric(triton_server, "request_abort_total") == aborted + 1, timeout=30)
-    assert wait_for(lambda: engine_metric(triton_server, "num_requests_running") == 0, timeout=30)
-    assert wait_for(lambda: engine_metric(triton_server, "num_kv_blocks_used") == 0, timeout=30)
-    assert engine_metric(triton_server, "generation_tokens_total") - generated < 200
+def test_client_disconnect_cancels_the_triton_request(openai_frontend: Frontend, triton_server: TritonServer,
+                                                      ernie_random_checkpoint: Path):
+    # A row of its own: its counters start at zero, and its budget (seconds of decoding for the tiny model)
+    # cannot run out before the disconnect reaches the engine, however loaded the machine is.
+    max_tokens = 4000
+    with longer_context_row(triton_server, ernie_random_checkpoint, max_tokens + 96) as model:
+        body = {"model": model, "messages": MESSAGES, "stream": True, "max_tokens": max_tokens,
+                "ignore_eos": True}
+        url = f"{openai_frontend.base_url}/chat/completions"
+        with httpx.stream("POST", url, json=body, timeout=TIMEOUT) as r:
+            seen = 0
+            for line in r.iter_lines():
+                seen += line.startswith("data: {")
+                if seen == 4:
+                    break
+        assert seen == 4
+
+        def metric(name: str) -> float:
+            return engine_metric(triton_server, name, model)
+
+        assert wait_for(lambda: metric("request_abort_total") == 1, timeout=30)
+        assert wait_for(lambda: metric("num_requests_running") == 0 and metric("num_kv_blocks_used") == 0,
+                        timeout=30)
+        assert 4 <= metric("generation_tokens_total") < max_tokens
+        assert metric("request_success_total") == 0
     assert "client went away, cancelling its Triton request" in openai_frontend.log_tail()
 
 
