@@ -30,6 +30,7 @@ import hashlib
 import logging
 import os
 import platform
+import shutil
 import time
 from pathlib import Path
 from types import ModuleType
@@ -109,6 +110,9 @@ def build() -> ModuleType:
             logger.info(
                 "cpu kernels: compiling %s into %s (about a minute on 2 cores)", ", ".join(SOURCES), BUILD_DIR
             )
+            # From scratch: Paddle's build compares only the .cc files' times with the library's, so after a
+            # header-only change it would keep the old library.
+            shutil.rmtree(BUILD_DIR / NAME, ignore_errors=True)
             module = cpp_extension.load(
                 name=NAME,
                 sources=[str(CSRC / name) for name in SOURCES],
