@@ -65,6 +65,28 @@ def bf16_reference(x: np.ndarray, w_bf16: np.ndarray, bias: np.ndarray) -> np.nd
     return round_to_bf16(x).astype(np.float64) @ w_bf16.astype(np.float64).T + bias
 
 
+def test_a_source_change_rebuilds_the_library_from_scratch(tmp_path, monkeypatch):
+    """Paddle's build compares only the .cc files' times with the library's, so after a header-only change it
+    would keep the old library: a stamp from other sources clears the previous build before compiling."""
+    from paddle.utils import cpp_extension
+
+    monkeypatch.setattr(cpu_kernels, "BUILD_DIR", tmp_path)
+    old_library = tmp_path / cpu_kernels.NAME / f"{cpu_kernels.NAME}.so"
+    old_library.parent.mkdir()
+    old_library.write_bytes(b"built from other sources")
+    (tmp_path / "sources.sha256").write_text("other sources")
+    compiled_with_old_library: list[bool] = []
+
+    def compile_sources(**kwargs):
+        compiled_with_old_library.append(old_library.exists())
+        return "the compiled module"
+
+    monkeypatch.setattr(cpp_extension, "load", compile_sources)
+    assert cpu_kernels.build() == "the compiled module"
+    assert compiled_with_old_library == [False]
+    assert (tmp_path / "sources.sha256").read_text() == cpu_kernels._source_hash()
+
+
 def test_round_to_bf16_matches_paddle():
     x = RNG.standard_normal(4096).astype(np.float32) * 10.0 ** RNG.integers(-20, 20, 4096)
     expected = paddle.to_tensor(x).astype("bfloat16").astype("float32").numpy()
