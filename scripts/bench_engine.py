@@ -6,7 +6,8 @@ its median round by tokens/s: output tokens/s, TTFT and TPOT p50/p99. One round 
 about two seconds, and this VM's memory bandwidth, which sets the batch-1 speed, moves by 20-30 % from
 minute to minute: the median of interleaved rounds is the steadier ratio.
 Then the engine's per-step overhead: a batch-1 decode `LLMEngine.step()` against the bare model forward
-(+ LM head) on the same context length.
+(+ LM head) on the same context length; and the concurrency-16 / concurrency-1 ratio that bare forwards alone
+(the prefills, then one decode step per output token) give, the model's own bound on it.
 
     python scripts/bench_engine.py                 # concurrency 1, 4, 16, 64
     python scripts/bench_engine.py --quick         # fewer tokens, concurrency up to 16
@@ -94,8 +95,11 @@ def engine_decode_step(engine: LLMEngine, prompt_len: int, steps: int) -> tuple[
 
 
 @paddle.no_grad()
-def bare_forward(engine: LLMEngine, context_len: int, repeats: int, batch: int = 1) -> float:
-    """Median time of model forward + LM head for `batch` decode tokens at `context_len` (metadata prebuilt).
+def bare_forward(engine: LLMEngine, context_len: int, repeats: int, batch: int = 1,
+                 query_len: int = 1) -> float:
+    """Median time of model forward + LM head for `batch` sequences of `query_len` new tokens each (1: a
+    decode token; context_len: a whole prompt) at `context_len`, metadata prebuilt; logits of each one's last
+    token.
 
     Runs last: it writes into KV blocks the engine considers free.
     """
@@ -103,13 +107,16 @@ def bare_forward(engine: LLMEngine, context_len: int, repeats: int, batch: int =
     block_size = runner.block_size
     per_seq = -(-context_len // block_size)
     tables = [list(range(b * per_seq, (b + 1) * per_seq)) for b in range(batch)]
-    meta = AttentionMetadata.build([1] * batch, [context_len] * batch, tables, block_size)
-    ids = paddle.to_tensor(np.full(batch, 123, dtype=np.int64))
-    pos = paddle.to_tensor(np.full(batch, context_len - 1, dtype=np.int64))
+    meta = AttentionMetadata.build([query_len] * batch, [context_len] * batch, tables, block_size)
+    ids = paddle.to_tensor(np.full(batch * query_len, 123, dtype=np.int64))
+    pos = paddle.to_tensor(np.tile(np.arange(context_len - query_len, context_len, dtype=np.int64), batch))
+    last = paddle.to_tensor(np.arange(1, batch + 1, dtype=np.int64) * query_len - 1)
     times = []
     for _ in range(repeats + 1):
         t0 = time.perf_counter()
         hidden = runner.model(ids, pos, meta, runner.kv_caches)
+        if query_len > 1:
+            hidden = paddle.gather(hidden, last)
         runner.model.compute_logits(hidden).numpy()
         times.append(time.perf_counter() - t0)
     return float(np.median(times[1:]))
@@ -154,6 +161,16 @@ def main(argv: list[str] | None = None) -> None:
     bare16 = bare_forward(engine, context, repeats=4, batch=16)
     print(f"bare forward + LM head for 16 decode tokens: {bare16 * 1e3:.1f} ms, so the model alone allows "
           f"at most {16 * bare / bare16:.1f}x the batch-1 decode throughput at concurrency 16")
+    # A level's wall time is its prefill plus max_tokens - 1 decode steps. Prefill is compute-bound at any
+    # batch size, so 16 prompts cost ~16x one, and that share of the wall caps the concurrency-16 ratio.
+    prompt = args.prompt_len
+    prefill1 = bare_forward(engine, prompt, repeats=4, query_len=prompt)
+    prefill16 = bare_forward(engine, prompt, repeats=4, batch=16, query_len=prompt)
+    steps = max_tokens - 1
+    bound = 16 * (prefill1 + steps * bare) / (prefill16 + steps * bare16)
+    print(f"bare prefill of one {prompt}-token prompt: {prefill1 * 1e3:.1f} ms, of 16: "
+          f"{prefill16 * 1e3:.1f} ms; bare forwards alone (no engine) give {bound:.1f}x "
+          f"the concurrency-1 output tok/s at concurrency 16 ({max_tokens} tokens each)")
 
 
 if __name__ == "__main__":
