@@ -6,8 +6,9 @@ its median round by tokens/s: output tokens/s, TTFT and TPOT p50/p99. One round 
 about two seconds, and this VM's memory bandwidth, which sets the batch-1 speed, moves by 20-30 % from
 minute to minute: the median of interleaved rounds is the steadier ratio.
 Then the engine's per-step overhead: a batch-1 decode `LLMEngine.step()` against the bare model forward
-(+ LM head) on the same context length; and the concurrency-16 / concurrency-1 ratio that bare forwards alone
-(the prefills, then one decode step per output token) give, the model's own bound on it.
+(+ LM head) on the same context length. After each round, the concurrency-16 / concurrency-1 ratio that bare
+forwards alone give (the prompts' prefill, then one decode step per output token): the model's own bound on
+that round's ratio.
 
     python scripts/bench_engine.py                 # concurrency 1, 4, 16, 64
     python scripts/bench_engine.py --quick         # fewer tokens, concurrency up to 16
@@ -99,14 +100,14 @@ def bare_forward(engine: LLMEngine, context_len: int, repeats: int, batch: int =
                  query_len: int = 1) -> float:
     """Median time of model forward + LM head for `batch` sequences of `query_len` new tokens each (1: a
     decode token; context_len: a whole prompt) at `context_len`, metadata prebuilt; logits of each one's last
-    token.
-
-    Runs last: it writes into KV blocks the engine considers free.
+    token. It writes into KV blocks the engine holds free and unhashed (no prefix cache entry reads them).
     """
     runner = engine.runner
     block_size = runner.block_size
     per_seq = -(-context_len // block_size)
-    tables = [list(range(b * per_seq, (b + 1) * per_seq)) for b in range(batch)]
+    free = list(engine.block_manager.free_ids)[: batch * per_seq]
+    assert len(free) == batch * per_seq, "not enough free KV blocks for the bare forward"
+    tables = [free[b * per_seq:(b + 1) * per_seq] for b in range(batch)]
     meta = AttentionMetadata.build([query_len] * batch, [context_len] * batch, tables, block_size)
     ids = paddle.to_tensor(np.full(batch * query_len, 123, dtype=np.int64))
     pos = paddle.to_tensor(np.tile(np.arange(context_len - query_len, context_len, dtype=np.int64), batch))
@@ -120,6 +121,22 @@ def bare_forward(engine: LLMEngine, context_len: int, repeats: int, batch: int =
         runner.model.compute_logits(hidden).numpy()
         times.append(time.perf_counter() - t0)
     return float(np.median(times[1:]))
+
+
+def bare_ratio(engine: LLMEngine, prompt_len: int, max_tokens: int) -> float:
+    """Concurrency-16 / concurrency-1 output tok/s of bare forwards alone (no engine): a level is the prefill
+    of its prompts in one forward, then max_tokens - 1 decode forwards (at the level's mean context).
+
+    Prefill is compute-bound at any batch size, so 16 prompts cost ~16x one: its share of the wall, and the
+    decode step's, cap the ratio the engine can reach.
+    """
+    context = prompt_len + max_tokens // 2
+
+    def level_seconds(batch: int) -> float:
+        prefill = bare_forward(engine, prompt_len, repeats=2, batch=batch, query_len=prompt_len)
+        return prefill + (max_tokens - 1) * bare_forward(engine, context, repeats=4, batch=batch)
+
+    return 16 * level_seconds(1) / level_seconds(16)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -140,8 +157,12 @@ def main(argv: list[str] | None = None) -> None:
                                     max_num_batched_tokens=2048, kv_cache_memory_bytes=512 << 20))
     run_concurrency(engine, 2, args.prompt_len, 4, seed=0)  # warm-up: first-call kernel setup is not timed
     # Fresh prompts for every level of every round: none is served from an earlier one's prefix cache.
-    runs = [[run_concurrency(engine, c, args.prompt_len, max_tokens, seed=1000 * (r + 1) + c) for c in levels]
-            for r in range(args.rounds)]
+    # Each round is followed by its bare-forward bound: the memory speed of this VM moves minute to minute.
+    runs, bounds = [], []
+    for r in range(args.rounds):
+        runs.append([run_concurrency(engine, c, args.prompt_len, max_tokens, seed=1000 * (r + 1) + c)
+                     for c in levels])
+        bounds.append(bare_ratio(engine, args.prompt_len, max_tokens))
     levels_runs = list(zip(*runs, strict=True))  # per level, its rounds
     rows = [sorted(level, key=lambda r: r["tok_s"])[len(level) // 2] for level in levels_runs]
     spread = [f"{min(r['tok_s'] for r in lv):.0f}-{max(r['tok_s'] for r in lv):.0f}" for lv in levels_runs]
@@ -161,17 +182,9 @@ def main(argv: list[str] | None = None) -> None:
     bare16 = bare_forward(engine, context, repeats=4, batch=16)
     print(f"bare forward + LM head for 16 decode tokens: {bare16 * 1e3:.1f} ms, so the model alone allows "
           f"at most {16 * bare / bare16:.1f}x the batch-1 decode throughput at concurrency 16")
-    # A level's wall time is its prefill plus max_tokens - 1 decode steps. Prefill is compute-bound at any
-    # batch size, so 16 prompts cost ~16x one, and that share of the wall caps the concurrency-16 ratio.
-    prompt = args.prompt_len
-    prefill1 = bare_forward(engine, prompt, repeats=4, query_len=prompt)
-    prefill16 = bare_forward(engine, prompt, repeats=4, batch=16, query_len=prompt)
-    steps = max_tokens - 1
-    bound = 16 * (prefill1 + steps * bare) / (prefill16 + steps * bare16)
-    print(f"bare prefill of one {prompt}-token prompt: {prefill1 * 1e3:.1f} ms, of 16: "
-          f"{prefill16 * 1e3:.1f} ms; bare forwards alone (no engine) give {bound:.1f}x "
-          f"the concurrency-1 output tok/s at concurrency 16 ({max_tokens} tokens each)")
-
+    ratios = [run[levels.index(16)]["tok_s"] / run[0]["tok_s"] for run in runs]
+    print(f"c16 / c1 per round: {', '.join(f'{x:.2f}' for x in ratios)}; bare forwards alone (no engine, "
+          f"prefill + decode) after each round: {', '.join(f'{x:.2f}' for x in bounds)}")
 
 if __name__ == "__main__":
     main()
