@@ -127,8 +127,8 @@ def bare_ratio(engine: LLMEngine, prompt_len: int, max_tokens: int) -> float:
     """Concurrency-16 / concurrency-1 output tok/s of bare forwards alone (no engine): a level is the prefill
     of its prompts in one forward, then max_tokens - 1 decode forwards (at the level's mean context).
 
-    Prefill is compute-bound at any batch size, so 16 prompts cost ~16x one: its share of the wall, and the
-    decode step's, cap the ratio the engine can reach.
+    Prefill is compute-bound at any batch size (16 prompts cost ~12x one), so its share of the c16 level's
+    wall, with the decode step's, caps the ratio the engine can reach.
     """
     context = prompt_len + max_tokens // 2
 
@@ -185,6 +185,7 @@ def main(argv: list[str] | None = None) -> None:
     ratios = [run[levels.index(16)]["tok_s"] / run[0]["tok_s"] for run in runs]
     print(f"c16 / c1 per round: {', '.join(f'{x:.2f}' for x in ratios)}; bare forwards alone (no engine, "
           f"prefill + decode) after each round: {', '.join(f'{x:.2f}' for x in bounds)}")
+
 
 if __name__ == "__main__":
     main()
