@@ -230,6 +230,8 @@ def engine_parameters(args: argparse.Namespace) -> dict[str, str]:
         params["quantize_lm_head"] = "true"
     if args.dtype:
         params["dtype"] = args.dtype
+    if args.max_num_batched_tokens:
+        params["max_num_batched_tokens"] = str(args.max_num_batched_tokens)
     return params
 
 
@@ -419,6 +421,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     row.add_argument("--dtype", default="", help="EngineConfig dtype (default: auto)")
     row.add_argument("--max-model-len", type=int, default=2048)
     row.add_argument("--max-num-seqs", type=int, default=128)
+    row.add_argument("--max-num-batched-tokens", type=int, default=0, help="tokens per step (default: the "
+                     "engine's)")
     row.add_argument("--load-timeout", type=float, default=600, help="seconds for the row to load")
     load = parser.add_argument_group("load")
     load.add_argument("--concurrency", default="1,4,16,32", help="comma-separated levels")
