@@ -18,7 +18,7 @@ import openai
 import pytest
 
 from tests.fixtures.frontend import GUARD_API_KEY, GUARD_MAX_BODY_BYTES, Frontend, start_frontend
-from tests.fixtures.triton import TritonServer, free_ports, longer_context_row
+from tests.fixtures.triton import TritonServer, engine_metric, free_ports, longer_context_row
 from tests.process_utils import wait_for
 
 pytestmark = pytest.mark.server
@@ -31,16 +31,6 @@ TIMEOUT = 120
 @pytest.fixture
 def client(openai_frontend: Frontend) -> openai.OpenAI:
     return openai.OpenAI(base_url=openai_frontend.base_url, api_key="EMPTY", max_retries=0, timeout=TIMEOUT)
-
-
-def engine_metric(triton_server: TritonServer, name: str, model: str | None = None) -> float:
-    """Sum of the backend's `ernie:<name>` samples on Triton's metrics endpoint (of one model, if named)."""
-    text = httpx.get(triton_server.metrics_url, timeout=10).text
-    labels = rf'\{{[^}}]*model="{model}"[^}}]*\}}' if model else r"(?:\{[^}]*\})?"
-    pattern = re.compile(rf"^ernie:{name}{labels} (\S+)$", re.MULTILINE)
-    values = pattern.findall(text)
-    assert values, f"ernie:{name} not exported"
-    return sum(float(v) for v in values)
 
 
 def finish_reasons(stream) -> list[str]:

@@ -25,6 +25,7 @@ from tests.fixtures.triton import (
     ABSENT_ROW,
     TEST_ROW_PARAMS,
     TritonServer,
+    engine_metric,
     longer_context_row,
     running_server,
     triton_env,
@@ -54,14 +55,6 @@ def request(sampling: dict | None = None, **extra) -> dict:
     if sampling is not None:
         payload["sampling_parameters"] = json.dumps(sampling)
     return payload
-
-
-def metric(server: TritonServer, name: str, model: str = "") -> float:
-    """One `ernie:` sample of `model` (default: the test model) from the metrics endpoint."""
-    text = httpx.get(server.metrics_url, timeout=10).text
-    found = re.search(rf'^ernie:{name}{{model="{model or server.model}"}} (\S+)$', text, re.M)
-    assert found, f"ernie:{name} missing from the metrics endpoint"
-    return float(found.group(1))
 
 
 def model_ready(server: TritonServer) -> bool:
@@ -222,15 +215,15 @@ def test_cancelled_grpc_stream_aborts_the_engine_request(triton_server: TritonSe
             sampling = {"max_tokens": max_tokens, "ignore_eos": True}
             stream.send(PROMPT, sampling, request_id="to-cancel", model=model)
             assert wait_for(lambda: len(stream.responses) >= 2, timeout=30), "no tokens streamed"
-            assert wait_for(lambda: metric(triton_server, "num_kv_blocks_used", model) > 0, timeout=30)
+            assert wait_for(lambda: engine_metric(triton_server, "num_kv_blocks_used", model) > 0, timeout=30)
         finally:
             stream.close(cancel=True)
         assert len(stream.responses) < max_tokens
         # The engine aborted it (not finished it) and freed its KV blocks.
-        assert wait_for(lambda: metric(triton_server, "request_abort_total", model) == 1, timeout=30)
-        assert metric(triton_server, "request_success_total", model) == 0
-        assert wait_for(lambda: metric(triton_server, "num_kv_blocks_used", model) == 0, timeout=30)
-        assert metric(triton_server, "num_requests_running", model) == 0
+        assert wait_for(lambda: engine_metric(triton_server, "request_abort_total", model) == 1, timeout=30)
+        assert engine_metric(triton_server, "request_success_total", model) == 0
+        assert wait_for(lambda: engine_metric(triton_server, "num_kv_blocks_used", model) == 0, timeout=30)
+        assert engine_metric(triton_server, "num_requests_running", model) == 0
     assert_still_serving(triton_server)
 
 
@@ -321,14 +314,15 @@ def test_histogram_replay_reproduces_the_engine_histogram():
 
 def test_engine_metrics_on_the_metrics_port(triton_server: TritonServer):
     generate(triton_server, request({"max_tokens": 3, "ignore_eos": True}))
-    assert wait_for(lambda: metric(triton_server, "time_to_first_token_seconds_count") > 0, timeout=15)
-    assert metric(triton_server, "prompt_tokens_total") > 0
-    assert metric(triton_server, "generation_tokens_total") >= 3
-    assert 0 <= metric(triton_server, "gpu_cache_usage_perc") <= 1
-    assert metric(triton_server, "num_kv_blocks_total") == 128  # num_gpu_blocks_override of the test row
+    assert wait_for(lambda: engine_metric(triton_server, "time_to_first_token_seconds_count") > 0, timeout=15)
+    assert engine_metric(triton_server, "prompt_tokens_total") > 0
+    assert engine_metric(triton_server, "generation_tokens_total") >= 3
+    assert 0 <= engine_metric(triton_server, "gpu_cache_usage_perc") <= 1
+    # num_gpu_blocks_override of the test row
+    assert engine_metric(triton_server, "num_kv_blocks_total") == 128
     for gauge in ("num_requests_running", "num_requests_waiting", "request_preempted_total",
                   "prefix_cache_token_num"):
-        metric(triton_server, gauge)
+        engine_metric(triton_server, gauge)
     text = httpx.get(triton_server.metrics_url, timeout=10).text
     assert "# TYPE ernie:time_to_first_token_seconds histogram" in text
     assert "# TYPE ernie:generation_tokens_total counter" in text
