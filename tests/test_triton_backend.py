@@ -134,9 +134,12 @@ def test_auto_complete_adds_tensors_and_decoupled_policy(triton_server: TritonSe
 def test_grpc_concurrent_streams(triton_server: TritonServer):
     prompts = [PROMPT, "Where is the capital of China?", "床前明月光", "hello world 123"]
     streams = [GrpcStream(triton_server) for _ in prompts]
+    # Long enough (~0.3 s on the tiny model) that the first stream cannot finish before the last one starts.
+    max_tokens = 200
     try:
         for i, (stream, prompt) in enumerate(zip(streams, prompts, strict=True)):
-            stream.send(prompt, {"max_tokens": 24, "temperature": 0, "ignore_eos": True}, request_id=f"c{i}")
+            sampling = {"max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}
+            stream.send(prompt, sampling, request_id=f"c{i}")
         assert all(s.done.wait(60) for s in streams), "a stream did not finish"
     finally:
         for stream in streams:
@@ -145,7 +148,7 @@ def test_grpc_concurrent_streams(triton_server: TritonServer):
         assert stream.error is None, stream.error
         assert len(stream.responses) > 1, "streaming sends a response per step"
         last = stream.responses[-1]
-        assert last.as_numpy("num_output_tokens")[0] == 24
+        assert last.as_numpy("num_output_tokens")[0] == max_tokens
         assert last.as_numpy("finish_reason")[0] == b"length"
         assert stream.text()
     # Served together, not one after another: every stream had started before any had finished.
