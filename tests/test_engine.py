@@ -262,6 +262,14 @@ def test_bad_words_ban_the_greedy_choice(engine, alone):
     assert out.token_ids[0] != first and first not in out.token_ids
 
 
+def test_logit_bias_steers_greedy_decoding(engine, alone):
+    first = alone[11][0]
+    banned = one(engine, PROMPTS[11], temperature=0.0, max_tokens=5, logit_bias={first: -100}).outputs[0]
+    assert first not in banned.token_ids
+    forced = one(engine, PROMPTS[11], temperature=0.0, max_tokens=5, logit_bias={"42": 100}).outputs[0]
+    assert forced.token_ids == [42] * 5
+
+
 @pytest.fixture(scope="module")
 def eos_engine(model_dir, alone, tmp_path_factory) -> tuple[LLMEngine, int]:
     """The checkpoint with generation_config.json naming a token greedy decoding emits as an extra eos."""
@@ -311,6 +319,7 @@ def test_invalid_requests_are_rejected_eagerly(engine):
         ({"prompt_token_ids": [1] * 512}, "max_model_len"),
         ({"prompt_token_ids": [5] * 10, "sampling_params": SamplingParams(max_tokens=503)}, "max_tokens"),
         ({"prompt_token_ids": [10**7]}, "vocabulary"),
+        ({"prompt": "a", "sampling_params": SamplingParams(logit_bias={10**7: 1.0})}, "logit_bias"),
         ({"prompt": "a", "messages": [{"role": "user", "content": "a"}]}, "exactly one"),
     ]
     for kwargs, message in cases:

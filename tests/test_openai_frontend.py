@@ -168,6 +168,25 @@ def test_stop_string_ends_the_completion(client: openai.OpenAI):
     assert resp.choices[0].finish_reason == "stop"
 
 
+def test_logit_bias_steers_the_choice(client: openai.OpenAI):
+    request = {"model": "default", "prompt": QUESTION, "temperature": 0, "max_tokens": 4,
+               "extra_body": {"return_token_ids": True, "ignore_eos": True}}
+    plain = client.completions.create(**request).choices[0].model_dump()["completion_token_ids"]
+    forced = client.completions.create(**request, logit_bias={"42": 100}).choices[0]
+    assert forced.model_dump()["completion_token_ids"] == [42] * 4 != plain
+
+    def chat_ids(**bias) -> list[int]:
+        resp = client.chat.completions.create(model="default", messages=MESSAGES, temperature=0, max_tokens=4,
+                                              extra_body={"return_token_ids": True}, **bias)
+        return resp.choices[0].message.model_dump()["completion_token_ids"]
+
+    first = chat_ids()[0]
+    assert first not in chat_ids(logit_bias={str(first): -100})
+    with pytest.raises(openai.BadRequestError) as err:
+        client.completions.create(**request, logit_bias={"42": 500})
+    assert "logit_bias" in err.value.message
+
+
 def test_chat_logprobs(client: openai.OpenAI):
     resp = client.chat.completions.create(model="default", messages=MESSAGES, temperature=0, max_tokens=4,
                                           logprobs=True, top_logprobs=2)

@@ -89,6 +89,22 @@ def test_bad_words_single_and_multi_token():
     assert sample_one(logits, make_seq(temperature=0.0, output=[1], bad_words_ids=[[1, 3]])).token_id == 4
 
 
+def test_logit_bias_is_added_before_the_choice():
+    logits = [0, 0, 0, 9.0, 8.0, 0, 0, 0]
+    assert sample_one(logits, make_seq(temperature=0.0, logit_bias={3: -2.0})).token_id == 4
+    assert sample_one(logits, make_seq(temperature=0.0, logit_bias={"6": 100})).token_id == 6
+    assert set(draw_counts(FOUR, temperature=1.0, logit_bias={0: -100, 1: -100})) == {2, 3}
+
+
+@pytest.mark.parametrize(("bias", "message"), [
+    ({"x": 1.0}, "not a token id"), ({3: "high"}, "not a token id"), ({-1: 1.0}, "token id >= 0"),
+    ({3: 101.0}, r"\[-100, 100\]"), ([3, 1.0], "must map token ids"),
+])
+def test_logit_bias_rejects_bad_entries(bias, message):
+    with pytest.raises(ValueError, match=message):
+        SamplingParams.from_dict({"logit_bias": bias})
+
+
 def test_min_tokens_masks_eos_until_reached():
     logits = [0, 0, 0, 0, 0, 0, 1.0, 9.0]
     assert sample_one(logits, make_seq(temperature=0.0, min_tokens=2, output=[1])).token_id == 6
@@ -99,7 +115,8 @@ def test_argmax_only_when_nothing_edits_or_reports_the_logits():
     assert argmax_only(make_seq(temperature=0.0))
     assert argmax_only(make_seq(temperature=0.0, min_tokens=1, output=[1]))
     edits = ({"temperature": 1.0}, {"logprobs": 0}, {"repetition_penalty": 1.2}, {"presence_penalty": 0.5},
-             {"frequency_penalty": 0.5}, {"min_tokens": 1}, {"bad_words_ids": [[3]]})
+             {"frequency_penalty": 0.5}, {"min_tokens": 1}, {"bad_words_ids": [[3]]},
+             {"logit_bias": {3: 1.0}})
     for params in edits:
         assert not argmax_only(make_seq(**{"temperature": 0.0, **params})), params
     forced = make_seq(temperature=0.0)

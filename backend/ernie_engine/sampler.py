@@ -1,10 +1,10 @@
 """Batched sampling on the host: logits [B, V] -> one token (and optional logprobs) per sequence.
 
-Order, as vLLM: forced token / min_tokens / bad words masks, then repetition, frequency and presence
-penalties; greedy rows take the argmax there, sampled rows go on through temperature, top-k, top-p and
-min-p before an inverse-CDF draw. Each sequence draws from its own generator (one number per token), so
-a seeded request gives the same tokens whatever else is in the batch. Logprobs are the log-softmax of
-these processed logits.
+Order, as vLLM: forced token / min_tokens / bad words masks, logit_bias, then repetition, frequency and
+presence penalties; greedy rows take the argmax there, sampled rows go on through temperature, top-k,
+top-p and min-p before an inverse-CDF draw. Each sequence draws from its own generator (one number per
+token), so a seeded request gives the same tokens whatever else is in the batch. Logprobs are the
+log-softmax of these processed logits.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ def argmax_only(seq: Sequence) -> bool:
         and seq.forced_token_id is None
         and seq.grammar is None
         and not request.bad_words_ids
+        and not params.logit_bias
         and seq.num_output_tokens >= params.min_tokens
         and params.repetition_penalty == 1.0
         and not params.presence_penalty
@@ -71,6 +72,9 @@ def _constrain(row: np.ndarray, seq: Sequence) -> None:
         row[list(request.stop_token_ids | request.eos_token_ids)] = -np.inf
     if request.bad_words_ids:
         _mask_bad_words(row, seq)
+    if params.logit_bias:
+        bias = params.logit_bias
+        row[np.fromiter(bias, np.int64, len(bias))] += np.fromiter(bias.values(), np.float32, len(bias))
     rep, pres, freq = params.repetition_penalty, params.presence_penalty, params.frequency_penalty
     if rep == 1.0 and pres == 0.0 and freq == 0.0:
         return

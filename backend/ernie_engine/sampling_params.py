@@ -38,6 +38,7 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     ignore_eos: bool = False
     bad_words: list[str] = field(default_factory=list)
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit (OpenAI's)
     logprobs: int | None = None  # None: off; k >= 0: the sampled token's logprob plus the top k
     skip_special_tokens: bool = True
     reasoning_max_tokens: int | None = None
@@ -53,6 +54,7 @@ class SamplingParams:
             self.stop = [self.stop]
         if isinstance(self.bad_words, str):
             self.bad_words = [self.bad_words]
+        self.logit_bias = _logit_bias(self.logit_bias)
         self._validate()
 
     def _validate(self) -> None:
@@ -118,6 +120,27 @@ class SamplingParams:
         for key, value in raw.items():
             kwargs[key] = _coerce(key, value, str(types[key]))
         return cls(**kwargs)
+
+
+def _logit_bias(raw: Any) -> dict[int, float]:
+    """Token ids (JSON object keys arrive as strings) -> biases in OpenAI's range [-100, 100]."""
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ValueError(f"logit_bias must map token ids to biases, got {raw!r}")
+    bias = {}
+    for key, value in raw.items():
+        try:
+            if isinstance(value, bool) or isinstance(key, bool):
+                raise ValueError
+            token, amount = int(key), float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"logit_bias entry {key!r}: {value!r} is not a token id and a number") from None
+        if token < 0 or not -100 <= amount <= 100:
+            raise ValueError(f"logit_bias entry {key!r}: {value!r} needs a token id >= 0 and a bias in "
+                             "[-100, 100]")
+        bias[token] = amount
+    return bias
 
 
 def _coerce(key: str, value: Any, kind: str) -> Any:
