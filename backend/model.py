@@ -57,6 +57,7 @@ OUTPUTS = [
     ("num_output_tokens", "TYPE_INT32"),
     ("num_cached_tokens", "TYPE_INT32"),
     ("logprobs", "TYPE_STRING"),
+    ("prompt_logprobs", "TYPE_STRING"),
     ("output_token_ids", "TYPE_INT64"),
     ("prompt_token_ids", "TYPE_INT64"),
 ]
@@ -140,7 +141,7 @@ class TritonPythonModel:
             sender.send(error_response(f"internal error: {err!r}"), flags=FINAL)
 
     async def _respond(self, sender, stream, parsed: ParsedRequest, request_id: str) -> None:
-        prefix = "" if parsed.flags["exclude_input_in_output"] else parsed.prompt.get("prompt", "")
+        prefix = "" if parsed.flags["exclude_input_in_output"] else self._prompt_text(parsed.prompt)
         streaming = parsed.flags["stream"]
         deltas: list[RequestOutput] = []  # kept for the single non-streaming response
         started: set[int] = set()
@@ -173,6 +174,12 @@ class TritonPythonModel:
         else:
             merged = merge_outputs(deltas)
             sender.send(build_response(merged, merged.outputs, parsed.flags), flags=FINAL)
+
+    def _prompt_text(self, prompt: dict[str, Any]) -> str:
+        """The prompt as echoed by exclude_input_in_output=false: as sent, or the token ids decoded."""
+        if "prompt_token_ids" in prompt:
+            return self.engine.tokenizer.decode(prompt["prompt_token_ids"], skip_special_tokens=False)
+        return prompt.get("prompt", "")
 
     def finalize(self) -> None:
         # Triton drains in-flight requests before an unload; this aborts what a shutdown timeout left.
@@ -272,6 +279,8 @@ def build_response(out: RequestOutput, completions: list[CompletionOutput], flag
     if flags["return_logprobs"]:
         logprobs = [[_logprob(lp) for lp in c.logprobs or []] for c in completions]
         tensors["logprobs"] = _strings([json.dumps(lps) for lps in logprobs])
+    if out.prompt_logprobs is not None:  # asked for with the prompt_logprobs sampling parameter
+        tensors["prompt_logprobs"] = _strings([json.dumps([_logprob(lp) for lp in out.prompt_logprobs])])
     if flags["return_token_ids"]:
         tensors["output_token_ids"] = np.array([t for c in completions for t in c.token_ids], dtype=np.int64)
         if out.prompt_token_ids is not None:

@@ -65,9 +65,11 @@ class GenerateOutput:
     logprobs: list[dict[str, Any]] = field(default_factory=list)
     token_ids: list[int] = field(default_factory=list)
     prompt_token_ids: list[int] | None = None
+    prompt_logprobs: list[dict[str, Any]] | None = None  # completions' echo with logprobs: per prompt token
 
     @classmethod
-    def from_row(cls, index: int, row: dict[str, Any], prompt_ids: Any) -> GenerateOutput:
+    def from_row(cls, index: int, row: dict[str, Any], prompt_ids: Any,
+                 prompt_logprobs: Any) -> GenerateOutput:
         return cls(
             index=index,
             text=row["text_output"] or "",
@@ -79,6 +81,7 @@ class GenerateOutput:
             num_cached_tokens=_opt_int(row["num_cached_tokens"]),
             logprobs=_json_list(row["logprobs"]),
             prompt_token_ids=None if prompt_ids is None else _ints(prompt_ids),
+            prompt_logprobs=None if prompt_logprobs is None else _json_list(prompt_logprobs),
         )
 
     @property
@@ -96,7 +99,7 @@ def parse_response(body: dict[str, Any]) -> list[GenerateOutput]:
     outputs = []
     for k, index in enumerate(indexes):
         row = {name: values[k] for name, values in columns.items()}
-        out = GenerateOutput.from_row(index, row, prompt_ids)
+        out = GenerateOutput.from_row(index, row, prompt_ids, body.get("prompt_logprobs"))
         # Concatenated in index order: each completion's share is its num_output_tokens.
         share = len(token_ids) if len(indexes) == 1 else out.num_output_tokens or 0
         out.token_ids, token_ids = token_ids[:share], token_ids[share:]
@@ -153,6 +156,7 @@ class RequestState:
     num_input_tokens: int = 0
     num_cached_tokens: int = 0
     prompt_token_ids: list[int] | None = None
+    prompt_logprobs: list[dict[str, Any]] = field(default_factory=list)
     choices: dict[int, ChoiceState] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -165,6 +169,8 @@ class RequestState:
             self.num_cached_tokens = out.num_cached_tokens
         if out.prompt_token_ids is not None:
             self.prompt_token_ids = out.prompt_token_ids
+        if out.prompt_logprobs is not None:
+            self.prompt_logprobs = out.prompt_logprobs
         choice = self.choices.setdefault(out.index, ChoiceState(self.offset + out.index))
         choice.add(out)
         return choice
@@ -209,7 +215,9 @@ def completion_logprobs(entries: list[dict[str, Any]], text_offset: int) -> dict
     return {
         "tokens": tokens,
         "token_logprobs": [e["logprob"] for e in entries],
-        "top_logprobs": [{t.get("token", ""): t["logprob"] for t in e.get("top_logprobs") or []}
+        # A prompt's first token (echo) has no logprob: null, as OpenAI's.
+        "top_logprobs": [None if e["logprob"] is None else
+                         {t.get("token", ""): t["logprob"] for t in e.get("top_logprobs") or []}
                          for e in entries],
         "text_offset": offsets,
     }
@@ -241,16 +249,17 @@ def chat_response(state: RequestState, *, id: str, created: int, model: str,
     return ChatCompletionResponse(id=id, created=created, model=model, choices=choices, usage=usage([state]))
 
 
-def completion_response(states: list[RequestState], prompts: list[Any], *, id: str, created: int, model: str,
+def completion_response(states: list[RequestState], prefixes: list[str], *, id: str, created: int, model: str,
                         echo: bool, return_token_ids: bool) -> CompletionResponse:
+    """`prefixes`: the echoed text this frontend adds to each prompt's choices (`echo_prefixes`)."""
     choices = []
-    for state, prompt in zip(states, prompts, strict=True):
-        prefix = prompt if echo else ""
+    for state, prefix in zip(states, prefixes, strict=True):
         for choice in sorted(state.choices.values(), key=lambda c: c.index):
+            scored = state.prompt_logprobs if echo else []  # asked for with echo and logprobs
             choices.append(CompletionChoice(
                 index=choice.index,
                 text=prefix + choice.text,
-                logprobs=completion_logprobs(choice.logprobs, len(prefix)),
+                logprobs=completion_logprobs(scored + choice.logprobs, 0 if scored else len(prefix)),
                 finish_reason=choice.finish_reason,
                 reasoning_content=choice.reasoning or None,
                 prompt_token_ids=state.prompt_token_ids if return_token_ids else None,

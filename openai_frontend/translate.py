@@ -113,7 +113,12 @@ def chat_payload(req: ChatCompletionRequest) -> dict[str, Any]:
 
 def completion_payloads(req: CompletionRequest) -> list[dict[str, Any]]:
     """One generate request per prompt; the choices of prompt p are indexed p * n + i."""
-    params = json.dumps(sampling_parameters(req, req.max_tokens, req.logprobs), ensure_ascii=False)
-    common = {"stream": req.stream, "sampling_parameters": params, **_flags(req, req.logprobs)}
+    params = sampling_parameters(req, req.max_tokens, req.logprobs)
+    if req.echo and req.logprobs is not None:  # the echoed prompt's tokens get logprobs too
+        params["prompt_logprobs"] = req.logprobs
+    common = {"stream": req.stream, "sampling_parameters": json.dumps(params, ensure_ascii=False),
+              **_flags(req, req.logprobs)}
     key = "prompt_token_ids" if req.prompts_are_token_ids else "text_input"
+    if req.echo and req.prompts_are_token_ids:  # the backend echoes them as text (the frontend cannot decode)
+        common["exclude_input_in_output"] = False
     return [{key: prompt, **common} for prompt in req.prompt_list()]

@@ -270,6 +270,28 @@ def test_logit_bias_steers_greedy_decoding(engine, alone):
     assert forced.token_ids == [42] * 5
 
 
+def test_prompt_logprobs_score_every_prompt_token(model_dir):
+    engine = make_engine(model_dir, max_num_batched_tokens=16)  # the 40-token prompt prefills in 3 chunks
+    prompt = PROMPTS[7]
+    run(engine, [prompt])  # now in the prefix cache, which a scored prompt must not use
+    out = one(engine, prompt, temperature=0.0, max_tokens=1, prompt_logprobs=3)
+    scores = out.prompt_logprobs
+    assert [s.token_id for s in scores] == prompt and out.num_cached_tokens == 0
+    assert scores[0].logprob is None and all(len(s.top_logprobs) == 3 for s in scores[1:])
+    # Each position's numbers are what the decode path reports for the prompt cut just before it.
+    for k in (1, 16, 17, 39):
+        alone = one(engine, prompt[:k], temperature=0.0, max_tokens=1, logprobs=3).outputs[0].logprobs[0]
+        assert [t for t, _, _ in scores[k].top_logprobs] == [t for t, _, _ in alone.top_logprobs]
+        assert [lp for _, _, lp in scores[k].top_logprobs] == pytest.approx(
+            [lp for _, _, lp in alone.top_logprobs], abs=1e-3)
+        top = dict((t, lp) for t, _, lp in alone.top_logprobs)
+        assert scores[k].logprob <= top[alone.token_id] + 1e-3
+        if prompt[k] in top:
+            assert scores[k].logprob == pytest.approx(top[prompt[k]], abs=1e-3)
+    again = one(engine, prompt, temperature=0.0, max_tokens=1)  # others still hit the cache
+    assert again.prompt_logprobs is None and again.num_cached_tokens > 0
+
+
 @pytest.fixture(scope="module")
 def eos_engine(model_dir, alone, tmp_path_factory) -> tuple[LLMEngine, int]:
     """The checkpoint with generation_config.json naming a token greedy decoding emits as an extra eos."""

@@ -207,6 +207,29 @@ def test_completion_logprobs(client: openai.OpenAI):
     assert logprobs.text_offset == sorted(logprobs.text_offset)
 
 
+def test_echo_with_logprobs_scores_the_prompt(client: openai.OpenAI):
+    """lm-evaluation-harness's loglikelihood request: token ids, echo, logprobs=1, max_tokens=1, greedy."""
+    first = client.completions.create(model="default", prompt=QUESTION, max_tokens=1,
+                                      extra_body={"return_token_ids": True}).choices[0]
+    ids = first.model_dump()["prompt_token_ids"]
+    request = {"model": "default", "echo": True, "logprobs": 1, "max_tokens": 1, "temperature": 0}
+    by_ids = client.completions.create(prompt=ids, **request).choices[0]
+    assert QUESTION in by_ids.text  # the backend echoes token ids decoded
+    lp = by_ids.logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(ids) + 1
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    for token_logprob, top in zip(lp.token_logprobs[1:], lp.top_logprobs[1:], strict=True):
+        assert len(top) == 1 and token_logprob <= max(top.values()) + 1e-4 and token_logprob <= 0
+    assert lp.token_logprobs[-1] == pytest.approx(max(lp.top_logprobs[-1].values()), abs=1e-4)  # greedy
+    by_text = client.completions.create(prompt=QUESTION, **request).choices[0]
+    assert by_text.text.startswith(QUESTION) and by_text.logprobs.tokens == lp.tokens
+    assert by_text.logprobs.token_logprobs[1:] == pytest.approx(lp.token_logprobs[1:], abs=1e-4)
+    streamed = [c.choices[0] for c in client.completions.create(prompt=ids, stream=True, **request)
+                if c.choices]
+    assert "".join(c.text for c in streamed) == by_ids.text
+    assert [t for c in streamed if c.logprobs for t in c.logprobs.tokens] == lp.tokens
+
+
 def test_return_token_ids_match_usage(client: openai.OpenAI):
     resp = client.chat.completions.create(model="default", messages=MESSAGES, max_tokens=5,
                                           extra_body={"return_token_ids": True})

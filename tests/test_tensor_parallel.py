@@ -243,8 +243,10 @@ def prequantize(src: Path, dst: Path, quantization_config: dict, expert_group: i
 
 
 def greedy_logprobs(engine: LLMEngine) -> dict[str, tuple[list[int], np.ndarray]]:
-    """Each prompt's greedy tokens and their logprobs (rows that come back from the ranks as logits)."""
-    params = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True, logprobs=0)
+    """Each prompt's greedy tokens, and the logprobs of its prompt tokens (scored on the ranks) then of its
+    output tokens (rows that come back from the ranks as logits)."""
+    params = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True, logprobs=0,
+                            prompt_logprobs=0)
     for i, prompt in enumerate(PROMPTS):
         engine.add_request(f"p{i}", prompt_token_ids=prompt, sampling_params=params)
     deltas: dict[str, list] = {}
@@ -252,8 +254,10 @@ def greedy_logprobs(engine: LLMEngine) -> dict[str, tuple[list[int], np.ndarray]
         for out in engine.step():
             assert out.error is None, out.error
             deltas.setdefault(out.request_id, []).append(out)
-    merged = {rid: merge_outputs(outs).outputs[0] for rid, outs in deltas.items()}
-    return {rid: (c.token_ids, np.array([lp.logprob for lp in c.logprobs])) for rid, c in merged.items()}
+    merged = {rid: merge_outputs(outs) for rid, outs in deltas.items()}
+    return {rid: (out.outputs[0].token_ids, np.array([lp.logprob for lp in out.prompt_logprobs[1:]
+                                                      + out.outputs[0].logprobs]))
+            for rid, out in merged.items()}
 
 
 def check_prequantized_tp(model_dir: Path, tp: int, expected: dict, atol: float = TOL, **kw) -> None:

@@ -194,6 +194,15 @@ def test_sampling_parameters_take_effect(triton_server: TritonServer):
     assert all(lp["logprob"] <= 0 and len(lp["top_logprobs"]) == 2 for lp in logprobs)
     body = run({"max_tokens": 2}, return_num_input_tokens=True)
     assert body["num_input_tokens"] == len(np.atleast_1d(body["prompt_token_ids"])) > 0
+    scored = run({"max_tokens": 1, "prompt_logprobs": 2})
+    prompt_logprobs = json.loads(scored["prompt_logprobs"])
+    assert [lp["token_id"] for lp in prompt_logprobs] == scored["prompt_token_ids"]
+    assert prompt_logprobs[0]["logprob"] is None
+    assert all(lp["logprob"] <= 0 and len(lp["top_logprobs"]) == 2 for lp in prompt_logprobs[1:])
+    # exclude_input_in_output=false echoes a token-id prompt as text too.
+    echo = {"prompt_token_ids": scored["prompt_token_ids"], "exclude_input_in_output": False,
+            "sampling_parameters": json.dumps({"max_tokens": 1})}
+    assert PROMPT in generate(triton_server, echo).json()["text_output"]
 
 
 def test_messages_use_the_chat_template(triton_server: TritonServer):

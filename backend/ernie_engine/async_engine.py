@@ -22,6 +22,7 @@ from .llm_engine import LLMEngine
 from .outputs import RequestOutput
 from .sampling_params import SamplingParams
 from .sequence import Request
+from .tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -139,6 +140,10 @@ class AsyncLLMEngine:
 
     def metrics(self) -> dict[str, Any]:
         return self.engine.get_metrics()
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        return self.engine.tokenizer
 
     def shutdown(self) -> None:
         """Stop the step thread; unfinished requests end with finish_reason "abort"."""

@@ -80,7 +80,7 @@ class BlockManager:
 
     def match_prefix(self, seq: Sequence) -> PrefixMatch:
         """The longest cached prefix of a sequence without blocks; the last token always stays uncached."""
-        if not self.enable_prefix_caching:
+        if not self.enable_prefix_caching or seq.scores_prompt:
             return PrefixMatch([], 0)
         max_blocks = (seq.num_tokens - 1) // self.block_size
         self._extend_hashes(seq, max_blocks)

@@ -201,6 +201,7 @@ class LLMEngine:
             stop_token_ids=frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else eos),
             eos_token_ids=eos,
             bad_words_ids=self._bad_words_ids(params.bad_words),
+            prompt_logprobs=None if params.prompt_logprobs is None else [],
             prompt=prompt,
             thinking=thinking,
             has_tools=has_tools,

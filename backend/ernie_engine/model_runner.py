@@ -29,7 +29,7 @@ from .layers.quant.config import QuantConfig
 from .layers.quant.kv_cache import Int8KVCache, kv_cache_bytes_per_token, read_static_kv_scales
 from .loader import checkpoint_dtype, load_model
 from .multimodal.engine_inputs import step_positions, step_vision_mask
-from .sampler import SampledToken, Sampler, argmax_only
+from .sampler import PromptScoring, SampledToken, Sampler, argmax_only, score_prompt_rows
 from .scheduler import SchedulerOutput
 from .sequence import Sequence
 
@@ -151,9 +151,13 @@ class ModelRunner:
     def execute(self, out: SchedulerOutput) -> list[SampledToken]:
         """Run the scheduled tokens; returns one sampled token per `out.sampling` sequence, in order."""
         seqs = list(out.scheduled)
-        input_ids, positions, meta = self._prepare(seqs, [out.scheduled[seq] for seq in seqs])
-        extra = self._multimodal_inputs(seqs, [out.scheduled[seq] for seq in seqs], input_ids)
+        query_lens = [out.scheduled[seq] for seq in seqs]
+        input_ids, positions, meta = self._prepare(seqs, query_lens)
+        extra = self._multimodal_inputs(seqs, query_lens, input_ids)
         hidden = self.model(input_ids, positions, meta, self.kv_caches, **extra)
+        if scoring := PromptScoring.of_step(seqs, query_lens):
+            scoring.deliver(score_prompt_rows(scoring.rows, scoring.targets, scoring.top,
+                                              lambda rows: self._logits(hidden, rows)))
         if not out.sampling:
             return []
         sampling = set(out.sampling)
@@ -165,6 +169,10 @@ class ModelRunner:
         if all(argmax_only(seq) for seq in out.sampling):
             return [SampledToken(int(t)) for t in greedy_token_ids(logits)]
         return self.sampler(logits.numpy(), out.sampling)
+
+    def _logits(self, hidden: paddle.Tensor, rows: np.ndarray) -> np.ndarray:
+        logits = self.model.compute_logits(paddle.gather(hidden, paddle.to_tensor(rows)))
+        return logits[:, : self.vocab_limit].numpy()
 
     def _prepare(
         self, seqs: list[Sequence], query_lens: list[int]

@@ -172,6 +172,13 @@ class OutputProcessor:
         top = [(tid, decode(tid), lp) for tid, lp in token.top_logprobs]
         return TokenLogprob(token.token_id, decode(token.token_id), token.logprob, top)
 
+    def _prompt_logprobs(self, request: Request) -> list[TokenLogprob] | None:
+        if request.prompt_logprobs is None:
+            return None
+        first = request.prompt_token_ids[0]
+        return [TokenLogprob(first, self.tokenizer.decode_token(first), None)] + [
+            self._logprob(token) for token in request.prompt_logprobs]
+
     def _output(self, state: _RequestState, outs: list[CompletionOutput]) -> RequestOutput:
         request = state.request
         out = RequestOutput(
@@ -179,6 +186,7 @@ class OutputProcessor:
             outputs=outs,
             num_prompt_tokens=request.num_prompt_tokens,
             prompt_token_ids=None if state.sent_first else list(request.prompt_token_ids),
+            prompt_logprobs=None if state.sent_first else self._prompt_logprobs(request),
             num_cached_tokens=max(request.sequences[0].num_cached_tokens, 0),
             finished=request.finished,
         )

@@ -16,7 +16,7 @@ from .parsers import merge_tool_call_deltas
 class TokenLogprob:
     token_id: int
     token: str
-    logprob: float
+    logprob: float | None  # None for a prompt's first token (nothing comes before it)
     top_logprobs: list[tuple[int, str, float]] = field(default_factory=list)  # (token_id, token, logprob)
 
 
@@ -39,6 +39,7 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     num_prompt_tokens: int
     prompt_token_ids: list[int] | None = None  # on the first output only
+    prompt_logprobs: list[TokenLogprob] | None = None  # on the first output, when asked: one per prompt token
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
     finished: bool = False  # every completion of the request has finished
     error: str | None = None  # set when the request failed inside the engine
@@ -69,6 +70,7 @@ def merge_outputs(deltas: list[RequestOutput]) -> RequestOutput:
         outputs=[merged[i] for i in sorted(merged)],
         num_prompt_tokens=first.num_prompt_tokens,
         prompt_token_ids=first.prompt_token_ids,
+        prompt_logprobs=first.prompt_logprobs,
         num_cached_tokens=first.num_cached_tokens,
         finished=last.finished,
         error=next((d.error for d in deltas if d.error), None),

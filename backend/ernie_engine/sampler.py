@@ -5,15 +5,19 @@ presence penalties; greedy rows take the argmax there, sampled rows go on throug
 top-p and min-p before an inverse-CDF draw. Each sequence draws from its own generator (one number per
 token), so a seeded request gives the same tokens whatever else is in the batch. Logprobs are the
 log-softmax of these processed logits.
+
+Prompt logprobs score the prompt's own tokens with the raw model logits of the positions before them, as
+the prefill computes them, a slice of rows at a time (a 2048-token chunk's logits would take 850 MB).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from .sequence import Sequence
+from .sequence import Request, Sequence
 from .structured_output import apply_grammar_masks
 
 
@@ -22,6 +26,10 @@ class SampledToken:
     token_id: int
     logprob: float | None = None  # set when the request asked for logprobs
     top_logprobs: list[tuple[int, float]] = field(default_factory=list)
+
+
+# Prompt positions scored per LM-head call: [256, vocab] float32 logits are ~100 MB for ERNIE's 103k vocab.
+SCORE_ROWS = 256
 
 
 def argmax_only(seq: Sequence) -> bool:
@@ -141,3 +149,70 @@ def _result(row: np.ndarray, token_id: int, num_logprobs: int | None) -> Sampled
         ids = ids[np.argsort(-logprobs[ids], kind="stable")]
         top = [(int(i), float(logprobs[i])) for i in ids]
     return SampledToken(token_id, float(logprobs[token_id]), top)
+
+
+@dataclass
+class PromptScoring:
+    """The prompt tokens a step scores (prompt_logprobs): flat token rows of the step whose logits predict
+    them, and whose they are."""
+
+    rows: np.ndarray  # [R] int64 flat token rows
+    targets: np.ndarray  # [R] int64: the prompt token each row predicts
+    top: int  # top logprobs per row: the most any of the requests asked for
+    owners: list[tuple[Request, int]]  # in row order: a request and how many of the rows are its
+
+    @classmethod
+    def of_step(cls, seqs: list[Sequence], query_lens: list[int]) -> PromptScoring | None:
+        rows, targets, owners = [], [], []
+        offset = 0
+        for seq, n in zip(seqs, query_lens, strict=True):
+            if seq.scores_prompt:
+                start, done = seq.num_computed_tokens, len(seq.request.prompt_logprobs)
+                # Position p predicts prompt token p + 1; those before `done` were scored before a preemption.
+                first, end = max(start, done), min(start + n, seq.num_prompt_tokens - 1)
+                if start <= done and first < end:
+                    rows.append(np.arange(offset + first - start, offset + end - start, dtype=np.int64))
+                    targets.append(np.array(seq.request.prompt_token_ids[first + 1 : end + 1], np.int64))
+                    owners.append((seq.request, end - first))
+            offset += n
+        if not owners:
+            return None
+        top = max(request.params.prompt_logprobs for request, _ in owners)
+        return cls(np.concatenate(rows), np.concatenate(targets), top, owners)
+
+    def deliver(self, scored: list[SampledToken]) -> None:
+        i = 0
+        for request, count in self.owners:
+            k = request.params.prompt_logprobs
+            request.prompt_logprobs += [SampledToken(t.token_id, t.logprob, t.top_logprobs[:k])
+                                        for t in scored[i : i + count]]
+            i += count
+
+
+def score_prompt_rows(rows: np.ndarray, targets: np.ndarray, top: int,
+                      logits_of: Callable[[np.ndarray], np.ndarray | None]) -> list[SampledToken]:
+    """Each target's logprob (and the top ones) under the logits of its row. `logits_of(rows)` gives
+    [len(rows), vocab] float32 logits; under tensor parallelism every rank calls it (a collective) and only
+    rank 0 gets logits back (the others None, and an empty result)."""
+    scored: list[SampledToken] = []
+    for i in range(0, len(rows), SCORE_ROWS):
+        logits = logits_of(rows[i : i + SCORE_ROWS])
+        if logits is not None:
+            scored += _score(logits, targets[i : i + SCORE_ROWS], top)
+    return scored
+
+
+def _score(logits: np.ndarray, targets: np.ndarray, top: int) -> list[SampledToken]:
+    peak = logits.max(axis=1, keepdims=True)
+    norm = peak + np.log(np.exp(logits - peak).sum(axis=1, keepdims=True))  # log-sum-exp per row
+    chosen = np.take_along_axis(logits, targets[:, None], axis=1)[:, 0] - norm[:, 0]
+    if not top:
+        return [SampledToken(int(t), float(lp)) for t, lp in zip(targets, chosen, strict=True)]
+    ids = np.argpartition(-logits, top - 1, axis=1)[:, :top]
+    values = np.take_along_axis(logits, ids, axis=1)
+    order = np.argsort(-values, axis=1, kind="stable")
+    ids, values = np.take_along_axis(ids, order, axis=1), np.take_along_axis(values, order, axis=1) - norm
+    return [
+        SampledToken(int(t), float(lp), list(zip(row_ids.tolist(), row_values.tolist(), strict=True)))
+        for t, lp, row_ids, row_values in zip(targets, chosen, ids, values, strict=True)
+    ]

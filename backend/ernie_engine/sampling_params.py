@@ -40,6 +40,7 @@ class SamplingParams:
     bad_words: list[str] = field(default_factory=list)
     logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit (OpenAI's)
     logprobs: int | None = None  # None: off; k >= 0: the sampled token's logprob plus the top k
+    prompt_logprobs: int | None = None  # None: off; k >= 0: each prompt token's logprob plus the top k
     skip_special_tokens: bool = True
     reasoning_max_tokens: int | None = None
     # Structured output (one at most): a JSON schema, "json_object", a regex, a choice list or a grammar.
@@ -79,6 +80,10 @@ class SamplingParams:
                 "min_tokens must not exceed max_tokens",
             ),
             (self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs must be in [0, 20]"),
+            (
+                self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= 20,
+                "prompt_logprobs must be in [0, 20]",
+            ),
             (
                 self.reasoning_max_tokens is None or self.reasoning_max_tokens >= 1,
                 "reasoning_max_tokens must be >= 1",

@@ -19,6 +19,7 @@ from .sampling_params import SamplingParams
 
 if TYPE_CHECKING:
     from .multimodal.engine_inputs import MultimodalInputs
+    from .sampler import SampledToken
     from .structured_output import GrammarMatcher
 
 
@@ -41,6 +42,8 @@ class Request:
     thinking: bool = False  # the prompt leaves the model thinking (its output starts with reasoning)
     has_tools: bool = False  # the request offered tools (else tool-call markup stays content)
     mm: MultimodalInputs | None = None  # images / videos of a multimodal model's prompt
+    # prompt_logprobs: entry p scores prompt token p + 1 (None when not asked for)
+    prompt_logprobs: list[SampledToken] | None = None
     arrival_time: float = field(default_factory=time.monotonic)
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
@@ -105,6 +108,13 @@ class Sequence:
     @property
     def is_finished(self) -> bool:
         return self.status is SequenceStatus.FINISHED
+
+    @property
+    def scores_prompt(self) -> bool:
+        """The leader of a request asking for prompt logprobs, while some are still to be computed: its
+        prompt must run through the model (no prefix-cache hits), since cached tokens have no logits."""
+        scores = self.request.prompt_logprobs
+        return self.index == 0 and scores is not None and len(scores) < self.num_prompt_tokens - 1
 
     @property
     def leader(self) -> Sequence:

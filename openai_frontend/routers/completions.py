@@ -43,8 +43,8 @@ async def create_completion(body: CompletionRequest,
         streams = await open_streams(triton, model, payloads)
         return event_stream(_chunks(body, streams, meta), streams, meta)
     states = await _run_all(triton, model, payloads, body.n)
-    response = completion_response(states, body.prompt_list(), id=meta.id, created=meta.created, model=model,
-                                   echo=body.echo, return_token_ids=bool(body.return_token_ids))
+    response = completion_response(states, body.echo_prefixes(), id=meta.id, created=meta.created,
+                                   model=model, echo=body.echo, return_token_ids=bool(body.return_token_ids))
     meta.count_usage(response.usage)
     return response
 
@@ -68,11 +68,14 @@ async def _run_all(triton: TritonClient, model: str, payloads: list[dict], n: in
     return states
 
 
-def _choice(out: GenerateOutput, index: int, text_offset: int, return_token_ids: bool) -> CompletionChoice:
+def _choice(out: GenerateOutput, index: int, text_offset: int, echo: bool,
+            return_token_ids: bool) -> CompletionChoice:
+    # Echo with logprobs: the prompt tokens' logprobs come first, offsets from the prompt's start.
+    scored = out.prompt_logprobs if echo and out.prompt_logprobs else []
     return CompletionChoice(
         index=index,
         text=out.text,
-        logprobs=completion_logprobs(out.logprobs, text_offset),
+        logprobs=completion_logprobs(scored + out.logprobs, 0 if scored else text_offset),
         finish_reason=out.finish_reason,
         reasoning_content=out.reasoning or None,
         prompt_token_ids=out.prompt_token_ids if return_token_ids else None,
@@ -86,12 +89,11 @@ async def _chunks(req: CompletionRequest, streams: list[TritonStream],
         return sse(CompletionResponse(id=meta.id, created=meta.created, model=meta.model, choices=choices,
                                       usage=totals))
 
-    prompts = req.prompt_list()
     states = [RequestState(n=req.n, offset=p * req.n) for p in range(len(streams))]
-    prefix = [prompt if req.echo else "" for prompt in prompts]
-    if req.echo:
+    prefix = req.echo_prefixes()
+    if any(prefix):
         yield chunk([CompletionChoice(index=p * req.n + i, text=prefix[p])
-                     for p in range(len(prompts)) for i in range(req.n)])
+                     for p in range(len(prefix)) if prefix[p] for i in range(req.n)])
     async for p, out in merged(streams):
         meta.saw_output(out)
         choice = states[p].add(out)
@@ -99,7 +101,7 @@ async def _chunks(req: CompletionRequest, streams: list[TritonStream],
         # back (an unfinished UTF-8 character, a possible stop string), so that each token is seen.
         if out.has_delta or choice.new_tokens:
             offset = len(prefix[p]) + len(choice.text) - len(out.text)
-            yield chunk([_choice(out, choice.index, offset, bool(req.return_token_ids))])
+            yield chunk([_choice(out, choice.index, offset, req.echo, bool(req.return_token_ids))])
     totals = usage(states)
     meta.count_usage(totals)
     if req.include_usage:

@@ -171,13 +171,16 @@ class CompletionRequest(GenerationRequest):
     def _check_prompt(self) -> CompletionRequest:
         if isinstance(self.prompt, list) and not self.prompt:
             raise ValueError("prompt must not be empty")
-        if self.echo and self.prompts_are_token_ids:
-            raise ValueError("echo is supported for text prompts only")
         return self
 
     @property
     def prompts_are_token_ids(self) -> bool:
         return isinstance(self.prompt, list) and isinstance(self.prompt[0], int | list)
+
+    def echo_prefixes(self) -> list[str]:
+        """Per prompt, the echoed text this frontend puts before its choices: a text prompt when echoing.
+        Token-id prompts are echoed by the backend, which decodes them (`exclude_input_in_output`)."""
+        return [p if self.echo and isinstance(p, str) else "" for p in self.prompt_list()]
 
     def prompt_list(self) -> list[str] | list[list[int]]:
         """The prompts, one per Triton request."""

@@ -36,7 +36,7 @@ import numpy as np
 
 from ..config import EngineConfig, ModelConfig
 from ..device import default_device, device_type
-from ..sampler import SampledToken, Sampler
+from ..sampler import PromptScoring, SampledToken, Sampler
 from ..scheduler import SchedulerOutput
 from .messages import StepBatch, StepResult, describe_step
 from .sharding import check_supported
@@ -229,8 +229,12 @@ class TensorParallelExecutor:
 
     def execute(self, out: SchedulerOutput) -> list[SampledToken]:
         """Run the scheduled tokens on every rank; one sampled token per `out.sampling` sequence, in order."""
-        batch = describe_step(out, self.vision_token_ids)
+        seqs = list(out.scheduled)
+        scoring = PromptScoring.of_step(seqs, [out.scheduled[seq] for seq in seqs])
+        batch = describe_step(out, self.vision_token_ids, scoring)
         result = self.run(batch)
+        if scoring is not None:
+            scoring.deliver(result.prompt_logprobs)
         tokens: list[SampledToken | None] = [None] * len(out.sampling)
         for i, token_id in zip(np.flatnonzero(batch.greedy), result.token_ids, strict=True):
             tokens[i] = SampledToken(int(token_id))

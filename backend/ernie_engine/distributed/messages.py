@@ -13,12 +13,12 @@ multimodal is kept on the ranks between steps.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from ..multimodal.engine_inputs import step_positions, step_vision_mask
-from ..sampler import argmax_only
+from ..sampler import PromptScoring, SampledToken, argmax_only
 from ..scheduler import SchedulerOutput
 from ..sequence import Sequence
 
@@ -45,15 +45,21 @@ class StepBatch:
     greedy: np.ndarray  # [N] bool: rank 0 returns the argmax of the row instead of the row
     vision_mask: np.ndarray | None = None  # [T] bool: ERNIE-4.5-VL's tokens for the vision experts
     media: StepMedia | None = None
+    # prompt_logprobs (`PromptScoring`): flat token rows to score, the prompt tokens they predict, top k
+    score_rows: np.ndarray | None = None
+    score_targets: np.ndarray | None = None
+    score_top: int = 0
 
 
 @dataclass
 class StepResult:
     token_ids: np.ndarray  # [number of greedy rows] int64, argmax over the sampleable vocabulary
     logits: np.ndarray  # [number of other rows, vocab_limit] float32
+    prompt_logprobs: list[SampledToken] = field(default_factory=list)  # one per score row
 
 
-def describe_step(out: SchedulerOutput, vision_token_ids: list[int] | None = None) -> StepBatch:
+def describe_step(out: SchedulerOutput, vision_token_ids: list[int] | None = None,
+                  scoring: PromptScoring | None = None) -> StepBatch:
     """The scheduled tokens as flat arrays (the single-device ModelRunner._prepare, without tensors).
 
     `vision_token_ids`: the model's (ERNIE-4.5-VL), when it takes a vision mask.
@@ -79,6 +85,9 @@ def describe_step(out: SchedulerOutput, vision_token_ids: list[int] | None = Non
         vision_mask=None if vision_token_ids is None else step_vision_mask(seqs, starts, context_lens,
                                                                              vision_token_ids),
         media=step_media(seqs, starts, context_lens),
+        score_rows=None if scoring is None else scoring.rows,
+        score_targets=None if scoring is None else scoring.targets,
+        score_top=0 if scoring is None else scoring.top,
     )
 
 

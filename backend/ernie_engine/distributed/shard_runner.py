@@ -27,6 +27,7 @@ from ..layers.quant.config import QuantConfig
 from ..layers.quant.kv_cache import read_static_kv_scales
 from ..loader import build_model, checkpoint_dtype, load_weights, prepare_prequantized_shard
 from ..model_runner import ModelRunner, float_kv_cache_dtype, token_embedding, vision_token_ids
+from ..sampler import score_prompt_rows
 from .messages import StepBatch, StepMedia, StepResult
 from .sharding import ShardPlan
 
@@ -119,14 +120,22 @@ class ShardRunner(ModelRunner):
         )
         ids, positions = paddle.to_tensor(batch.input_ids), paddle.to_tensor(batch.positions)
         hidden = self.model(ids, positions, meta, self.kv_caches, **self._multimodal_inputs(batch, ids))
+        scored = []
+        if batch.score_rows is not None:
+            scored = score_prompt_rows(batch.score_rows, batch.score_targets, batch.score_top,
+                                       lambda rows: self._logits(hidden, rows))
         logits = np.zeros((0, self.vocab_limit), np.float32)
-        if batch.sample_rows.size:  # every rank takes part in the gather
-            local = self.model.compute_logits(paddle.gather(hidden, paddle.to_tensor(batch.sample_rows)))
-            full = gather_vocab_logits(local, self.plan.vocab_shard_size, self.plan.config.vocab_size)
-            logits = full[:, : self.vocab_limit].numpy()
+        if batch.sample_rows.size:
+            logits = self._logits(hidden, batch.sample_rows)
         if self.plan.rank != 0:
             return None
-        return StepResult(logits[batch.greedy].argmax(axis=1).astype(np.int64), logits[~batch.greedy])
+        return StepResult(logits[batch.greedy].argmax(axis=1).astype(np.int64), logits[~batch.greedy], scored)
+
+    def _logits(self, hidden: paddle.Tensor, rows: np.ndarray) -> np.ndarray | None:
+        """The full-vocabulary logits of some token rows on rank 0 (None elsewhere); every rank takes part."""
+        local = self.model.compute_logits(paddle.gather(hidden, paddle.to_tensor(rows)))
+        full = gather_vocab_logits(local, self.plan.vocab_shard_size, self.plan.config.vocab_size)
+        return full[:, : self.vocab_limit].numpy() if self.plan.rank == 0 else None
 
     def _multimodal_inputs(self, batch: StepBatch, ids: paddle.Tensor) -> dict[str, Any]:
         """ERNIE-4.5-VL's vision mask; the input embeddings when the step carries media."""
