@@ -46,7 +46,9 @@ INPUTS = [
     ("tools", "TYPE_STRING", [1]),
     ("chat_template_kwargs", "TYPE_STRING", [1]),
     ("sampling_parameters", "TYPE_STRING", [1]),
+    ("task", "TYPE_STRING", [1]),
 ] + [(name, "TYPE_BOOL", [1]) for name in FLAGS]
+TASKS = ("generate", "tokenize", "detokenize", "tokenizer_info")
 OUTPUTS = [
     ("text_output", "TYPE_STRING"),
     ("reasoning_output", "TYPE_STRING"),
@@ -60,6 +62,7 @@ OUTPUTS = [
     ("prompt_logprobs", "TYPE_STRING"),
     ("output_token_ids", "TYPE_INT64"),
     ("prompt_token_ids", "TYPE_INT64"),
+    ("tokenizer_info", "TYPE_STRING"),
 ]
 METRICS_INTERVAL_S = 0.5
 HEALTH_INTERVAL_S = 0.5
@@ -126,6 +129,10 @@ class TritonPythonModel:
             sender.send(error_response(message, pb_utils.TritonError.UNAVAILABLE), flags=FINAL)
             return
         try:
+            task = _string(request, "task") or "generate"
+            if task != "generate":
+                sender.send(tokenizer_task(self.engine, request, task), flags=FINAL)
+                return
             parsed = parse_request(request)
             stream = self.engine.add_request(request_id, sampling_params=parsed.sampling, **parsed.prompt)
         except Exception as err:  # bad input (ValueError) or a stopped engine: answer; the model stays ready
@@ -178,7 +185,7 @@ class TritonPythonModel:
     def _prompt_text(self, prompt: dict[str, Any]) -> str:
         """The prompt as echoed by exclude_input_in_output=false: as sent, or the token ids decoded."""
         if "prompt_token_ids" in prompt:
-            return self.engine.tokenizer.decode(prompt["prompt_token_ids"], skip_special_tokens=False)
+            return self.engine.detokenize(prompt["prompt_token_ids"])
         return prompt.get("prompt", "")
 
     def finalize(self) -> None:
@@ -227,6 +234,31 @@ def parse_request(request) -> ParsedRequest:
         raw.setdefault("logprobs", 0)  # at least the sampled tokens' logprobs
     prompt = {k: v for k, v in prompt.items() if v is not None}
     return ParsedRequest(prompt, SamplingParams.from_dict(raw), flags)
+
+
+def tokenizer_task(engine: AsyncLLMEngine, request, task: str):
+    """The tokenizer service (the `task` input): one response, nothing generated."""
+    if task == "tokenize":
+        options = json.loads(request.parameters() or "{}")
+        ids = engine.tokenize(
+            prompt=_string(request, "text_input"),
+            messages=_json(request, "messages", list),
+            tools=_json(request, "tools", list),
+            chat_template_kwargs=_json(request, "chat_template_kwargs", dict),
+            add_special_tokens=str(options.get("add_special_tokens", False)).lower() in ("true", "1"),
+        )
+        tensors = {"prompt_token_ids": np.array(ids, dtype=np.int64),
+                   "num_input_tokens": np.array([len(ids)], dtype=np.int32)}
+    elif task == "detokenize":
+        token_ids = pb_utils.get_input_tensor_by_name(request, "prompt_token_ids")
+        if token_ids is None:
+            raise ValueError("task detokenize needs prompt_token_ids")
+        tensors = {"text_output": _strings([engine.detokenize(token_ids.as_numpy().reshape(-1).tolist())])}
+    elif task == "tokenizer_info":
+        tensors = {"tokenizer_info": _strings([json.dumps(engine.tokenizer_info(), ensure_ascii=False)])}
+    else:
+        raise ValueError(f"task must be one of {', '.join(TASKS)} (got {task!r})")
+    return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(k, v) for k, v in tensors.items()])
 
 
 def _string(request, name: str) -> str | None:

@@ -16,7 +16,7 @@ from openai_frontend.middleware import (
     ConcurrencyMiddleware,
     MetricsMiddleware,
 )
-from openai_frontend.routers import chat, completions, models, observability
+from openai_frontend.routers import chat, completions, models, observability, tokenizer
 from openai_frontend.triton_client import TritonClient
 
 DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024  # room for base64 images in chat messages
@@ -44,7 +44,7 @@ def create_app(config: FrontendConfig) -> FastAPI:
     app = FastAPI(title="ERNIE OpenAI frontend for Triton", lifespan=lifespan)
     app.state.triton = triton
     app.state.metrics = metrics
-    for module in (chat, completions, models, observability):
+    for module in (chat, completions, models, observability, tokenizer):
         app.include_router(module.router)
     install_handlers(app)
     # add_middleware wraps: the last added runs first. Order: metrics, auth, body size, concurrency.

@@ -12,7 +12,8 @@ from openai_frontend.errors import OpenAIError
 from openai_frontend.metrics import FrontendMetrics
 
 GENERATION_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
-_KNOWN_PATHS = GENERATION_PATHS | {"/v1/models", "/health", "/metrics"}
+TOKENIZER_PATHS = frozenset({"/tokenize", "/detokenize", "/tokenizer_info"})
+_KNOWN_PATHS = GENERATION_PATHS | TOKENIZER_PATHS | {"/v1/models", "/health", "/metrics"}
 
 
 def _endpoint(scope: Scope) -> str:
@@ -52,14 +53,16 @@ class MetricsMiddleware:
 
 
 class ApiKeyMiddleware:
-    """With --api-key, /v1/* needs `Authorization: Bearer <key>` (health and metrics stay open)."""
+    """With --api-key, /v1/* and the tokenizer endpoints need `Authorization: Bearer <key>` (health and
+    metrics stay open)."""
 
     def __init__(self, app: ASGIApp, api_key: str) -> None:
         self.app = app
         self.expected = f"Bearer {api_key}".encode()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"].startswith("/v1/"):
+        path = scope.get("path", "")
+        if scope["type"] == "http" and (path.startswith("/v1/") or path in TOKENIZER_PATHS):
             given = dict(scope["headers"]).get(b"authorization", b"")
             if not hmac.compare_digest(given, self.expected):
                 error = OpenAIError(401, "Invalid or missing API key", code="invalid_api_key")

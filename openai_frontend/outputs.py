@@ -33,7 +33,8 @@ def _elements(value: Any, count: int) -> list[Any]:
     return value if isinstance(value, list) and count > 1 else [value]
 
 
-def _ints(value: Any) -> list[int]:
+def ints(value: Any) -> list[int]:
+    """An INT tensor of a generate response as a list (a one-element tensor arrives as a scalar)."""
     if value is None:
         return []
     return [int(v) for v in value] if isinstance(value, list) else [int(value)]
@@ -80,7 +81,7 @@ class GenerateOutput:
             num_output_tokens=_opt_int(row["num_output_tokens"]),
             num_cached_tokens=_opt_int(row["num_cached_tokens"]),
             logprobs=_json_list(row["logprobs"]),
-            prompt_token_ids=None if prompt_ids is None else _ints(prompt_ids),
+            prompt_token_ids=None if prompt_ids is None else ints(prompt_ids),
             prompt_logprobs=None if prompt_logprobs is None else _json_list(prompt_logprobs),
         )
 
@@ -92,9 +93,9 @@ class GenerateOutput:
 
 def parse_response(body: dict[str, Any]) -> list[GenerateOutput]:
     """One Triton generate response -> one output per completion it covers."""
-    indexes = _ints(body.get("index", 0))
+    indexes = ints(body.get("index", 0))
     columns = {name: _elements(body.get(name), len(indexes)) for name in _PER_COMPLETION}
-    token_ids = _ints(body.get("output_token_ids"))
+    token_ids = ints(body.get("output_token_ids"))
     prompt_ids = body.get("prompt_token_ids")
     outputs = []
     for k, index in enumerate(indexes):

@@ -11,9 +11,13 @@ from typing import Any
 from openai_frontend.errors import OpenAIError
 from openai_frontend.schemas.openai import (
     ChatCompletionRequest,
+    ChatMessage,
     CompletionRequest,
+    DetokenizeRequest,
     GenerationRequest,
     NamedToolChoice,
+    TokenizeRequest,
+    Tool,
 )
 
 # Request fields that map one to one onto `sampling_parameters` keys.
@@ -97,18 +101,37 @@ def chat_payload(req: ChatCompletionRequest) -> dict[str, Any]:
         params.pop("guided_json_object", None)
         params["guided_json"] = _named_tool_schema(req, name)
     payload: dict[str, Any] = {
-        "messages": json.dumps([m.model_dump(exclude_unset=True) for m in req.messages], ensure_ascii=False),
         "stream": req.stream,
         "sampling_parameters": json.dumps(params, ensure_ascii=False),
         **_flags(req, logprobs),
     }
     # tool_choice "none" means the model must not call tools, so it is not shown any.
-    if req.tools and req.tool_choice != "none":
-        tools = [t.model_dump(exclude_unset=True) for t in req.tools]
-        payload["tools"] = json.dumps(tools, ensure_ascii=False)
-    if req.chat_template_kwargs:
-        payload["chat_template_kwargs"] = json.dumps(req.chat_template_kwargs, ensure_ascii=False)
-    return payload
+    tools = req.tools if req.tool_choice != "none" else None
+    return {**payload, **_chat_inputs(req.messages, tools, req.chat_template_kwargs)}
+
+
+def _chat_inputs(messages: list[ChatMessage], tools: list[Tool] | None,
+                 chat_template_kwargs: dict[str, Any] | None) -> dict[str, str]:
+    """The `messages`, `tools` and `chat_template_kwargs` inputs (JSON strings)."""
+    dumped = [m.model_dump(exclude_unset=True) for m in messages]
+    inputs = {"messages": json.dumps(dumped, ensure_ascii=False)}
+    if tools:
+        inputs["tools"] = json.dumps([t.model_dump(exclude_unset=True) for t in tools], ensure_ascii=False)
+    if chat_template_kwargs:
+        inputs["chat_template_kwargs"] = json.dumps(chat_template_kwargs, ensure_ascii=False)
+    return inputs
+
+
+def tokenize_payload(req: TokenizeRequest) -> dict[str, Any]:
+    """The backend's tokenize task: the ids a generation request for the same prompt or messages runs on."""
+    payload: dict[str, Any] = {"task": "tokenize", "add_special_tokens": req.add_special_tokens}
+    if req.prompt is not None:
+        return {**payload, "text_input": req.prompt}
+    return {**payload, **_chat_inputs(req.messages, req.tools, req.chat_template_kwargs)}
+
+
+def detokenize_payload(req: DetokenizeRequest) -> dict[str, Any]:
+    return {"task": "detokenize", "prompt_token_ids": req.tokens}
 
 
 def completion_payloads(req: CompletionRequest) -> list[dict[str, Any]]:

@@ -230,6 +230,30 @@ def test_echo_with_logprobs_scores_the_prompt(client: openai.OpenAI):
     assert [t for c in streamed if c.logprobs for t in c.logprobs.tokens] == lp.tokens
 
 
+def test_tokenizer_endpoints(openai_frontend: Frontend, client: openai.OpenAI):
+    """vLLM's /tokenize, /detokenize and /tokenizer_info: what lm-evaluation-harness's remote tokenizer
+    probes and uses (its check: tokenizer_info names eos_token, tokenize of "test" gives a token list)."""
+    def post(path: str, body: dict) -> httpx.Response:
+        return httpx.post(f"{openai_frontend.url}{path}", json=body, timeout=TIMEOUT)
+
+    info = httpx.get(f"{openai_frontend.url}/tokenizer_info", timeout=TIMEOUT).json()
+    assert info["eos_token"] and info["chat_template"] and info["model_max_length"] == 256
+    body = post("/tokenize", {"prompt": QUESTION, "add_special_tokens": False}).json()
+    used = client.completions.create(model="default", prompt=QUESTION, max_tokens=1).usage.prompt_tokens
+    assert body["count"] == len(body["tokens"]) == used and body["max_model_len"] == 256
+    assert post("/tokenize", {"prompt": QUESTION, "add_special_tokens": True}).json()["count"] == used + 1
+    assert post("/detokenize", {"tokens": body["tokens"]}).json() == {"prompt": QUESTION}
+    chat = post("/tokenize", {"model": "default", "messages": MESSAGES}).json()
+    reply = client.chat.completions.create(model="default", messages=MESSAGES, max_tokens=1)
+    assert chat["count"] == reply.usage.prompt_tokens  # the chat template applied, as for generation
+    for path, bad, param in [("/tokenize", {"prompt": "a", "messages": MESSAGES}, None),
+                             ("/tokenize", {}, None), ("/detokenize", {"tokens": []}, "tokens"),
+                             ("/detokenize", {"tokens": [10**9]}, None)]:
+        response = post(path, bad)
+        assert response.status_code == 400, (path, bad, response.text)
+        assert error_of(response)["param"] == param or param is None
+
+
 def test_return_token_ids_match_usage(client: openai.OpenAI):
     resp = client.chat.completions.create(model="default", messages=MESSAGES, max_tokens=5,
                                           extra_body={"return_token_ids": True})
@@ -451,6 +475,7 @@ def test_api_key_is_required_when_set(guarded_frontend: Frontend):
     response = httpx.post(f"{guarded_frontend.base_url}/completions", json={"prompt": "x"}, timeout=TIMEOUT)
     assert response.status_code == 401 and error_of(response)["code"] == "invalid_api_key"
     assert httpx.get(f"{guarded_frontend.url}/health", timeout=10).status_code == 200
+    assert httpx.get(f"{guarded_frontend.url}/tokenizer_info", timeout=10).status_code == 401
     good = openai.OpenAI(base_url=guarded_frontend.base_url, api_key=GUARD_API_KEY, max_retries=0,
                          timeout=TIMEOUT)
     assert good.chat.completions.create(model="default", messages=MESSAGES, max_tokens=2).choices

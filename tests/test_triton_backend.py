@@ -205,6 +205,30 @@ def test_sampling_parameters_take_effect(triton_server: TritonServer):
     assert PROMPT in generate(triton_server, echo).json()["text_output"]
 
 
+def test_tokenizer_tasks(triton_server: TritonServer):
+    def task(name: str, **payload) -> dict:
+        response = generate(triton_server, {"task": name, **payload})
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    generated = generate(triton_server, request({"max_tokens": 1}, return_token_ids=True)).json()
+    ids = np.atleast_1d(task("tokenize", text_input=PROMPT)["prompt_token_ids"]).tolist()
+    assert ids == np.atleast_1d(generated["prompt_token_ids"]).tolist()  # what generation runs on
+    with_bos = task("tokenize", text_input=PROMPT, add_special_tokens=True)
+    assert with_bos["num_input_tokens"] == len(ids) + 1
+    assert task("detokenize", prompt_token_ids=ids)["text_output"] == PROMPT
+    messages = json.dumps([{"role": "user", "content": PROMPT}])
+    chat_ids = np.atleast_1d(task("tokenize", messages=messages)["prompt_token_ids"]).tolist()
+    assert PROMPT in task("detokenize", prompt_token_ids=chat_ids)["text_output"] and len(chat_ids) > len(ids)
+    info = json.loads(task("tokenizer_info")["tokenizer_info"])
+    assert info["eos_token"] and info["chat_template"] and info["model_max_length"] == 256
+    for payload, expected in [({"task": "translate"}, "task must be one of"),
+                              ({"task": "detokenize"}, "needs prompt_token_ids"),
+                              ({"task": "tokenize"}, "exactly one of prompt or messages")]:
+        assert expected in generate(triton_server, payload).json().get("error", "")
+    assert_still_serving(triton_server)
+
+
 def test_messages_use_the_chat_template(triton_server: TritonServer):
     messages = json.dumps([{"role": "user", "content": "Where is the capital of China?"}])
     payload = {"messages": messages, "sampling_parameters": json.dumps({"max_tokens": 4, "ignore_eos": True}),

@@ -22,7 +22,6 @@ from .llm_engine import LLMEngine
 from .outputs import RequestOutput
 from .sampling_params import SamplingParams
 from .sequence import Request
-from .tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -141,9 +140,15 @@ class AsyncLLMEngine:
     def metrics(self) -> dict[str, Any]:
         return self.engine.get_metrics()
 
-    @property
-    def tokenizer(self) -> Tokenizer:
-        return self.engine.tokenizer
+    def tokenize(self, **kwargs: Any) -> list[int]:
+        """`LLMEngine.tokenize`, on the caller's thread (the tokenizer service touches no engine state)."""
+        return self.engine.tokenize(**kwargs)
+
+    def detokenize(self, token_ids: list[int]) -> str:
+        return self.engine.detokenize(token_ids)
+
+    def tokenizer_info(self) -> dict[str, Any]:
+        return self.engine.tokenizer_info()
 
     def shutdown(self) -> None:
         """Stop the step thread; unfinished requests end with finish_reason "abort"."""

@@ -117,14 +117,34 @@ class LLMEngine:
         params = sampling_params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise ValueError("sampling_params must be a SamplingParams")
+        template_kwargs = self._template_kwargs(chat_template_kwargs)
+        if messages is not None and self.mm_processor is not None:
+            return self._make_multimodal_request(request_id, messages, tools, template_kwargs, params)
+        prompt, prompt_token_ids, thinking = self._text_prompt(prompt, prompt_token_ids, messages, tools,
+                                                               template_kwargs)
+        processor = self.mm_processor
+        if processor is not None and not processor.placeholder_ids.isdisjoint(prompt_token_ids):
+            raise ValueError("image / video placeholder tokens need their media: send messages with images")
+        return self._build_request(request_id, prompt, prompt_token_ids, params, thinking, bool(tools))
+
+    def _template_kwargs(self, chat_template_kwargs: dict[str, Any] | None) -> dict[str, Any]:
         template_kwargs = chat_template_kwargs or {}
         if not isinstance(template_kwargs, dict):
             raise ValueError("chat_template_kwargs must be an object")
         if not self.config.reasoning_parser:
             # Without a reasoning parser the thinking would land in the answer: think only when asked to.
             template_kwargs = {"enable_thinking": False, **template_kwargs}
-        if messages is not None and self.mm_processor is not None:
-            return self._make_multimodal_request(request_id, messages, tools, template_kwargs, params)
+        return template_kwargs
+
+    def _text_prompt(
+        self,
+        prompt: str | None,
+        prompt_token_ids: list[int] | None,
+        messages: list[dict[str, Any]] | None,
+        tools: list[dict[str, Any]] | None,
+        template_kwargs: dict[str, Any],
+    ) -> tuple[str | None, list[int], bool]:
+        """The prompt text (None for token ids), its token ids, and whether it leaves the model thinking."""
         thinking = False
         if messages is not None:
             prompt = self.chat_template.render(messages, tools, add_generation_prompt=True, **template_kwargs)
@@ -132,16 +152,46 @@ class LLMEngine:
         if prompt is not None:
             if not isinstance(prompt, str) or not prompt:
                 raise ValueError("prompt is empty")
-            prompt_token_ids = self.tokenizer.encode(prompt)
-            thinking = thinking or (messages is None and prompt.rstrip().endswith(THINK_START))
+            ids = self.tokenizer.encode(prompt)
+            return prompt, ids, thinking or (messages is None and prompt.rstrip().endswith(THINK_START))
+        ids = self._check_token_ids(prompt_token_ids)
+        tail = self.tokenizer.decode(ids[-4:], skip_special_tokens=False)
+        return None, ids, tail.rstrip().endswith(THINK_START)
+
+    # Tokenizer service (no engine state: safe from any thread) --------------------------------------
+
+    def tokenize(
+        self,
+        prompt: str | None = None,
+        messages: list[dict[str, Any]] | None = None,
+        tools: list[dict[str, Any]] | None = None,
+        chat_template_kwargs: dict[str, Any] | None = None,
+        add_special_tokens: bool = False,
+    ) -> list[int]:
+        """The token ids a generation request for this prompt or these messages would run on (messages go
+        through the chat template, or a multimodal checkpoint's processor); `add_special_tokens` puts bos
+        first, which generation requests do not. Any length: max_model_len is not checked here."""
+        if (prompt is None) == (messages is None):
+            raise ValueError("give exactly one of prompt or messages")
+        template_kwargs = self._template_kwargs(chat_template_kwargs)
+        if messages is not None and self.mm_processor is not None:
+            ids = self.mm_processor(messages, tools, template_kwargs).prompt_token_ids
         else:
-            prompt_token_ids = self._check_token_ids(prompt_token_ids)
-            tail = self.tokenizer.decode(prompt_token_ids[-4:], skip_special_tokens=False)
-            thinking = tail.rstrip().endswith(THINK_START)
-        processor = self.mm_processor
-        if processor is not None and not processor.placeholder_ids.isdisjoint(prompt_token_ids):
-            raise ValueError("image / video placeholder tokens need their media: send messages with images")
-        return self._build_request(request_id, prompt, prompt_token_ids, params, thinking, bool(tools))
+            _, ids, _ = self._text_prompt(prompt, None, messages, tools, template_kwargs)
+        return [self.tokenizer.bos_token_id, *ids] if add_special_tokens else ids
+
+    def detokenize(self, token_ids: list[int]) -> str:
+        """The text of token ids, special tokens included."""
+        return self.tokenizer.decode(self._check_token_ids(token_ids), skip_special_tokens=False)
+
+    def tokenizer_info(self) -> dict[str, Any]:
+        """vLLM's /tokenizer_info: the special tokens, the chat template, the context length."""
+        return {
+            **self.tokenizer.special_tokens,
+            "chat_template": self.chat_template.source,
+            "model_max_length": self.max_model_len,
+            "vocab_size": self.vocab_size,
+        }
 
     def _make_multimodal_request(
         self,
