@@ -121,6 +121,13 @@ def test_prefix_cache_keys_include_the_image(engine: LLMEngine, reference: Refer
     assert engine.block_manager.prefix_hit_tokens > hits  # the same image is served from the cache
 
 
+def test_tokenize_expands_the_image_as_generation_does(engine: LLMEngine, reference: Reference) -> None:
+    image = draw("tokens")
+    expected = reference.processor(ocr_messages(image)).prompt_token_ids
+    assert reference.processor.image_token_id in expected
+    assert engine.tokenize(messages=ocr_messages(image)) == expected
+
+
 def test_limit_mm_per_prompt_and_bare_placeholders(engine: LLMEngine, reference: Reference) -> None:
     with pytest.raises(ValueError, match="at most 1 image per prompt, got 2"):
         engine.make_request("two", messages=ocr_messages(draw("a"), draw("b")))
