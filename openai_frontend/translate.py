@@ -11,7 +11,6 @@ from typing import Any
 from openai_frontend.errors import OpenAIError
 from openai_frontend.schemas.openai import (
     ChatCompletionRequest,
-    ChatMessage,
     CompletionRequest,
     DetokenizeRequest,
     GenerationRequest,
@@ -107,18 +106,22 @@ def chat_payload(req: ChatCompletionRequest) -> dict[str, Any]:
     }
     # tool_choice "none" means the model must not call tools, so it is not shown any.
     tools = req.tools if req.tool_choice != "none" else None
-    return {**payload, **_chat_inputs(req.messages, tools, req.chat_template_kwargs)}
+    return {**payload, **_chat_inputs(req, tools)}
 
 
-def _chat_inputs(messages: list[ChatMessage], tools: list[Tool] | None,
-                 chat_template_kwargs: dict[str, Any] | None) -> dict[str, str]:
-    """The `messages`, `tools` and `chat_template_kwargs` inputs (JSON strings)."""
-    dumped = [m.model_dump(exclude_unset=True) for m in messages]
+def _chat_inputs(req: ChatCompletionRequest | TokenizeRequest, tools: list[Tool] | None) -> dict[str, str]:
+    """The `messages`, `tools` and `chat_template_kwargs` inputs (JSON strings). Where the prompt ends rides
+    in chat_template_kwargs, where the backend reads it (keys the client put there win, as in vLLM)."""
+    dumped = [m.model_dump(exclude_unset=True) for m in req.messages]
     inputs = {"messages": json.dumps(dumped, ensure_ascii=False)}
     if tools:
         inputs["tools"] = json.dumps([t.model_dump(exclude_unset=True) for t in tools], ensure_ascii=False)
-    if chat_template_kwargs:
-        inputs["chat_template_kwargs"] = json.dumps(chat_template_kwargs, ensure_ascii=False)
+    kwargs = {name: value for name, value in (("add_generation_prompt", req.add_generation_prompt),
+                                              ("continue_final_message", req.continue_final_message))
+              if name in req.model_fields_set}
+    kwargs.update(req.chat_template_kwargs or {})
+    if kwargs:
+        inputs["chat_template_kwargs"] = json.dumps(kwargs, ensure_ascii=False)
     return inputs
 
 
@@ -127,7 +130,7 @@ def tokenize_payload(req: TokenizeRequest) -> dict[str, Any]:
     payload: dict[str, Any] = {"task": "tokenize", "add_special_tokens": req.add_special_tokens}
     if req.prompt is not None:
         return {**payload, "text_input": req.prompt}
-    return {**payload, **_chat_inputs(req.messages, req.tools, req.chat_template_kwargs)}
+    return {**payload, **_chat_inputs(req, req.tools)}
 
 
 def detokenize_payload(req: DetokenizeRequest) -> dict[str, Any]:

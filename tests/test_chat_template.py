@@ -109,6 +109,24 @@ def test_checkpoint_template_matches_transformers(model_dir):
             assert template.render(messages, add_generation_prompt=gen) == expected
 
 
+def test_continue_final_message_matches_transformers(model_dir):
+    """The prompt ends right after the last message's text, to be continued (an assistant answer begun)."""
+    started = [*CHAT[1:2], {"role": "assistant", "content": "The capital of China is"}]
+    template = ChatTemplate.from_dir(model_dir)
+    expected = reference(template.source, started, add_generation_prompt=False, continue_final_message=True,
+                         cls_token=BOS, sep_token=EOS)
+    ours = template.render(started, add_generation_prompt=False, continue_final_message=True)
+    assert ours == expected and ours.endswith("Assistant: The capital of China is")
+    parts = [*started[:1], {"role": "assistant", "content": [{"type": "text", "text": "The capital of"}]}]
+    assert apply_chat_template(parts, add_generation_prompt=False, continue_final_message=True).endswith(
+        "Assistant: The capital of")
+    with pytest.raises(ValueError, match="add_generation_prompt"):
+        template.render(started, continue_final_message=True)
+    with pytest.raises(ValueError, match="needs text"):
+        template.render([*started[:1], {"role": "assistant", "content": " "}], add_generation_prompt=False,
+                        continue_final_message=True)
+
+
 def test_checkpoint_template_wins(tmp_path, model_dir):
     custom = (
         "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}{% if add_generation_prompt %}"

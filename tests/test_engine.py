@@ -334,6 +334,20 @@ def test_chat_applies_the_template(engine):
     assert "User: hello" in text and text.rstrip().endswith("Assistant:")
 
 
+def test_chat_template_kwargs_end_the_prompt_where_asked(engine):
+    """vLLM's add_generation_prompt / continue_final_message, given in chat_template_kwargs."""
+    def prompt(messages: list, **kwargs) -> str:
+        request = engine.make_request("c", messages=messages, chat_template_kwargs=kwargs)
+        return engine.tokenizer.decode(request.prompt_token_ids, skip_special_tokens=False)
+
+    started = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "Hi, I am"}]
+    continued = prompt(started, add_generation_prompt=False, continue_final_message=True)
+    assert continued.endswith("Assistant: Hi, I am")
+    assert prompt(started[:1], add_generation_prompt=False).endswith("User: hello\n")
+    with pytest.raises(ValueError, match="add_generation_prompt"):
+        engine.make_request("c", messages=started, chat_template_kwargs={"continue_final_message": True})
+
+
 def test_invalid_requests_are_rejected_eagerly(engine):
     cases = [
         ({"prompt": ""}, "empty"),

@@ -17,6 +17,7 @@ import numpy as np
 import paddle
 import pytest
 import torch
+from ernie_engine.chat_template import ChatTemplate
 from ernie_engine.layers.attention import AttentionMetadata
 from ernie_engine.loader import load_model
 from ernie_engine.multimodal import ErnieVLImageProcessor, ErnieVLProcessor, VideoProcessor
@@ -211,6 +212,25 @@ def test_prompt_format(image_prompt) -> None:
     assert runs == [4 * 10 // 4, 6 * 4 // 4]  # h * w / merge^2 per image, in prompt order
     starts = [i for i, t in enumerate(ids) if t == IMAGE_START]
     assert [ids[s + 1 + n] for s, n in zip(starts, runs, strict=True)] == [IMAGE_END, IMAGE_END]
+
+
+# A checkpoint template of its own: each message's text or parts in order, images as ERNIE-VL's markers.
+OWN_TEMPLATE = (
+    "{% for m in messages %}<{{ m.role }}>{% if m.content is string %}{{ m.content }}{% else %}"
+    "{% for p in m.content %}{{ p.text if p.type == 'text' else "
+    "'<|IMAGE_START|><|image@placeholder|><|IMAGE_END|>' }}{% endfor %}{% endif %}</{{ m.role }}>{% endfor %}"
+)
+
+
+@pytest.mark.parametrize("template", [None, OWN_TEMPLATE])
+def test_continue_final_message(template) -> None:
+    """The built-in template and a checkpoint's own: the prompt ends inside the begun assistant message."""
+    messages = [*image_messages(), {"role": "assistant", "content": "The picture shows"}]
+    ours = processor(template=None if template is None else ChatTemplate(template))
+    prompt = ours(messages, add_generation_prompt=False, continue_final_message=True)
+    assert prompt.prompt.endswith("The picture shows") and IMAGE in prompt.prompt_token_ids
+    with pytest.raises(ValueError, match="add_generation_prompt"):
+        ours(messages, continue_final_message=True)
 
 
 def test_limit_mm_per_prompt() -> None:

@@ -254,6 +254,22 @@ def test_tokenizer_endpoints(openai_frontend: Frontend, client: openai.OpenAI):
         assert error_of(response)["param"] == param or param is None
 
 
+def test_continue_final_message(openai_frontend: Frontend, client: openai.OpenAI):
+    """vLLM's continue_final_message: the model continues an assistant answer the client began."""
+    started = [*MESSAGES, {"role": "assistant", "content": "The capital of China is"}]
+    ends = {"add_generation_prompt": False, "continue_final_message": True}
+    tokens = httpx.post(f"{openai_frontend.url}/tokenize", json={"messages": started, **ends},
+                        timeout=TIMEOUT).json()["tokens"]
+    prompt = httpx.post(f"{openai_frontend.url}/detokenize", json={"tokens": tokens}, timeout=TIMEOUT).json()
+    assert prompt["prompt"].endswith("The capital of China is")
+    reply = client.chat.completions.create(model="default", messages=started, max_tokens=2, extra_body=ends)
+    assert reply.usage.prompt_tokens == len(tokens)
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model="default", messages=started, max_tokens=2,
+                                       extra_body={"continue_final_message": True})
+    assert "add_generation_prompt" in err.value.message
+
+
 def test_return_token_ids_match_usage(client: openai.OpenAI):
     resp = client.chat.completions.create(model="default", messages=MESSAGES, max_tokens=5,
                                           extra_body={"return_token_ids": True})

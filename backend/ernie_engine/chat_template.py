@@ -248,12 +248,17 @@ class ChatTemplate:
         messages: list[dict[str, Any]],
         tools: list[dict[str, Any]] | None = None,
         add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
         **template_kwargs: Any,
     ) -> str:
-        """Render to a prompt string; ValueError for bad messages or a template that raises."""
+        """Render to a prompt string; ValueError for bad messages or a template that raises.
+
+        `continue_final_message` (vLLM's, transformers'): the prompt ends inside the last message, right after
+        its text, so that the model continues it (e.g. an assistant answer started by the client)."""
+        check_continuation(add_generation_prompt, continue_final_message)
         context = {**self.special_tokens, **template_kwargs}
         try:
-            return compile_template(self.source).render(
+            text = compile_template(self.source).render(
                 messages=normalize_messages(messages),
                 tools=tools or None,
                 add_generation_prompt=add_generation_prompt,
@@ -263,6 +268,28 @@ class ChatTemplate:
             raise ValueError(f"chat template error: {err}") from None
         except TypeError as err:  # e.g. a template concatenating a non-string field
             raise ValueError(f"chat template could not render these messages: {err}") from None
+        return continue_final(text, messages) if continue_final_message else text
+
+
+def check_continuation(add_generation_prompt: bool, continue_final_message: bool) -> None:
+    if add_generation_prompt and continue_final_message:
+        raise ValueError("continue_final_message needs add_generation_prompt set to false (they exclude each "
+                         "other: one opens a new assistant turn, the other continues the last message)")
+
+
+def continue_final(text: str, messages: list[dict[str, Any]]) -> str:
+    """The rendered prompt cut right after the last message's (last) text (its end-of-turn markup dropped)."""
+    content = messages[-1].get("content")  # the messages rendered: a list of objects
+    if isinstance(content, list):
+        texts = [p.get("text") for p in content if isinstance(p, dict) and p.get("type") == "text"]
+        content = texts[-1] if texts else None
+    final = content.strip() if isinstance(content, str) else ""
+    if not final:
+        raise ValueError("continue_final_message needs text in the last message")
+    end = text.rfind(final)
+    if end < 0:
+        raise ValueError("continue_final_message: the chat template does not show the last message's text")
+    return text[: end + len(final)]
 
 
 def _token_content(value: Any) -> str:

@@ -43,6 +43,14 @@ def generation_defaults(model_dir: Path) -> dict[str, Any]:
     return defaults
 
 
+def leaves_thinking(template: ChatTemplate, template_kwargs: dict[str, Any], prompt: str) -> bool:
+    """Whether a rendered chat prompt leaves the model thinking (its output starts as reasoning): after a
+    generation prompt, as the template's thinking switch says; in a continued message, inside `<think>`."""
+    if template_kwargs.get("add_generation_prompt", True):
+        return template.thinking_enabled(template_kwargs)
+    return prompt.rfind(THINK_START) > prompt.rfind(THINK_END)
+
+
 class LLMEngine:
     def __init__(self, config: EngineConfig):
         self.config = config
@@ -147,8 +155,9 @@ class LLMEngine:
         """The prompt text (None for token ids), its token ids, and whether it leaves the model thinking."""
         thinking = False
         if messages is not None:
-            prompt = self.chat_template.render(messages, tools, add_generation_prompt=True, **template_kwargs)
-            thinking = self.chat_template.thinking_enabled(template_kwargs)
+            # chat_template_kwargs may set add_generation_prompt / continue_final_message (as vLLM's).
+            prompt = self.chat_template.render(messages, tools, **template_kwargs)
+            thinking = leaves_thinking(self.chat_template, template_kwargs, prompt)
         if prompt is not None:
             if not isinstance(prompt, str) or not prompt:
                 raise ValueError("prompt is empty")
@@ -204,7 +213,7 @@ class LLMEngine:
         """Messages through the checkpoint's processor: media fetched, preprocessed, placeholders expanded."""
         processor = self.mm_processor
         prompt = processor(messages, tools, template_kwargs)
-        thinking = processor.template.thinking_enabled(template_kwargs)
+        thinking = leaves_thinking(processor.template, template_kwargs, prompt.prompt)
         ids = prompt.prompt_token_ids
         request = self._build_request(request_id, prompt.prompt, ids, params, thinking, bool(tools))
         if prompt.images is not None:

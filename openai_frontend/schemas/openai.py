@@ -150,6 +150,9 @@ class ChatCompletionRequest(GenerationRequest):
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     chat_template_kwargs: dict[str, Any] | None = None
+    # vLLM's: where the prompt ends (a new assistant turn, or inside the last message to continue it).
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
     reasoning_max_tokens: int | None = Field(default=None, ge=1)
 
     @model_validator(mode="after")
@@ -199,6 +202,8 @@ class TokenizeRequest(_Request):
     messages: list[ChatMessage] | None = Field(default=None, min_length=1)
     tools: list[Tool] | None = None
     chat_template_kwargs: dict[str, Any] | None = None
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
     add_special_tokens: bool = False  # bos first; generation requests run without it
 
     @model_validator(mode="after")

@@ -68,7 +68,9 @@ def _paddleocr_vl(
     max_images = int(config.limit_mm_per_prompt.get("image", 0))
     processor = MultimodalProcessor(tokenizer, loaded.image_processor, loaded.template, max_images, fetcher)
     return EngineProcessor(
-        lambda messages, tools, kwargs: processor(messages),
+        # Its template takes no options beyond where the prompt ends.
+        lambda messages, tools, kwargs: processor(messages, kwargs.get("add_generation_prompt", True),
+                                                  kwargs.get("continue_final_message", False)),
         processor.template,
         frozenset({processor.image_token_id}),
     )

@@ -27,7 +27,13 @@ import jinja2
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from ..chat_template import BUILTIN_TEMPLATES, ChatTemplate, compile_template
+from ..chat_template import (
+    BUILTIN_TEMPLATES,
+    ChatTemplate,
+    check_continuation,
+    compile_template,
+    continue_final,
+)
 from .image_processor import ErnieVLImageProcessor, ImageProcessor, ProcessedImages
 from .media import MediaFetcher
 from .video import VideoFrames, VideoProcessor
@@ -261,10 +267,12 @@ class MultimodalProcessor:
             template = ChatTemplate(PADDLEOCR_VL_TEMPLATE, template.special_tokens)
         return cls(tokenizer, ImageProcessor.from_dir(model_dir, **image_kwargs), template)
 
-    def render(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> tuple[str, list]:
+    def render(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+               continue_final_message: bool = False) -> tuple[str, list]:
         """The prompt text (one placeholder per image) and the images in prompt order."""
         if not isinstance(messages, list) or not messages:
             raise ValueError("messages must be a non-empty list")
+        check_continuation(add_generation_prompt, continue_final_message)
         normalized, image_parts = [], []
         for message in messages:
             parts = _parts(message.get("content"))
@@ -278,12 +286,13 @@ class MultimodalProcessor:
         text = compile_template(self.template.source).render(
             messages=normalized, add_generation_prompt=add_generation_prompt, **context
         )
-        return text, images
+        return (continue_final(text, messages) if continue_final_message else text), images
 
     def __call__(
-        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True
+        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
     ) -> MultimodalPrompt:
-        text, images = self.render(messages, add_generation_prompt)
+        text, images = self.render(messages, add_generation_prompt, continue_final_message)
         return self.from_prompt(text, images)
 
     def _image(self, part: dict[str, Any]) -> Image.Image:
@@ -446,19 +455,23 @@ class ErnieVLProcessor:
         messages: list[dict[str, Any]],
         tools: list[dict[str, Any]] | None = None,
         add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
         **template_kwargs: Any,
     ) -> str:
         """The prompt text, one marker per image / video. The checkpoint's template gets the content parts as
         sent (as transformers' apply_chat_template does); our built-in ones get them as marker text."""
         if self.template.source in BUILTIN_TEMPLATES.values():
-            return self.template.render(messages, tools, add_generation_prompt, **template_kwargs)
+            return self.template.render(messages, tools, add_generation_prompt, continue_final_message,
+                                        **template_kwargs)
+        check_continuation(add_generation_prompt, continue_final_message)
         context = {**self.template.special_tokens, **template_kwargs}
         try:
-            return compile_template(self.template.source).render(
+            text = compile_template(self.template.source).render(
                 messages=messages, tools=tools or None, add_generation_prompt=add_generation_prompt, **context
             )
         except jinja2.TemplateError as err:
             raise ValueError(f"chat template error: {err}") from None
+        return continue_final(text, messages) if continue_final_message else text
 
     def from_prompt(
         self, text: str, images: list[Image.Image], videos: list[VideoFrames]
