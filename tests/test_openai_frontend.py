@@ -99,6 +99,21 @@ def test_chat_streams_a_chunk_per_token_even_with_text_held_back(client: openai.
     assert token_chunks[-1].choices[0].finish_reason == "length"
 
 
+@pytest.mark.parametrize("endpoint", ["chat", "completions"])
+def test_continuous_usage_stats(client: openai.OpenAI, endpoint: str):
+    """vLLM's stream option: every token chunk carries the usage so far, then the usage chunk the total."""
+    options = {"include_usage": True, "continuous_usage_stats": True}
+    request = {"model": "default", "temperature": 0, "max_tokens": 5, "stream": True,
+               "stream_options": options, "extra_body": {"ignore_eos": True}}
+    if endpoint == "chat":  # after the role chunk
+        chunks = list(client.chat.completions.create(messages=MESSAGES, **request))[1:]
+    else:
+        chunks = list(client.completions.create(prompt=QUESTION, **request))
+    counts = [c.usage.completion_tokens for c in chunks]
+    assert counts == [1, 2, 3, 4, 5, 5] and not chunks[-1].choices
+    assert len({c.usage.prompt_tokens for c in chunks}) == 1 and chunks[-1].usage.total_tokens > 5
+
+
 def test_chat_streaming_matches_non_streaming(client: openai.OpenAI):
     request = {"model": "default", "messages": MESSAGES, "temperature": 0, "max_tokens": 12}
     whole = client.chat.completions.create(**request)

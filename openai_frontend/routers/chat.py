@@ -100,8 +100,9 @@ async def _chunks(req: ChatCompletionRequest, stream: TritonStream, meta: Respon
         _as_tool_call(out, named_tool(req), state)
         choice = state.add(out)
         if out.has_delta or choice.new_tokens:  # a chunk per step that generated tokens, as in completions
+            so_far = usage([state]) if req.continuous_usage else None
             for delta_choice in delta_choices(out, choice.index, bool(req.return_token_ids)):
-                yield chunk([delta_choice])
+                yield chunk([delta_choice], so_far)
     totals = usage([state])
     meta.count_usage(totals)
     if req.include_usage:

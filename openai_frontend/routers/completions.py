@@ -101,7 +101,8 @@ async def _chunks(req: CompletionRequest, streams: list[TritonStream],
         # back (an unfinished UTF-8 character, a possible stop string), so that each token is seen.
         if out.has_delta or choice.new_tokens:
             offset = len(prefix[p]) + len(choice.text) - len(out.text)
-            yield chunk([_choice(out, choice.index, offset, req.echo, bool(req.return_token_ids))])
+            so_far = usage(states) if req.continuous_usage else None
+            yield chunk([_choice(out, choice.index, offset, req.echo, bool(req.return_token_ids))], so_far)
     totals = usage(states)
     meta.count_usage(totals)
     if req.include_usage:
