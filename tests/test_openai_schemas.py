@@ -183,7 +183,8 @@ def test_completion_prompt_forms():
     assert [p["prompt_token_ids"] for p in batch] == [[1, 2], [3]]
 
 
-@pytest.mark.parametrize("fields", [{"prompt": []}, {"prompt": 5}, {"prompt": "x", "logprobs": 21}])
+@pytest.mark.parametrize("fields", [{"prompt": []}, {"prompt": 5}, {"prompt": "x", "logprobs": 21},
+                                    {"prompt": "x", "suffix": "y"}, {"prompt": "x", "best_of": 2}])
 def test_invalid_completion_requests_are_rejected(fields):
     with pytest.raises(ValidationError):
         CompletionRequest.model_validate(fields)

@@ -174,11 +174,18 @@ class CompletionRequest(GenerationRequest):
     prompt: Prompt
     echo: bool = False
     logprobs: int | None = Field(default=None, ge=0, le=20)
+    # OpenAI's, refused rather than ignored: an answer without them would be a different answer.
+    suffix: str | None = None
+    best_of: int | None = Field(default=None, ge=1)
 
     @model_validator(mode="after")
     def _check_prompt(self) -> CompletionRequest:
         if isinstance(self.prompt, list) and not self.prompt:
             raise ValueError("prompt must not be empty")
+        if self.suffix:
+            raise ValueError("suffix is not supported")
+        if self.best_of is not None and self.best_of != self.n:
+            raise ValueError(f"best_of ({self.best_of}) other than n ({self.n}) is not supported")
         return self
 
     @property
