@@ -326,7 +326,10 @@ def _strings(values: list[str]) -> np.ndarray:
 
 def _logprob(lp) -> dict[str, Any]:
     top = [{"token_id": t, "token": s, "logprob": p} for t, s, p in lp.top_logprobs]
-    return {"token_id": lp.token_id, "token": lp.token, "logprob": lp.logprob, "top_logprobs": top}
+    entry = {"token_id": lp.token_id, "token": lp.token, "logprob": lp.logprob, "top_logprobs": top}
+    if lp.rank is not None:  # prompt tokens
+        entry["rank"] = lp.rank
+    return entry
 
 
 def error_response(message: str, code=None):

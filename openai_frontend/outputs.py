@@ -15,6 +15,7 @@ from openai_frontend.schemas.openai import (
     ChatChoice,
     ChatCompletionResponse,
     CompletionChoice,
+    CompletionRequest,
     CompletionResponse,
     FunctionCall,
     ResponseMessage,
@@ -204,8 +205,9 @@ def chat_logprobs(entries: list[dict[str, Any]]) -> dict[str, Any] | None:
     return {"content": content}
 
 
-def completion_logprobs(entries: list[dict[str, Any]], text_offset: int) -> dict[str, Any] | None:
-    """Legacy completions shape; offsets count characters from `text_offset` on."""
+def completion_logprobs(entries: list[dict[str, Any]], text_offset: int,
+                        top: int | None = None) -> dict[str, Any] | None:
+    """Legacy completions shape: offsets from `text_offset` on, at most `top` alternatives."""
     if not entries:
         return None
     tokens, offsets = [], []
@@ -218,10 +220,26 @@ def completion_logprobs(entries: list[dict[str, Any]], text_offset: int) -> dict
         "token_logprobs": [e["logprob"] for e in entries],
         # A prompt's first token (echo) has no logprob: null, as OpenAI's.
         "top_logprobs": [None if e["logprob"] is None else
-                         {t.get("token", ""): t["logprob"] for t in e.get("top_logprobs") or []}
+                         {t.get("token", ""): t["logprob"] for t in (e.get("top_logprobs") or [])[:top]}
                          for e in entries],
         "text_offset": offsets,
     }
+
+
+def vllm_prompt_logprobs(entries: list[dict[str, Any]], top: int) -> list[dict[str, Any] | None]:
+    """vLLM's `prompt_logprobs`: per prompt token None (the first) or, keyed by token id, the token itself and
+    the `top` likeliest, each as {logprob, rank, decoded_token}."""
+    shaped: list[dict[str, Any] | None] = []
+    for e in entries:
+        if e["logprob"] is None:
+            shaped.append(None)
+            continue
+        row = {str(t["token_id"]): {"logprob": t["logprob"], "rank": rank, "decoded_token": t["token"]}
+               for rank, t in enumerate(e.get("top_logprobs", [])[:top], start=1)}
+        itself = {"logprob": e["logprob"], "rank": e.get("rank"), "decoded_token": e["token"]}
+        row[str(e["token_id"])] = itself
+        shaped.append(row)
+    return shaped
 
 
 # ---- non-streaming responses --------------------------------------------------------------------
@@ -233,8 +251,8 @@ def _full_tool_calls(calls: list[dict[str, Any]]) -> list[ToolCall] | None:
     return [ToolCall(id=c["id"], function=FunctionCall(**c["function"])) for c in calls]
 
 
-def chat_response(state: RequestState, *, id: str, created: int, model: str,
-                  return_token_ids: bool) -> ChatCompletionResponse:
+def chat_response(state: RequestState, *, id: str, created: int, model: str, return_token_ids: bool,
+                  prompt_logprobs: int | None = None) -> ChatCompletionResponse:
     choices = []
     for choice in sorted(state.choices.values(), key=lambda c: c.index):
         message = ResponseMessage(
@@ -247,23 +265,28 @@ def chat_response(state: RequestState, *, id: str, created: int, model: str,
         logprobs = chat_logprobs(choice.logprobs)
         choices.append(ChatChoice(index=choice.index, message=message, logprobs=logprobs,
                                   finish_reason=choice.finish_reason))
-    return ChatCompletionResponse(id=id, created=created, model=model, choices=choices, usage=usage([state]))
+    scored = None if prompt_logprobs is None else vllm_prompt_logprobs(state.prompt_logprobs, prompt_logprobs)
+    return ChatCompletionResponse(id=id, created=created, model=model, choices=choices, usage=usage([state]),
+                                  prompt_logprobs=scored)
 
 
-def completion_response(states: list[RequestState], prefixes: list[str], *, id: str, created: int, model: str,
-                        echo: bool, return_token_ids: bool) -> CompletionResponse:
-    """`prefixes`: the echoed text this frontend adds to each prompt's choices (`echo_prefixes`)."""
+def completion_response(states: list[RequestState], req: CompletionRequest, *, id: str, created: int,
+                        model: str) -> CompletionResponse:
     choices = []
-    for state, prefix in zip(states, prefixes, strict=True):
+    for state, prefix in zip(states, req.echo_prefixes(), strict=True):
+        # Echo with logprobs: the prompt's tokens first, offsets from the prompt's start.
+        echoed = state.prompt_logprobs if req.echo and req.logprobs is not None else []
+        offset = 0 if echoed else len(prefix)
         for choice in sorted(state.choices.values(), key=lambda c: c.index):
-            scored = state.prompt_logprobs if echo else []  # asked for with echo and logprobs
             choices.append(CompletionChoice(
                 index=choice.index,
                 text=prefix + choice.text,
-                logprobs=completion_logprobs(scored + choice.logprobs, 0 if scored else len(prefix)),
+                logprobs=completion_logprobs(echoed + choice.logprobs, offset, req.logprobs),
                 finish_reason=choice.finish_reason,
                 reasoning_content=choice.reasoning or None,
-                prompt_token_ids=state.prompt_token_ids if return_token_ids else None,
-                completion_token_ids=choice.token_ids if return_token_ids else None,
+                prompt_token_ids=state.prompt_token_ids if req.return_token_ids else None,
+                completion_token_ids=choice.token_ids if req.return_token_ids else None,
+                prompt_logprobs=None if req.prompt_logprobs is None else
+                vllm_prompt_logprobs(state.prompt_logprobs, req.prompt_logprobs),
             ))
     return CompletionResponse(id=id, created=created, model=model, choices=choices, usage=usage(states))

@@ -50,6 +50,8 @@ def sampling_parameters(req: GenerationRequest, max_tokens: int | None,
         params["max_tokens"] = max_tokens
     if logprobs is not None:
         params["logprobs"] = logprobs
+    if req.prompt_logprobs is not None:
+        params["prompt_logprobs"] = req.prompt_logprobs
     params.update(_response_format(req))
     return params
 
@@ -141,7 +143,7 @@ def completion_payloads(req: CompletionRequest) -> list[dict[str, Any]]:
     """One generate request per prompt; the choices of prompt p are indexed p * n + i."""
     params = sampling_parameters(req, req.max_tokens, req.logprobs)
     if req.echo and req.logprobs is not None:  # the echoed prompt's tokens get logprobs too
-        params["prompt_logprobs"] = req.logprobs
+        params["prompt_logprobs"] = max(req.logprobs, req.prompt_logprobs or 0)
     common = {"stream": req.stream, "sampling_parameters": json.dumps(params, ensure_ascii=False),
               **_flags(req, req.logprobs)}
     key = "prompt_token_ids" if req.prompts_are_token_ids else "text_input"

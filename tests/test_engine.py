@@ -278,6 +278,9 @@ def test_prompt_logprobs_score_every_prompt_token(model_dir):
     scores = out.prompt_logprobs
     assert [s.token_id for s in scores] == prompt and out.num_cached_tokens == 0
     assert scores[0].logprob is None and all(len(s.top_logprobs) == 3 for s in scores[1:])
+    for score in scores[1:]:  # rank: 1 + the tokens the model found likelier
+        top = [t for t, _, _ in score.top_logprobs]
+        assert score.rank == top.index(score.token_id) + 1 if score.token_id in top else score.rank > 3
     # Each position's numbers are what the decode path reports for the prompt cut just before it.
     for k in (1, 16, 17, 39):
         alone = one(engine, prompt[:k], temperature=0.0, max_tokens=1, logprobs=3).outputs[0].logprobs[0]

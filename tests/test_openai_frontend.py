@@ -285,6 +285,32 @@ def test_continue_final_message(openai_frontend: Frontend, client: openai.OpenAI
     assert "add_generation_prompt" in err.value.message
 
 
+def test_vllm_prompt_logprobs(client: openai.OpenAI):
+    """vLLM's prompt_logprobs: per prompt token None (the first) or {token id: {logprob, rank, decoded_token}}
+    with the token itself; the same numbers as the legacy echo shape."""
+    request = {"model": "default", "prompt": QUESTION, "max_tokens": 1, "temperature": 0,
+               "extra_body": {"prompt_logprobs": 2, "return_token_ids": True}}
+    choice = client.completions.create(**request).choices[0].model_dump()
+    scored, ids = choice["prompt_logprobs"], choice["prompt_token_ids"]
+    assert len(scored) == len(ids) and scored[0] is None
+    for token_id, row in zip(ids[1:], scored[1:], strict=True):
+        itself = row[str(token_id)]
+        assert itself["rank"] >= 1 and itself["logprob"] <= 0 and 2 <= len(row) <= 3
+        assert {1, 2} <= {r["rank"] for r in row.values()}  # the two likeliest
+    echoed = client.completions.create(model="default", prompt=QUESTION, max_tokens=1, temperature=0,
+                                       echo=True, logprobs=2).choices[0].logprobs
+    own = [row[str(t)]["logprob"] for t, row in zip(ids[1:], scored[1:], strict=True)]
+    assert own == pytest.approx(echoed.token_logprobs[1:-1], abs=1e-5)
+    chat = client.chat.completions.create(model="default", messages=MESSAGES, max_tokens=1,
+                                          extra_body={"prompt_logprobs": 0})
+    assert len(chat.model_dump()["prompt_logprobs"]) == chat.usage.prompt_tokens
+    assert "prompt_logprobs" not in client.chat.completions.create(
+        model="default", messages=MESSAGES, max_tokens=1).model_dump(exclude_unset=True)
+    with pytest.raises(openai.BadRequestError) as err:
+        client.completions.create(**request, stream=True)
+    assert "prompt_logprobs" in err.value.message
+
+
 def test_return_token_ids_match_usage(client: openai.OpenAI):
     resp = client.chat.completions.create(model="default", messages=MESSAGES, max_tokens=5,
                                           extra_body={"return_token_ids": True})

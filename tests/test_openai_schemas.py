@@ -315,8 +315,8 @@ def test_completion_response_indexes_prompts_and_echoes():
             state.add(one(triton(index=i, text_output=f"p{p}c{i}", num_input_tokens=3,
                                                         num_output_tokens=1, finish_reason="length",
                                                         output_token_ids=[p, i], prompt_token_ids=[1, 2, 3])))
-    resp = completion_response(states, ["A", "B"], id="cmpl-1", created=1, model="m", echo=True,
-                               return_token_ids=True)
+    req = CompletionRequest(prompt=["A", "B"], n=2, echo=True, return_token_ids=True)
+    resp = completion_response(states, req, id="cmpl-1", created=1, model="m")
     texts = [(c.index, c.text) for c in resp.choices]
     assert texts == [(0, "Ap0c0"), (1, "Ap0c1"), (2, "Bp1c0"), (3, "Bp1c1")]
     assert resp.choices[3].completion_token_ids == [1, 1] and resp.choices[3].prompt_token_ids == [1, 2, 3]

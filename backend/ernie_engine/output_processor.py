@@ -170,7 +170,7 @@ class OutputProcessor:
     def _logprob(self, token: SampledToken) -> TokenLogprob:
         decode = self.tokenizer.decode_token
         top = [(tid, decode(tid), lp) for tid, lp in token.top_logprobs]
-        return TokenLogprob(token.token_id, decode(token.token_id), token.logprob, top)
+        return TokenLogprob(token.token_id, decode(token.token_id), token.logprob, top, token.rank)
 
     def _prompt_logprobs(self, request: Request) -> list[TokenLogprob] | None:
         if request.prompt_logprobs is None:

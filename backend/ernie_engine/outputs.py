@@ -18,6 +18,7 @@ class TokenLogprob:
     token: str
     logprob: float | None  # None for a prompt's first token (nothing comes before it)
     top_logprobs: list[tuple[int, str, float]] = field(default_factory=list)  # (token_id, token, logprob)
+    rank: int | None = None  # prompt tokens: 1 + how many tokens the model found likelier
 
 
 @dataclass

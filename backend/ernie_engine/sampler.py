@@ -26,6 +26,7 @@ class SampledToken:
     token_id: int
     logprob: float | None = None  # set when the request asked for logprobs
     top_logprobs: list[tuple[int, float]] = field(default_factory=list)
+    rank: int | None = None  # prompt tokens: 1 + how many tokens the model found likelier
 
 
 # Prompt positions scored per LM-head call: [256, vocab] float32 logits are ~100 MB for ERNIE's 103k vocab.
@@ -184,7 +185,7 @@ class PromptScoring:
         i = 0
         for request, count in self.owners:
             k = request.params.prompt_logprobs
-            request.prompt_logprobs += [SampledToken(t.token_id, t.logprob, t.top_logprobs[:k])
+            request.prompt_logprobs += [SampledToken(t.token_id, t.logprob, t.top_logprobs[:k], t.rank)
                                         for t in scored[i : i + count]]
             i += count
 
@@ -205,14 +206,15 @@ def score_prompt_rows(rows: np.ndarray, targets: np.ndarray, top: int,
 def _score(logits: np.ndarray, targets: np.ndarray, top: int) -> list[SampledToken]:
     peak = logits.max(axis=1, keepdims=True)
     norm = peak + np.log(np.exp(logits - peak).sum(axis=1, keepdims=True))  # log-sum-exp per row
-    chosen = np.take_along_axis(logits, targets[:, None], axis=1)[:, 0] - norm[:, 0]
-    if not top:
-        return [SampledToken(int(t), float(lp)) for t, lp in zip(targets, chosen, strict=True)]
-    ids = np.argpartition(-logits, top - 1, axis=1)[:, :top]
-    values = np.take_along_axis(logits, ids, axis=1)
-    order = np.argsort(-values, axis=1, kind="stable")
-    ids, values = np.take_along_axis(ids, order, axis=1), np.take_along_axis(values, order, axis=1) - norm
-    return [
-        SampledToken(int(t), float(lp), list(zip(row_ids.tolist(), row_values.tolist(), strict=True)))
-        for t, lp, row_ids, row_values in zip(targets, chosen, ids, values, strict=True)
-    ]
+    target_logits = np.take_along_axis(logits, targets[:, None], axis=1)
+    chosen = target_logits[:, 0] - norm[:, 0]
+    ranks = (logits > target_logits).sum(axis=1) + 1
+    tops: list[list[tuple[int, float]]] = [[] for _ in targets]
+    if top:
+        ids = np.argpartition(-logits, top - 1, axis=1)[:, :top]
+        values = np.take_along_axis(logits, ids, axis=1)
+        order = np.argsort(-values, axis=1, kind="stable")
+        ids, values = np.take_along_axis(ids, order, axis=1), np.take_along_axis(values, order, axis=1) - norm
+        tops = [list(zip(i.tolist(), v.tolist(), strict=True)) for i, v in zip(ids, values, strict=True)]
+    return [SampledToken(int(t), float(lp), row_top, int(r))
+            for t, lp, row_top, r in zip(targets, chosen, tops, ranks, strict=True)]

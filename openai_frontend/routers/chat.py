@@ -50,7 +50,8 @@ async def create_chat_completion(body: ChatCompletionRequest,
         _as_tool_call(out, named_tool(body), state)
         state.add(out)
     response = chat_response(state, id=meta.id, created=meta.created, model=model,
-                             return_token_ids=bool(body.return_token_ids))
+                             return_token_ids=bool(body.return_token_ids),
+                             prompt_logprobs=body.prompt_logprobs)
     meta.count_usage(response.usage)
     return response
 

@@ -43,8 +43,7 @@ async def create_completion(body: CompletionRequest,
         streams = await open_streams(triton, model, payloads)
         return event_stream(_chunks(body, streams, meta), streams, meta)
     states = await _run_all(triton, model, payloads, body.n)
-    response = completion_response(states, body.echo_prefixes(), id=meta.id, created=meta.created,
-                                   model=model, echo=body.echo, return_token_ids=bool(body.return_token_ids))
+    response = completion_response(states, body, id=meta.id, created=meta.created, model=model)
     meta.count_usage(response.usage)
     return response
 
@@ -68,18 +67,17 @@ async def _run_all(triton: TritonClient, model: str, payloads: list[dict], n: in
     return states
 
 
-def _choice(out: GenerateOutput, index: int, text_offset: int, echo: bool,
-            return_token_ids: bool) -> CompletionChoice:
+def _choice(out: GenerateOutput, index: int, text_offset: int, req: CompletionRequest) -> CompletionChoice:
     # Echo with logprobs: the prompt tokens' logprobs come first, offsets from the prompt's start.
-    scored = out.prompt_logprobs if echo and out.prompt_logprobs else []
+    echoed = out.prompt_logprobs if req.echo and req.logprobs is not None and out.prompt_logprobs else []
     return CompletionChoice(
         index=index,
         text=out.text,
-        logprobs=completion_logprobs(scored + out.logprobs, 0 if scored else text_offset),
+        logprobs=completion_logprobs(echoed + out.logprobs, 0 if echoed else text_offset, req.logprobs),
         finish_reason=out.finish_reason,
         reasoning_content=out.reasoning or None,
-        prompt_token_ids=out.prompt_token_ids if return_token_ids else None,
-        completion_token_ids=out.token_ids if return_token_ids else None,
+        prompt_token_ids=out.prompt_token_ids if req.return_token_ids else None,
+        completion_token_ids=out.token_ids if req.return_token_ids else None,
     )
 
 
@@ -102,7 +100,7 @@ async def _chunks(req: CompletionRequest, streams: list[TritonStream],
         if out.has_delta or choice.new_tokens:
             offset = len(prefix[p]) + len(choice.text) - len(out.text)
             so_far = usage(states) if req.continuous_usage else None
-            yield chunk([_choice(out, choice.index, offset, req.echo, bool(req.return_token_ids))], so_far)
+            yield chunk([_choice(out, choice.index, offset, req)], so_far)
     totals = usage(states)
     meta.count_usage(totals)
     if req.include_usage:

@@ -105,6 +105,7 @@ class GenerationRequest(_Request):
     guided_regex: str | None = None
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
+    prompt_logprobs: int | None = Field(default=None, ge=0, le=20)  # vLLM's: each prompt token's logprob
     metadata: dict[str, Any] | None = None
 
     @model_validator(mode="before")
@@ -129,6 +130,8 @@ class GenerationRequest(_Request):
     def _check_options(self) -> GenerationRequest:
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options is only allowed when stream is true")
+        if self.prompt_logprobs is not None and self.stream:
+            raise ValueError("prompt_logprobs is not available when stream is true")
         guided = [self.guided_json, self.guided_regex, self.guided_choice, self.guided_grammar]
         if sum(g is not None for g in guided) > 1:
             raise ValueError("use at most one of guided_json, guided_regex, guided_choice, guided_grammar")
@@ -298,13 +301,16 @@ class ChatChoice(BaseModel):
     finish_reason: str | None = None
 
 
-class ChatCompletionResponse(BaseModel):
+class ChatCompletionResponse(_Response):
+    omit_if_none = frozenset({"prompt_logprobs"})
+
     id: str
     object: Literal["chat.completion"] = "chat.completion"
     created: int
     model: str
     choices: list[ChatChoice]
     usage: Usage
+    prompt_logprobs: list[dict[str, Any] | None] | None = None  # vLLM's shape (`vllm_prompt_logprobs`)
 
 
 class ChatChunkChoice(BaseModel):
@@ -326,7 +332,8 @@ class ChatCompletionChunk(_Response):
 
 
 class CompletionChoice(_Response):
-    omit_if_none = frozenset({"reasoning_content", "prompt_token_ids", "completion_token_ids"})
+    omit_if_none = frozenset({"reasoning_content", "prompt_token_ids", "completion_token_ids",
+                              "prompt_logprobs"})
 
     index: int
     text: str
@@ -335,6 +342,7 @@ class CompletionChoice(_Response):
     reasoning_content: str | None = None
     prompt_token_ids: list[int] | None = None
     completion_token_ids: list[int] | None = None
+    prompt_logprobs: list[dict[str, Any] | None] | None = None  # vLLM's shape (`vllm_prompt_logprobs`)
 
 
 class CompletionResponse(_Response):
