@@ -268,6 +268,8 @@ def test_logit_bias_steers_greedy_decoding(engine, alone):
     assert first not in banned.token_ids
     forced = one(engine, PROMPTS[11], temperature=0.0, max_tokens=5, logit_bias={"42": 100}).outputs[0]
     assert forced.token_ids == [42] * 5
+    allowed = one(engine, PROMPTS[11], temperature=1.0, max_tokens=8, allowed_token_ids=[42, 43]).outputs[0]
+    assert set(allowed.token_ids) <= {42, 43}
 
 
 def test_prompt_logprobs_score_every_prompt_token(model_dir):
@@ -359,6 +361,7 @@ def test_invalid_requests_are_rejected_eagerly(engine):
         ({"prompt_token_ids": [5] * 10, "sampling_params": SamplingParams(max_tokens=503)}, "max_tokens"),
         ({"prompt_token_ids": [10**7]}, "vocabulary"),
         ({"prompt": "a", "sampling_params": SamplingParams(logit_bias={10**7: 1.0})}, "logit_bias"),
+        ({"prompt": "a", "sampling_params": SamplingParams(allowed_token_ids=[10**7])}, "allowed_token_ids"),
         ({"prompt": "a", "messages": [{"role": "user", "content": "a"}]}, "exactly one"),
     ]
     for kwargs, message in cases:

@@ -189,6 +189,9 @@ def test_logit_bias_steers_the_choice(client: openai.OpenAI):
     plain = client.completions.create(**request).choices[0].model_dump()["completion_token_ids"]
     forced = client.completions.create(**request, logit_bias={"42": 100}).choices[0]
     assert forced.model_dump()["completion_token_ids"] == [42] * 4 != plain
+    only = client.completions.create(**{**request, "extra_body": {**request["extra_body"],
+                                                                   "allowed_token_ids": [43]}}).choices[0]
+    assert only.model_dump()["completion_token_ids"] == [43] * 4  # vLLM's allowed_token_ids
 
     def chat_ids(**bias) -> list[int]:
         resp = client.chat.completions.create(model="default", messages=MESSAGES, temperature=0, max_tokens=4,

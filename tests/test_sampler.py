@@ -96,6 +96,14 @@ def test_logit_bias_is_added_before_the_choice():
     assert set(draw_counts(FOUR, temperature=1.0, logit_bias={0: -100, 1: -100})) == {2, 3}
 
 
+def test_allowed_token_ids_mask_everything_else():
+    logits = [0, 0, 0, 9.0, 8.0, 0, 0, 0]
+    assert sample_one(logits, make_seq(temperature=0.0, allowed_token_ids=[1, 4])).token_id == 4
+    assert set(draw_counts(PEAKED, temperature=5.0, allowed_token_ids=[2, 5])) == {2, 5}
+    with pytest.raises(ValueError, match="allowed_token_ids"):
+        SamplingParams(allowed_token_ids=[])
+
+
 @pytest.mark.parametrize(("bias", "message"), [
     ({"x": 1.0}, "not a token id"), ({3: "high"}, "not a token id"), ({-1: 1.0}, "token id >= 0"),
     ({3: 101.0}, r"\[-100, 100\]"), ([3, 1.0], "must map token ids"),
@@ -116,7 +124,7 @@ def test_argmax_only_when_nothing_edits_or_reports_the_logits():
     assert argmax_only(make_seq(temperature=0.0, min_tokens=1, output=[1]))
     edits = ({"temperature": 1.0}, {"logprobs": 0}, {"repetition_penalty": 1.2}, {"presence_penalty": 0.5},
              {"frequency_penalty": 0.5}, {"min_tokens": 1}, {"bad_words_ids": [[3]]},
-             {"logit_bias": {3: 1.0}})
+             {"logit_bias": {3: 1.0}}, {"allowed_token_ids": [3]})
     for params in edits:
         assert not argmax_only(make_seq(**{"temperature": 0.0, **params})), params
     forced = make_seq(temperature=0.0)

@@ -247,8 +247,9 @@ class LLMEngine:
             raise ValueError(f"n={params.n} exceeds max_num_seqs {self.config.max_num_seqs}")
         if any(t >= self.vocab_size for t in params.stop_token_ids):
             raise ValueError(f"stop_token_ids must be below the vocabulary size {self.vocab_size}")
-        if any(t >= self.vocab_size for t in params.logit_bias):
-            raise ValueError(f"logit_bias token ids must be below the vocabulary size {self.vocab_size}")
+        for name in ("logit_bias", "allowed_token_ids"):
+            if any(t >= self.vocab_size for t in getattr(params, name) or ()):
+                raise ValueError(f"{name} token ids must be below the vocabulary size {self.vocab_size}")
         grammar = self.structured_output.matcher_for(params, thinking)  # ValueError names a bad constraint
         params = params.with_defaults(self.sampling_defaults)
         eos = self.eos_token_ids

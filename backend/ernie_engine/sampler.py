@@ -1,10 +1,10 @@
 """Batched sampling on the host: logits [B, V] -> one token (and optional logprobs) per sequence.
 
-Order, as vLLM: forced token / min_tokens / bad words masks, logit_bias, then repetition, frequency and
-presence penalties; greedy rows take the argmax there, sampled rows go on through temperature, top-k,
-top-p and min-p before an inverse-CDF draw. Each sequence draws from its own generator (one number per
-token), so a seeded request gives the same tokens whatever else is in the batch. Logprobs are the
-log-softmax of these processed logits.
+Order, as vLLM: forced token / allowed tokens / min_tokens / bad words masks, logit_bias, then repetition,
+frequency and presence penalties; greedy rows take the argmax there, sampled rows go on through
+temperature, top-k, top-p and min-p before an inverse-CDF draw. Each sequence draws from its own generator
+(one number per token), so a seeded request gives the same tokens whatever else is in the batch. Logprobs
+are the log-softmax of these processed logits.
 
 Prompt logprobs score the prompt's own tokens with the raw model logits of the positions before them, as
 the prefill computes them, a slice of rows at a time (a 2048-token chunk's logits would take 850 MB).
@@ -44,6 +44,7 @@ def argmax_only(seq: Sequence) -> bool:
         and seq.grammar is None
         and not request.bad_words_ids
         and not params.logit_bias
+        and params.allowed_token_ids is None
         and seq.num_output_tokens >= params.min_tokens
         and params.repetition_penalty == 1.0
         and not params.presence_penalty
@@ -77,6 +78,10 @@ def _constrain(row: np.ndarray, seq: Sequence) -> None:
         row[seq.forced_token_id] = 0.0
         return
     request, params = seq.request, seq.params
+    if params.allowed_token_ids is not None:
+        allowed = row[params.allowed_token_ids]
+        row[:] = -np.inf
+        row[params.allowed_token_ids] = allowed
     if seq.num_output_tokens < params.min_tokens:
         row[list(request.stop_token_ids | request.eos_token_ids)] = -np.inf
     if request.bad_words_ids:

@@ -39,6 +39,7 @@ class SamplingParams:
     ignore_eos: bool = False
     bad_words: list[str] = field(default_factory=list)
     logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit (OpenAI's)
+    allowed_token_ids: list[int] | None = None  # vLLM's: only these may be sampled
     logprobs: int | None = None  # None: off; k >= 0: the sampled token's logprob plus the top k
     prompt_logprobs: int | None = None  # None: off; k >= 0: each prompt token's logprob plus the top k
     skip_special_tokens: bool = True
@@ -72,6 +73,12 @@ class SamplingParams:
             (unset_or(self.presence_penalty, lambda v: -2 <= v <= 2), "presence_penalty must be in [-2, 2]"),
             (unset_or(self.frequency_penalty, lambda v: -2 <= v <= 2), "frequency_penalty must be in [-2,2]"),
             (all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids), "stop_token_ids must be >= 0"),
+            (
+                self.allowed_token_ids is None
+                or (bool(self.allowed_token_ids) and all(isinstance(t, int) and t >= 0
+                                                         for t in self.allowed_token_ids)),
+                "allowed_token_ids must be a non-empty list of token ids >= 0",
+            ),
             (all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty"),
             (self.max_tokens is None or self.max_tokens >= 1, "max_tokens must be >= 1"),
             (self.min_tokens >= 0, "min_tokens must be >= 0"),

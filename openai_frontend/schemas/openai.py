@@ -95,6 +95,7 @@ class GenerationRequest(_Request):
     repetition_penalty: float | None = None
     bad_words: list[str] | None = None
     logit_bias: dict[str, float] | None = None
+    allowed_token_ids: list[int] | None = None
     stop_token_ids: list[int] | None = None
     include_stop_str_in_output: bool | None = None
     ignore_eos: bool | None = None
