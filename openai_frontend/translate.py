@@ -23,8 +23,8 @@ from openai_frontend.schemas.openai import (
 _SAMPLING_FIELDS = (
     "n", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
     "frequency_penalty", "seed", "min_tokens", "stop_token_ids", "include_stop_str_in_output", "ignore_eos",
-    "bad_words", "logit_bias", "allowed_token_ids", "skip_special_tokens", "guided_json", "guided_regex",
-    "guided_choice", "guided_grammar",
+    "bad_words", "logit_bias", "allowed_token_ids", "truncate_prompt_tokens", "skip_special_tokens",
+    "guided_json", "guided_regex", "guided_choice", "guided_grammar",
 )
 
 # Outputs every OpenAI response needs; logprobs and token ids only when asked.

@@ -353,6 +353,22 @@ def test_chat_template_kwargs_end_the_prompt_where_asked(engine):
         engine.make_request("c", messages=started, chat_template_kwargs={"continue_final_message": True})
 
 
+def test_truncate_prompt_tokens_keeps_the_last_tokens(engine):
+    long = list(range(100, 700))  # longer than max_model_len (512)
+
+    def kept(**params) -> list[int]:
+        return engine.make_request("t", prompt_token_ids=long,
+                                   sampling_params=SamplingParams(**params)).prompt_token_ids
+
+    assert kept(truncate_prompt_tokens=100) == long[-100:]
+    assert kept(truncate_prompt_tokens=-1, max_tokens=12) == long[-500:]
+    text = engine.make_request("x", prompt="hello world, hello again",
+                               sampling_params=SamplingParams(truncate_prompt_tokens=2))
+    assert len(text.prompt_token_ids) == 2 and text.prompt is None  # the text no longer matches
+    with pytest.raises(ValueError, match="max_model_len"):  # not asked for: never truncated
+        engine.make_request("r", prompt_token_ids=long)
+
+
 def test_invalid_requests_are_rejected_eagerly(engine):
     cases = [
         ({"prompt": ""}, "empty"),

@@ -128,6 +128,12 @@ def test_tokenize_expands_the_image_as_generation_does(engine: LLMEngine, refere
     assert engine.tokenize(messages=ocr_messages(image)) == expected
 
 
+def test_truncation_never_cuts_an_image_prompt(engine: LLMEngine) -> None:
+    with pytest.raises(ValueError, match="cannot cut a multimodal chat prompt"):
+        engine.make_request("cut", messages=ocr_messages(draw("a")),
+                            sampling_params=SamplingParams(truncate_prompt_tokens=5))
+
+
 def test_limit_mm_per_prompt_and_bare_placeholders(engine: LLMEngine, reference: Reference) -> None:
     with pytest.raises(ValueError, match="at most 1 image per prompt, got 2"):
         engine.make_request("two", messages=ocr_messages(draw("a"), draw("b")))

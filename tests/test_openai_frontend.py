@@ -521,6 +521,19 @@ def test_max_tokens_beyond_context_gets_400_with_tritons_message(client: openai.
     assert "max_model_len" in err.value.message
 
 
+def test_truncate_prompt_tokens(client: openai.OpenAI):
+    """vLLM's truncate_prompt_tokens: -1 keeps the last tokens that fit next to max_tokens (256 here)."""
+    long = list(range(100, 400))
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model="default", prompt=long, max_tokens=4)
+    fits = client.completions.create(model="default", prompt=long, max_tokens=4,
+                                     extra_body={"truncate_prompt_tokens": -1})
+    assert fits.usage.prompt_tokens == 252
+    last = client.completions.create(model="default", prompt=long, max_tokens=4,
+                                     extra_body={"truncate_prompt_tokens": 10, "return_token_ids": True})
+    assert last.choices[0].model_dump()["prompt_token_ids"] == long[-10:]
+
+
 def test_values_the_engine_rejects_get_400(client: openai.OpenAI):
     with pytest.raises(openai.BadRequestError) as err:
         client.chat.completions.create(model="default", messages=MESSAGES, extra_body={"top_k": -5})

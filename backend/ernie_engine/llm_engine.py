@@ -130,6 +130,8 @@ class LLMEngine:
             return self._make_multimodal_request(request_id, messages, tools, template_kwargs, params)
         prompt, prompt_token_ids, thinking = self._text_prompt(prompt, prompt_token_ids, messages, tools,
                                                                template_kwargs)
+        if (kept := self._truncated(prompt_token_ids, params)) is not prompt_token_ids:
+            prompt, prompt_token_ids = None, kept  # the text no longer matches the ids
         processor = self.mm_processor
         if processor is not None and not processor.placeholder_ids.isdisjoint(prompt_token_ids):
             raise ValueError("image / video placeholder tokens need their media: send messages with images")
@@ -215,10 +217,20 @@ class LLMEngine:
         prompt = processor(messages, tools, template_kwargs)
         thinking = leaves_thinking(processor.template, template_kwargs, prompt.prompt)
         ids = prompt.prompt_token_ids
+        if self._truncated(ids, params) is not ids:  # a cut could split an image's placeholders
+            raise ValueError("truncate_prompt_tokens cannot cut a multimodal chat prompt "
+                             f"({len(ids)} tokens); send it whole")
         request = self._build_request(request_id, prompt.prompt, ids, params, thinking, bool(tools))
         if prompt.images is not None:
             request.mm = MultimodalInputs.from_prompt(prompt, processor.placeholder_ids)
         return request
+
+    def _truncated(self, ids: list[int], params: SamplingParams) -> list[int]:
+        """The last truncate_prompt_tokens ids (-1: as many as fit next to max_tokens), else `ids` itself."""
+        keep = params.truncate_prompt_tokens
+        if keep == -1:
+            keep = self.max_model_len - (params.max_tokens or 1)
+        return ids[-keep:] if keep is not None and 0 < keep < len(ids) else ids
 
     def _check_token_ids(self, ids: Any) -> list[int]:
         if not isinstance(ids, list | tuple) or not ids:
@@ -239,7 +251,8 @@ class LLMEngine:
             raise ValueError("prompt is empty (it tokenizes to no tokens)")
         if n >= self.max_model_len:
             raise ValueError(f"prompt has {n} tokens but max_model_len is {self.max_model_len} "
-                             "(one more token must fit; prompts are never truncated)")
+                             "(one more token must fit; prompts are truncated only when "
+                             "truncate_prompt_tokens asks)")
         if params.max_tokens is not None and n + params.max_tokens > self.max_model_len:
             raise ValueError(f"prompt ({n} tokens) + max_tokens ({params.max_tokens}) exceeds max_model_len "
                              f"{self.max_model_len}")

@@ -40,6 +40,7 @@ class SamplingParams:
     bad_words: list[str] = field(default_factory=list)
     logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit (OpenAI's)
     allowed_token_ids: list[int] | None = None  # vLLM's: only these may be sampled
+    truncate_prompt_tokens: int | None = None  # vLLM's: keep the last k prompt tokens (-1: as many as fit)
     logprobs: int | None = None  # None: off; k >= 0: the sampled token's logprob plus the top k
     prompt_logprobs: int | None = None  # None: off; k >= 0: each prompt token's logprob plus the top k
     skip_special_tokens: bool = True
@@ -81,6 +82,11 @@ class SamplingParams:
             ),
             (all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty"),
             (self.max_tokens is None or self.max_tokens >= 1, "max_tokens must be >= 1"),
+            (
+                self.truncate_prompt_tokens is None or self.truncate_prompt_tokens == -1
+                or self.truncate_prompt_tokens >= 1,
+                "truncate_prompt_tokens must be -1 (as many as fit) or >= 1",
+            ),
             (self.min_tokens >= 0, "min_tokens must be >= 0"),
             (
                 self.max_tokens is None or self.min_tokens <= self.max_tokens,
