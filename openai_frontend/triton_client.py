@@ -113,6 +113,11 @@ class TritonClient:
             raise TritonError(500, str(body["error"]))
         return body
 
+    async def tokenizer_info(self, model: str) -> dict[str, Any]:
+        """The backend's tokenizer_info task: special tokens, chat template, model_max_length."""
+        body = await self.generate(model, {"task": "tokenizer_info"})
+        return json.loads(body["tokenizer_info"])
+
     async def generate_stream(self, model: str, payload: dict[str, Any]) -> TritonStream:
         """Open `/generate_stream`; an error before the first response raises here."""
         response = await self._send("POST", f"/v2/models/{model}/generate_stream", json=payload, stream=True)

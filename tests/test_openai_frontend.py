@@ -52,7 +52,9 @@ def test_models_lists_triton_ready_models(client: openai.OpenAI, triton_server: 
 
 
 def test_model_retrieve(client: openai.OpenAI, triton_server: TritonServer):
-    assert client.models.retrieve(triton_server.model).id == triton_server.model
+    card = client.models.retrieve(triton_server.model)
+    assert card.id == triton_server.model and card.model_dump()["max_model_len"] == 256  # as vLLM lists it
+    assert client.models.list().data[0].model_dump()["max_model_len"] == 256
     with pytest.raises(openai.NotFoundError):
         client.models.retrieve("no-such-model")
 

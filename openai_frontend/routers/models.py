@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
+
 from fastapi import APIRouter, Request
 
 from openai_frontend.errors import OpenAIError
 from openai_frontend.schemas.openai import ModelCard, ModelList, now
-from openai_frontend.triton_client import TritonClient
+from openai_frontend.triton_client import TritonClient, TritonError
 
+logger = logging.getLogger(__name__)
 router = APIRouter()
 
 # Names clients send when they do not care (the seed's examples use "null" and "default").
@@ -35,16 +39,27 @@ async def resolve_model(triton: TritonClient, requested: str | None) -> str:
     raise _not_found(requested, ready)
 
 
+async def _model_card(triton: TritonClient, name: str, created: int) -> ModelCard:
+    try:
+        max_model_len = (await triton.tokenizer_info(name))["model_max_length"]
+    except (TritonError, KeyError, ValueError) as exc:  # not an ernie row, or unloading meanwhile
+        logger.info("no max_model_len for %s: %s", name, exc)
+        max_model_len = None
+    return ModelCard(id=name, created=created, max_model_len=max_model_len)
+
+
 @router.get("/v1/models")
 async def list_models(request: Request) -> ModelList:
+    triton = request.app.state.triton
     created = now()
-    names = await request.app.state.triton.ready_models()
-    return ModelList(data=[ModelCard(id=name, created=created) for name in names])
+    names = await triton.ready_models()
+    return ModelList(data=list(await asyncio.gather(*(_model_card(triton, n, created) for n in names))))
 
 
 @router.get("/v1/models/{model_id}")
 async def retrieve_model(model_id: str, request: Request) -> ModelCard:
-    ready = await request.app.state.triton.ready_models()
+    triton = request.app.state.triton
+    ready = await triton.ready_models()
     if model_id not in ready:
         raise _not_found(model_id, ready)
-    return ModelCard(id=model_id, created=now())
+    return await _model_card(triton, model_id, now())

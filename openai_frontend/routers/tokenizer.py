@@ -7,7 +7,6 @@ are exactly those a generation request runs on (lm-evaluation-harness's remote t
 from __future__ import annotations
 
 import asyncio
-import json
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -21,14 +20,8 @@ from openai_frontend.schemas.openai import (
     TokenizeResponse,
 )
 from openai_frontend.translate import detokenize_payload, tokenize_payload
-from openai_frontend.triton_client import TritonClient
 
 router = APIRouter()
-
-
-async def _tokenizer_info(triton: TritonClient, model: str) -> dict[str, Any]:
-    body = await triton.generate(model, {"task": "tokenizer_info"})
-    return json.loads(body["tokenizer_info"])
 
 
 @router.post("/tokenize")
@@ -36,7 +29,7 @@ async def tokenize(body: TokenizeRequest, request: Request) -> TokenizeResponse:
     triton = request.app.state.triton
     model = await resolve_model(triton, body.model)
     answer, info = await asyncio.gather(triton.generate(model, tokenize_payload(body)),
-                                        _tokenizer_info(triton, model))
+                                        triton.tokenizer_info(model))
     tokens = ints(answer["prompt_token_ids"])
     return TokenizeResponse(count=len(tokens), max_model_len=info["model_max_length"], tokens=tokens)
 
@@ -52,4 +45,4 @@ async def detokenize(body: DetokenizeRequest, request: Request) -> DetokenizeRes
 @router.get("/tokenizer_info")
 async def tokenizer_info(request: Request, model: str | None = None) -> dict[str, Any]:
     triton = request.app.state.triton
-    return await _tokenizer_info(triton, await resolve_model(triton, model))
+    return await triton.tokenizer_info(await resolve_model(triton, model))

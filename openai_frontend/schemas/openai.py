@@ -363,6 +363,7 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "triton"
+    max_model_len: int | None = None  # as vLLM lists it (None when the model could not say)
 
 
 class ModelList(BaseModel):
