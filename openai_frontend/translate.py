@@ -70,6 +70,21 @@ def named_tool(req: ChatCompletionRequest) -> str | None:
     return req.tool_choice.function.get("name") if isinstance(req.tool_choice, NamedToolChoice) else None
 
 
+def _required_tools_schema(req: ChatCompletionRequest) -> dict[str, Any]:
+    """tool_choice "required" (as vLLM): the content is a non-empty JSON array of calls of the given tools."""
+    if not req.tools:
+        raise OpenAIError(400, 'tool_choice "required" needs tools', param="tool_choice")
+    calls = [{"type": "object",
+              "properties": {"name": {"type": "string", "enum": [tool.function.name]},
+                             "parameters": tool.function.parameters or {"type": "object"}},
+              "required": ["name", "parameters"], "additionalProperties": False}
+             for tool in req.tools]
+    schema = {"type": "array", "minItems": 1, "items": {"anyOf": calls}}
+    if req.parallel_tool_calls is False:  # OpenAI's: one call at most
+        schema["maxItems"] = 1
+    return schema
+
+
 def _named_tool_schema(req: ChatCompletionRequest, name: str) -> dict[str, Any]:
     """A forced call's arguments are constrained to the function's parameters schema."""
     for tool in req.tools or []:
@@ -101,6 +116,9 @@ def chat_payload(req: ChatCompletionRequest) -> dict[str, Any]:
     if (name := named_tool(req)) is not None:
         params.pop("guided_json_object", None)
         params["guided_json"] = _named_tool_schema(req, name)
+    elif req.tool_choice == "required":
+        params.pop("guided_json_object", None)
+        params["guided_json"] = _required_tools_schema(req)
     payload: dict[str, Any] = {
         "stream": req.stream,
         "sampling_parameters": json.dumps(params, ensure_ascii=False),

@@ -142,6 +142,20 @@ def test_messages_tools_and_content_parts_pass_through_unchanged():
     assert json.loads(payload["tools"]) == tools
 
 
+def test_required_tool_choice_constrains_to_calls_of_the_tools():
+    tools = [{"type": "function", "function": {"name": name, "parameters": {"type": "object"}}}
+             for name in ("a", "b")]
+    params = json.loads(chat_payload(chat(tools=tools, tool_choice="required"))["sampling_parameters"])
+    schema = params["guided_json"]
+    assert schema["type"] == "array" and schema["minItems"] == 1
+    assert [c["properties"]["name"]["enum"] for c in schema["items"]["anyOf"]] == [["a"], ["b"]]
+    assert "maxItems" not in schema
+    one = chat_payload(chat(tools=tools, tool_choice="required", parallel_tool_calls=False))
+    assert json.loads(one["sampling_parameters"])["guided_json"]["maxItems"] == 1
+    with pytest.raises(OpenAIError, match="needs tools"):
+        chat_payload(chat(tool_choice="required"))
+
+
 def test_tool_choice_none_hides_the_tools():
     tools = [{"type": "function", "function": {"name": "f"}}]
     assert "tools" not in chat_payload(chat(tools=tools, tool_choice="none"))

@@ -10,12 +10,14 @@ from __future__ import annotations
 import json
 import re
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import jsonschema
 import openai
 import pytest
 
 from tests.fixtures.frontend import Frontend
+from tests.fixtures.triton import TritonServer, longer_context_row
 
 TIMEOUT = 120
 NAMED_TOOL = {"type": "function", "function": {"name": "weather"}}
@@ -147,7 +149,40 @@ def test_named_tool_choice_constrains_arguments(client: openai.OpenAI, openai_fr
     jsonschema.validate(json.loads("".join(d.function.arguments or "" for d in deltas)), schema)
 
 
+CLOCK_TOOL = {"type": "function", "function": {"name": "clock", "parameters": {
+    "type": "object", "properties": {"zone": {"enum": ["UTC", "CST"]}}, "required": ["zone"],
+    "additionalProperties": False}}}
+
+
+def test_required_tool_choice_always_calls_a_tool(client: openai.OpenAI, triton_server: TritonServer,
+                                                   ernie_random_checkpoint: Path) -> None:
+    """tool_choice "required" (as vLLM): calls of the given tools, finish_reason tool_calls. One call
+    (parallel_tool_calls false): a random model may list calls until max_tokens."""
+    tools = [WEATHER_TOOL, CLOCK_TOOL]
+    schemas = {t["function"]["name"]: t["function"]["parameters"] for t in tools}
+
+    def check(calls) -> None:
+        assert calls
+        for call in calls:
+            assert call.id.startswith("chatcmpl-tool-") and call.type == "function"
+            jsonschema.validate(json.loads(call.function.arguments), schemas[call.function.name])
+
+    # Two tools in the prompt take more than the test row's 256 tokens.
+    with longer_context_row(triton_server, ernie_random_checkpoint, 640) as model:
+        one = {"tools": tools, "tool_choice": "required", "parallel_tool_calls": False, "max_tokens": 120}
+        for seed in range(3):
+            choice = chat(client, model, seed, **one).choices[0]
+            assert choice.finish_reason == "tool_calls" and not choice.message.content
+            assert len(choice.message.tool_calls) == 1
+            check(choice.message.tool_calls)
+        chunks = [c.choices[0] for c in chat(client, model, 5, stream=True, **one) if c.choices]
+    assert chunks[-1].finish_reason == "tool_calls" and not "".join(c.delta.content or "" for c in chunks)
+    check([openai.types.chat.ChatCompletionMessageToolCall(**d.model_dump(exclude={"index"}))
+           for c in chunks for d in c.delta.tool_calls or []])
+
+
 @pytest.mark.parametrize(("kwargs", "message"), [
+    ({"tool_choice": "required"}, "needs tools"),
     ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "strin"}}}},
      "invalid JSON schema"),
     ({"extra_body": {"guided_regex": "(unclosed"}}, "invalid regex"),

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
@@ -45,9 +46,10 @@ async def create_chat_completion(body: ChatCompletionRequest,
         stream = await triton.generate_stream(model, payload)
         return event_stream(_chunks(body, stream, meta), [stream], meta)
     state = RequestState(n=body.n)
+    as_tool_calls = _tool_call_converter(body)
     # Non-streaming: /generate's single response holds all n completions.
     for out in parse_response(await triton.generate(model, payload)):
-        _as_tool_call(out, named_tool(body), state)
+        as_tool_calls(out, state)
         state.add(out)
     response = chat_response(state, id=meta.id, created=meta.created, model=model,
                              return_token_ids=bool(body.return_token_ids),
@@ -56,18 +58,58 @@ async def create_chat_completion(body: ChatCompletionRequest,
     return response
 
 
-def _as_tool_call(out: GenerateOutput, name: str | None, state: RequestState) -> None:
+def _tool_call_converter(req: ChatCompletionRequest) -> Callable[[GenerateOutput, RequestState], None]:
+    """How a forcing tool_choice's schema-constrained content becomes tool calls (else nothing to do)."""
+    if (name := named_tool(req)) is not None:
+        return lambda out, state: _as_tool_call(out, name, state)
+    if req.tool_choice == "required":
+        return _RequiredToolCalls()
+    return lambda out, state: None
+
+
+def _tool_call_id() -> str:
+    return f"chatcmpl-tool-{uuid.uuid4().hex}"
+
+
+def _as_tool_call(out: GenerateOutput, name: str, state: RequestState) -> None:
     """Named tool_choice: the (schema-constrained) content is the call's arguments. As the tool-call parser's
     calls: a first delta with id, type, name and arguments "", then the arguments as they arrive."""
-    if name is None or not out.text:
+    if not out.text:
         return
     deltas: list[dict] = [{"index": 0, "function": {"arguments": out.text}}]
     choice = state.choices.get(out.index)
     if choice is None or not choice.tool_calls:
-        header = {"index": 0, "id": f"chatcmpl-tool-{uuid.uuid4().hex}", "type": "function",
+        header = {"index": 0, "id": _tool_call_id(), "type": "function",
                   "function": {"name": name, "arguments": ""}}
         deltas.insert(0, header)
     out.tool_calls, out.text = deltas, ""
+
+
+class _RequiredToolCalls:
+    """tool_choice "required" (as vLLM): the content is a JSON array of {name, parameters}, constrained by its
+    schema. It is held back until its completion finishes, then given as that many whole tool calls with
+    finish_reason "tool_calls"; content cut short (max_tokens) stays content."""
+
+    def __init__(self) -> None:
+        self.held: dict[int, str] = {}
+
+    def __call__(self, out: GenerateOutput, state: RequestState) -> None:
+        text = self.held.pop(out.index, "") + out.text
+        if out.finish_reason is None:
+            self.held[out.index], out.text = text, ""
+            return
+        try:
+            calls = json.loads(text)
+        except json.JSONDecodeError:
+            out.text = text
+            return
+        out.text = ""
+        out.tool_calls = [
+            {"index": i, "id": _tool_call_id(), "type": "function",
+             "function": {"name": c["name"], "arguments": json.dumps(c["parameters"], ensure_ascii=False)}}
+            for i, c in enumerate(calls)
+        ]
+        out.finish_reason = "tool_calls" if out.finish_reason == "stop" else out.finish_reason
 
 
 def delta_choices(out: GenerateOutput, index: int, return_token_ids: bool) -> list[ChatChunkChoice]:
@@ -96,9 +138,10 @@ async def _chunks(req: ChatCompletionRequest, stream: TritonStream, meta: Respon
     yield chunk([ChatChunkChoice(index=i, delta=DeltaMessage(role="assistant", content=""))
                  for i in range(req.n)])
     state = RequestState(n=req.n)
+    as_tool_calls = _tool_call_converter(req)
     async for _, out in merged([stream]):
         meta.saw_output(out)
-        _as_tool_call(out, named_tool(req), state)
+        as_tool_calls(out, state)
         choice = state.add(out)
         if out.has_delta or choice.new_tokens:  # a chunk per step that generated tokens, as in completions
             so_far = usage([state]) if req.continuous_usage else None

@@ -159,6 +159,7 @@ class ChatCompletionRequest(GenerationRequest):
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None  # false: tool_choice "required" makes exactly one call
     chat_template_kwargs: dict[str, Any] | None = None
     # vLLM's: where the prompt ends (a new assistant turn, or inside the last message to continue it).
     add_generation_prompt: bool = True
