@@ -20,7 +20,7 @@ from openai_frontend.outputs import (
     parse_response,
     usage,
 )
-from openai_frontend.routers.chat import delta_choices
+from openai_frontend.routers.chat import _RequiredToolCalls, delta_choices
 from openai_frontend.schemas.openai import (
     ChatChunkChoice,
     ChatCompletionChunk,
@@ -154,6 +154,22 @@ def test_required_tool_choice_constrains_to_calls_of_the_tools():
     assert json.loads(one["sampling_parameters"])["guided_json"]["maxItems"] == 1
     with pytest.raises(OpenAIError, match="needs tools"):
         chat_payload(chat(tool_choice="required"))
+
+
+def test_required_tool_calls_are_held_until_the_array_completes():
+    convert, state = _RequiredToolCalls(), RequestState(n=1)
+    first = GenerateOutput(text='[{"name": "a", "param')
+    convert(first, state)
+    assert first.text == "" and not first.tool_calls  # held back
+    last = GenerateOutput(text='eters": {"x": 1}}]', finish_reason="stop")
+    convert(last, state)
+    assert last.text == "" and last.finish_reason == "tool_calls"
+    (call,) = last.tool_calls
+    assert call["function"] == {"name": "a", "arguments": '{"x": 1}'}
+    assert call["id"].startswith("chatcmpl-tool-")
+    cut = GenerateOutput(text='[{"name": "a"', finish_reason="length")  # max_tokens: stays content
+    convert(cut, state)
+    assert cut.text == '[{"name": "a"' and not cut.tool_calls and cut.finish_reason == "length"
 
 
 def test_tool_choice_none_hides_the_tools():

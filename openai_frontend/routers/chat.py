@@ -99,15 +99,15 @@ class _RequiredToolCalls:
             self.held[out.index], out.text = text, ""
             return
         try:
-            calls = json.loads(text)
-        except json.JSONDecodeError:
+            calls = [(call["name"], call["parameters"]) for call in json.loads(text)]
+        except (json.JSONDecodeError, TypeError, KeyError):  # cut short: not the whole array
             out.text = text
             return
         out.text = ""
         out.tool_calls = [
             {"index": i, "id": _tool_call_id(), "type": "function",
-             "function": {"name": c["name"], "arguments": json.dumps(c["parameters"], ensure_ascii=False)}}
-            for i, c in enumerate(calls)
+             "function": {"name": name, "arguments": json.dumps(arguments, ensure_ascii=False)}}
+            for i, (name, arguments) in enumerate(calls)
         ]
         out.finish_reason = "tool_calls" if out.finish_reason == "stop" else out.finish_reason
 
