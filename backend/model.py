@@ -171,7 +171,8 @@ class TritonPythonModel:
                 continue
             for i, completion in enumerate(last.outputs):
                 final = last.finished and i == len(last.outputs) - 1
-                sender.send(build_response(last, [completion], parsed.flags), flags=FINAL if final else 0)
+                if final or not _parser_took_it(last, completion, parsed.flags):
+                    sender.send(build_response(last, [completion], parsed.flags), flags=FINAL if final else 0)
             if last.finished:
                 return
         if last is None:
@@ -318,6 +319,15 @@ def build_response(out: RequestOutput, completions: list[CompletionOutput], flag
         if out.prompt_token_ids is not None:
             tensors["prompt_token_ids"] = np.array(out.prompt_token_ids, dtype=np.int64)
     return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(k, v) for k, v in tensors.items()])
+
+
+def _parser_took_it(out: RequestOutput, completion: CompletionOutput, flags: dict[str, bool]) -> bool:
+    """vLLM's streaming rule: a step whose text a reasoning / tool-call parser took in (markup, or text it
+    holds back) sends nothing, unless the client asked for token ids or logprobs. Text held back without
+    a parser (a possible stop string, an unfinished character) still sends its step, as vLLM does."""
+    shows = completion.text or completion.reasoning_text or completion.tool_calls or completion.finish_reason
+    asked = flags["return_token_ids"] or flags["return_logprobs"] or out.prompt_logprobs is not None
+    return completion.parsed and not shows and not asked
 
 
 def _strings(values: list[str]) -> np.ndarray:

@@ -303,6 +303,19 @@ def test_reasoning_max_tokens_bounds_the_reasoning(
     assert_parsed_from_tokens(reply, tokenizer, thinking=True, tools=False)
 
 
+def test_parser_markup_streams_no_empty_chunk(thinking_client: openai.OpenAI) -> None:
+    """vLLM's rule: the step whose token the reasoning parser takes in (the </think> the budget forces) sends
+    no chunk; the usage still counts it. With return_token_ids it would send one, to carry the id."""
+    stream = thinking_client.chat.completions.create(
+        model="null", messages=CAPITAL, max_tokens=10, temperature=1.0, seed=3, stream=True,
+        stream_options={"include_usage": True}, extra_body={"reasoning_max_tokens": 2, "ignore_eos": True},
+    )
+    chunks = list(stream)
+    deltas = [c.choices[0] for c in chunks[1:] if c.choices]  # after the role chunk
+    assert all(d.delta.content or d.delta.reasoning_content or d.finish_reason for d in deltas), deltas
+    assert len(deltas) < chunks[-1].usage.completion_tokens == 10
+
+
 def test_triton_outputs_reasoning_and_honour_the_switches(
     thinking_triton: TritonServer, tokenizer: Tokenizer
 ) -> None:

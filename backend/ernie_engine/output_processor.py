@@ -148,6 +148,7 @@ class OutputProcessor:
         if state.parser is None:
             out.text = text
         else:
+            out.parsed = True
             self._parse(out, state, text, final=seq.is_finished)
         if seq.params.logprobs is not None and token.logprob is not None:
             out.logprobs = [self._logprob(token)]

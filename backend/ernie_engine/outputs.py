@@ -32,6 +32,7 @@ class CompletionOutput:
     finish_reason: str | None = None  # "stop", "length", "abort", "tool_calls" once finished
     stop_reason: str | int | None = None  # the stop string or token id that ended it
     num_output_tokens: int = 0  # cumulative
+    parsed: bool = False  # the text went through a reasoning / tool-call parser (which may hold it back)
 
 
 @dataclass
