@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import random
 from pathlib import Path
 
@@ -54,7 +55,8 @@ def main() -> None:
     parser.add_argument("out", type=Path)
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    print(write_task(args.out))
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger("lm_eval_task").info("task written: %s", write_task(args.out))
 
 
 if __name__ == "__main__":
