@@ -213,7 +213,7 @@ def parse_request(request) -> ParsedRequest:
     """Triton tensors (and request parameters) -> add_request keywords; ValueError names what is wrong."""
     text = _string(request, "text_input")
     messages = _json(request, "messages", list)
-    token_ids = pb_utils.get_input_tensor_by_name(request, "prompt_token_ids")
+    token_ids = _token_ids(request)
     sources = (("text_input", text), ("messages", messages), ("prompt_token_ids", token_ids))
     given = [name for name, value in sources if value is not None]
     if len(given) != 1:
@@ -222,7 +222,7 @@ def parse_request(request) -> ParsedRequest:
     prompt: dict[str, Any] = {
         "prompt": text,
         "messages": messages,
-        "prompt_token_ids": None if token_ids is None else token_ids.as_numpy().reshape(-1).tolist(),
+        "prompt_token_ids": token_ids,
         "tools": _json(request, "tools", list),
         "chat_template_kwargs": _json(request, "chat_template_kwargs", dict),
     }
@@ -251,15 +251,20 @@ def tokenizer_task(engine: AsyncLLMEngine, request, task: str):
         tensors = {"prompt_token_ids": np.array(ids, dtype=np.int64),
                    "num_input_tokens": np.array([len(ids)], dtype=np.int32)}
     elif task == "detokenize":
-        token_ids = pb_utils.get_input_tensor_by_name(request, "prompt_token_ids")
+        token_ids = _token_ids(request)
         if token_ids is None:
             raise ValueError("task detokenize needs prompt_token_ids")
-        tensors = {"text_output": _strings([engine.detokenize(token_ids.as_numpy().reshape(-1).tolist())])}
+        tensors = {"text_output": _strings([engine.detokenize(token_ids)])}
     elif task == "tokenizer_info":
         tensors = {"tokenizer_info": _strings([json.dumps(engine.tokenizer_info(), ensure_ascii=False)])}
     else:
         raise ValueError(f"task must be one of {', '.join(TASKS)} (got {task!r})")
     return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(k, v) for k, v in tensors.items()])
+
+
+def _token_ids(request) -> list[int] | None:
+    tensor = pb_utils.get_input_tensor_by_name(request, "prompt_token_ids")
+    return None if tensor is None else tensor.as_numpy().reshape(-1).tolist()
 
 
 def _string(request, name: str) -> str | None:

@@ -258,9 +258,7 @@ class LLMEngine:
                              f"{self.max_model_len}")
         if params.n > self.config.max_num_seqs:
             raise ValueError(f"n={params.n} exceeds max_num_seqs {self.config.max_num_seqs}")
-        if any(t >= self.vocab_size for t in params.stop_token_ids):
-            raise ValueError(f"stop_token_ids must be below the vocabulary size {self.vocab_size}")
-        for name in ("logit_bias", "allowed_token_ids"):
+        for name in ("stop_token_ids", "logit_bias", "allowed_token_ids"):
             if any(t >= self.vocab_size for t in getattr(params, name) or ()):
                 raise ValueError(f"{name} token ids must be below the vocabulary size {self.vocab_size}")
         grammar = self.structured_output.matcher_for(params, thinking)  # ValueError names a bad constraint

@@ -157,22 +157,22 @@ class ModelRunner:
         hidden = self.model(input_ids, positions, meta, self.kv_caches, **extra)
         if scoring := PromptScoring.of_step(seqs, query_lens):
             scoring.deliver(score_prompt_rows(scoring.rows, scoring.targets, scoring.top,
-                                              lambda rows: self._logits(hidden, rows)))
+                                              lambda rows: self._logits(hidden, rows).numpy()))
         if not out.sampling:
             return []
         sampling = set(out.sampling)
         ends = np.cumsum(meta.query_lens) - 1
-        rows = [end for seq, end in zip(seqs, ends, strict=True) if seq in sampling]
-        if len(rows) < hidden.shape[0]:  # prefill chunks: only a sequence's last token is sampled
-            hidden = paddle.gather(hidden, paddle.to_tensor(np.array(rows, dtype=np.int64)))
-        logits = self.model.compute_logits(hidden)[:, : self.vocab_limit]
+        rows = np.array([end for seq, end in zip(seqs, ends, strict=True) if seq in sampling], dtype=np.int64)
+        logits = self._logits(hidden, rows)  # prefill chunks: only a sequence's last token is sampled
         if all(argmax_only(seq) for seq in out.sampling):
             return [SampledToken(int(t)) for t in greedy_token_ids(logits)]
         return self.sampler(logits.numpy(), out.sampling)
 
-    def _logits(self, hidden: paddle.Tensor, rows: np.ndarray) -> np.ndarray:
-        logits = self.model.compute_logits(paddle.gather(hidden, paddle.to_tensor(rows)))
-        return logits[:, : self.vocab_limit].numpy()
+    def _logits(self, hidden: paddle.Tensor, rows: np.ndarray) -> paddle.Tensor:
+        """Logits [len(rows), sampleable vocab] of some flat token rows (all of them: no gather)."""
+        if len(rows) < hidden.shape[0]:
+            hidden = paddle.gather(hidden, paddle.to_tensor(rows))
+        return self.model.compute_logits(hidden)[:, : self.vocab_limit]
 
     def _prepare(
         self, seqs: list[Sequence], query_lens: list[int]

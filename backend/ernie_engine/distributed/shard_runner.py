@@ -123,15 +123,15 @@ class ShardRunner(ModelRunner):
         scored = []
         if batch.score_rows is not None:
             scored = score_prompt_rows(batch.score_rows, batch.score_targets, batch.score_top,
-                                       lambda rows: self._logits(hidden, rows))
+                                       lambda rows: self._rank0_logits(hidden, rows))
         logits = np.zeros((0, self.vocab_limit), np.float32)
         if batch.sample_rows.size:
-            logits = self._logits(hidden, batch.sample_rows)
+            logits = self._rank0_logits(hidden, batch.sample_rows)
         if self.plan.rank != 0:
             return None
         return StepResult(logits[batch.greedy].argmax(axis=1).astype(np.int64), logits[~batch.greedy], scored)
 
-    def _logits(self, hidden: paddle.Tensor, rows: np.ndarray) -> np.ndarray | None:
+    def _rank0_logits(self, hidden: paddle.Tensor, rows: np.ndarray) -> np.ndarray | None:
         """The full-vocabulary logits of some token rows on rank 0 (None elsewhere); every rank takes part."""
         local = self.model.compute_logits(paddle.gather(hidden, paddle.to_tensor(rows)))
         full = gather_vocab_logits(local, self.plan.vocab_shard_size, self.plan.config.vocab_size)
