@@ -226,6 +226,14 @@ def completion_logprobs(entries: list[dict[str, Any]], text_offset: int,
     }
 
 
+def choice_logprobs(req: CompletionRequest, prompt_entries: list[dict[str, Any]],
+                    entries: list[dict[str, Any]], text_offset: int) -> dict[str, Any] | None:
+    """A completions choice's (or chunk's) logprobs. With echo and logprobs the prompt's tokens come first,
+    offsets from the prompt's start; alternatives at most `logprobs`."""
+    echoed = prompt_entries if req.echo and req.logprobs is not None else []
+    return completion_logprobs(echoed + entries, 0 if echoed else text_offset, req.logprobs)
+
+
 def vllm_prompt_logprobs(entries: list[dict[str, Any]], top: int) -> list[dict[str, Any] | None]:
     """vLLM's `prompt_logprobs`: per prompt token None (the first) or, keyed by token id, the token itself and
     the `top` likeliest, each as {logprob, rank, decoded_token}."""
@@ -274,14 +282,11 @@ def completion_response(states: list[RequestState], req: CompletionRequest, *, i
                         model: str) -> CompletionResponse:
     choices = []
     for state, prefix in zip(states, req.echo_prefixes(), strict=True):
-        # Echo with logprobs: the prompt's tokens first, offsets from the prompt's start.
-        echoed = state.prompt_logprobs if req.echo and req.logprobs is not None else []
-        offset = 0 if echoed else len(prefix)
         for choice in sorted(state.choices.values(), key=lambda c: c.index):
             choices.append(CompletionChoice(
                 index=choice.index,
                 text=prefix + choice.text,
-                logprobs=completion_logprobs(echoed + choice.logprobs, offset, req.logprobs),
+                logprobs=choice_logprobs(req, state.prompt_logprobs, choice.logprobs, len(prefix)),
                 finish_reason=choice.finish_reason,
                 reasoning_content=choice.reasoning or None,
                 prompt_token_ids=state.prompt_token_ids if req.return_token_ids else None,

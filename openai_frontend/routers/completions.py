@@ -11,7 +11,7 @@ from fastapi.responses import StreamingResponse
 from openai_frontend.outputs import (
     GenerateOutput,
     RequestState,
-    completion_logprobs,
+    choice_logprobs,
     completion_response,
     parse_response,
     usage,
@@ -68,12 +68,10 @@ async def _run_all(triton: TritonClient, model: str, payloads: list[dict], n: in
 
 
 def _choice(out: GenerateOutput, index: int, text_offset: int, req: CompletionRequest) -> CompletionChoice:
-    # Echo with logprobs: the prompt tokens' logprobs come first, offsets from the prompt's start.
-    echoed = out.prompt_logprobs if req.echo and req.logprobs is not None and out.prompt_logprobs else []
     return CompletionChoice(
         index=index,
         text=out.text,
-        logprobs=completion_logprobs(echoed + out.logprobs, 0 if echoed else text_offset, req.logprobs),
+        logprobs=choice_logprobs(req, out.prompt_logprobs or [], out.logprobs, text_offset),
         finish_reason=out.finish_reason,
         reasoning_content=out.reasoning or None,
         prompt_token_ids=out.prompt_token_ids if req.return_token_ids else None,
