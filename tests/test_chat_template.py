@@ -244,6 +244,9 @@ def test_bad_input_is_value_error():
     raising = ChatTemplate("{{ raise_exception('no system role') }}")
     with pytest.raises(ValueError, match="no system role"):
         raising.render(CHAT)
+    for tools in ({"name": "f"}, ["f"]):  # the template would iterate a dict's keys or print strings
+        with pytest.raises(ValueError, match="tools must be a list of objects"):
+            apply_chat_template(CHAT, tools)
 
 
 def test_sandboxed():

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import paddle
 import pytest
-from ernie_engine import AsyncLLMEngine, EngineConfig, LLMEngine, SamplingParams
+from ernie_engine import LLM, AsyncLLMEngine, EngineConfig, LLMEngine, SamplingParams
 from ernie_engine.outputs import RequestOutput, merge_outputs
 from safetensors.paddle import load_file, save_file
 
@@ -379,6 +379,19 @@ def test_invalid_requests_are_rejected_eagerly(engine):
         ({"prompt": "a", "sampling_params": SamplingParams(logit_bias={10**7: 1.0})}, "logit_bias"),
         ({"prompt": "a", "sampling_params": SamplingParams(allowed_token_ids=[10**7])}, "allowed_token_ids"),
         ({"prompt": "a", "messages": [{"role": "user", "content": "a"}]}, "exactly one"),
+        ({"prompt_token_ids": [5.7, 6]}, r"integers, got \[5.7\]"),
+        ({"prompt_token_ids": ["5"]}, "integers"),
+        ({"prompt_token_ids": 5}, "non-empty list of token ids, got 5"),
+        ({"prompt": "a", "sampling_params": SamplingParams(truncate_prompt_tokens=512)}, "truncate_prompt"),
+        ({"messages": [{"role": "user", "content": "a"}], "chat_template_kwargs": {"messages": []}},
+         "cannot set messages"),
+        ({"messages": [{"role": "user", "content": "a"}], "tools": {"name": "f"}}, "tools must be a list"),
+        ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x.png"}}]}]},
+         "takes text only: image_url"),
+        ({"prompt": "a", "sampling_params": SamplingParams(allowed_token_ids=engine.tokenizer.encode("a"),
+                                                           bad_words=["a"])}, "leaves no token"),
+        ({"prompt": "a", "sampling_params": SamplingParams(allowed_token_ids=sorted(engine.eos_token_ids),
+                                                           min_tokens=1)}, "leaves no token"),
     ]
     for kwargs, message in cases:
         with pytest.raises(ValueError, match=message):
@@ -388,6 +401,42 @@ def test_invalid_requests_are_rejected_eagerly(engine):
         engine.add_request("dup", prompt="hello")
     while engine.has_unfinished():
         engine.step()
+
+
+def test_constraints_leaving_no_token_fail_only_their_request(engine, alone):
+    """A grammar that allowed_token_ids rules out masks every logit: that request fails with a clear error
+    (the sampled path used to crash the step, failing the whole batch); its batch mate is unaffected."""
+    dead = SamplingParams(temperature=1.0, top_p=0.9, guided_choice=["b"],
+                          allowed_token_ids=engine.tokenizer.encode("a"), max_tokens=4)
+    engine.add_request("dead", prompt_token_ids=PROMPTS[0], sampling_params=dead)
+    engine.add_request("fine", prompt_token_ids=PROMPTS[1], sampling_params=GREEDY)
+    deltas: dict[str, list[RequestOutput]] = {"dead": [], "fine": []}
+    while engine.has_unfinished():
+        for out in engine.step():
+            deltas[out.request_id].append(out)
+    failed, fine = merge_outputs(deltas["dead"]), merge_outputs(deltas["fine"])
+    assert "leave no token" in failed.error and failed.outputs[0].finish_reason == "abort"
+    assert fine.error is None and fine.outputs[0].token_ids == alone[1]
+    assert_no_leak(engine)
+
+
+def test_llm_refuses_no_messages_and_survives_an_interrupt(model_dir, alone, monkeypatch):
+    llm = LLM(model_dir, num_gpu_blocks_override=64, block_size=BLOCK, max_model_len=512)
+    with pytest.raises(ValueError, match="non-empty"):
+        llm.chat([])
+    step = llm.engine.step
+
+    def interrupted() -> list[RequestOutput]:
+        monkeypatch.setattr(llm.engine, "step", step)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(llm.engine, "step", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        llm.generate(PROMPTS[0], GREEDY)
+    assert not llm.engine.has_unfinished()  # else the next call meets outputs of requests it does not know
+    assert tokens(llm.generate([PROMPTS[1], PROMPTS[2]], GREEDY)) == alone[1:3]
+    assert tokens(llm.generate(list(np.array(PROMPTS[3])), GREEDY)) == alone[3:4]  # numpy ids: one prompt
+    assert_no_leak(llm.engine)
 
 
 # Async engine ---------------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ import collections
 
 import numpy as np
 import pytest
-from ernie_engine.sampler import Sampler, argmax_only
+from ernie_engine.sampler import NO_TOKEN, Sampler, argmax_only
 from ernie_engine.sampling_params import SamplingParams
 from ernie_engine.sequence import Request, Sequence
 
@@ -58,6 +58,16 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
     assert set(draw_counts(FOUR, temperature=1.0, top_p=0.85)) == {0, 1, 2}
 
 
+def test_extreme_top_p_and_repetition_penalty_still_sample():
+    """Values below float32's range (top_p 1e-300, a penalty dividing logits to inf) used to raise IndexError
+    or draw from NaNs, failing the whole step."""
+    assert set(draw_counts(FOUR, temperature=1.0, top_p=1e-300)) == {0}
+    seq = make_seq(prompt=(0,), temperature=1.0, repetition_penalty=1e-300, seed=0)
+    assert sample_one(PEAKED, seq).token_id == 0  # its logit 2.0 / ~0 is the largest finite float
+    masked = make_seq(prompt=(0, 1), temperature=1.0, repetition_penalty=1e-300, bad_words_ids=[(0,)], seed=0)
+    assert sample_one(PEAKED, masked).token_id == 1
+
+
 def test_min_p_drops_tokens_below_a_fraction_of_the_best():
     assert set(draw_counts(FOUR, temperature=1.0, min_p=0.3)) == {0, 1}
     assert set(draw_counts(FOUR, temperature=1.0, min_p=0.1)) == {0, 1, 2, 3}
@@ -102,6 +112,40 @@ def test_allowed_token_ids_mask_everything_else():
     assert set(draw_counts(PEAKED, temperature=5.0, allowed_token_ids=[2, 5])) == {2, 5}
     with pytest.raises(ValueError, match="allowed_token_ids"):
         SamplingParams(allowed_token_ids=[])
+
+
+@pytest.mark.parametrize(("params", "message"), [
+    ({"n": 2.5}, "n must be an integer, got 2.5"), ({"n": None}, "n must be an integer, got None"),
+    ({"max_tokens": 2.5}, "max_tokens must be an integer"), ({"seed": 1.5}, "seed must be an integer"),
+    ({"logprobs": True}, "logprobs must be an integer"), ({"temperature": float("inf")}, "finite number"),
+    ({"repetition_penalty": float("inf")}, "finite number"), ({"top_p": "0.5"}, "top_p must be a finite"),
+    ({"top_p": 0}, r"top_p must be in \(0, 1\], got 0"), ({"stop_token_ids": 5}, "list of token ids, got 5"),
+    ({"stop": [""]}, "stop must be non-empty"), ({"bad_words": [""]}, "bad_words must be non-empty"),
+    ({"stop": 5}, "stop must be a string or a list of strings"),
+])
+def test_sampling_params_name_a_bad_value(params, message):
+    with pytest.raises(ValueError, match=message):
+        SamplingParams(**params)
+
+
+def test_sampling_params_take_vllm_optionals():
+    params = SamplingParams(stop=None, stop_token_ids=None, bad_words=None)
+    assert params.stop == [] and params.stop_token_ids == [] and params.bad_words == []
+    assert SamplingParams.from_dict({"stop": None, "bad_words": "x"}).bad_words == ["x"]
+    # Negative seeds are valid (vLLM's int64 range) and reproducible.
+    seqs = [make_seq(temperature=1.0, seed=-3) for _ in range(2)]
+    draws = [[sample_one(FOUR, seq).token_id for _ in range(20)] for seq in seqs]
+    assert draws[0] == draws[1] and len(set(draws[0])) > 1
+
+
+def test_rows_left_without_tokens_get_no_token_and_spare_the_batch():
+    """bad_words against allowed_token_ids (or a grammar) can mask a whole row: the sampler must not crash
+    (top-p over NaNs) nor invent a token; the other rows are sampled as usual."""
+    dead = [make_seq(temperature=t, top_p=0.8, allowed_token_ids=[3], bad_words_ids=[[3]]) for t in (0, 1)]
+    healthy = make_seq(temperature=1.0, top_p=0.8, seed=0)
+    tokens = Sampler()(np.array([PEAKED] * 3, dtype=np.float32), [*dead, healthy])
+    assert [t.token_id for t in tokens[:2]] == [NO_TOKEN, NO_TOKEN]
+    assert tokens[2].token_id == sample_one(PEAKED, make_seq(temperature=1.0, top_p=0.8, seed=0)).token_id
 
 
 @pytest.mark.parametrize(("bias", "message"), [

@@ -161,6 +161,12 @@ def test_grammar_is_compiled_once_per_constraint(llm: LLM) -> None:
     assert len(cache) == size and ("regex", "[a-c]{5}") in cache
 
 
+def test_a_grammar_failing_midway_fails_its_request_with_a_short_reason(llm: LLM) -> None:
+    # llguidance builds the lexer lazily: this regex compiles, then fails at the first token.
+    out = llm.generate("x", SamplingParams(guided_regex="a{1000000000}", max_tokens=4))[0]
+    assert "too many expressions" in out.error and len(out.error) < 200, out.error
+
+
 @pytest.mark.parametrize(("guided", "message"), [
     ({"guided_json": {"type": "strin"}}, "invalid JSON schema: Invalid type: strin"),
     ({"guided_json": {"$ref": "#/defs/missing"}}, "invalid JSON schema"),

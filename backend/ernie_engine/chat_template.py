@@ -159,6 +159,15 @@ def content_to_text(content: Any) -> str:
     return "".join(pieces)
 
 
+def media_part_types(messages: Any) -> set[str]:
+    """The image / video part types in OpenAI messages (bad shapes are normalize_messages' to report)."""
+    if not isinstance(messages, list):
+        return set()
+    return {part["type"] for message in messages if isinstance(message, dict)
+            and isinstance(message.get("content"), list) for part in message["content"]
+            if isinstance(part, dict) and part.get("type") in MEDIA_PART_PLACEHOLDERS}
+
+
 def _normalize_arguments(arguments: Any) -> Any:
     """Arguments come as a JSON string (OpenAI) or an object (the seed): templates get the object."""
     if isinstance(arguments, str):
@@ -256,6 +265,8 @@ class ChatTemplate:
         `continue_final_message` (vLLM's, transformers'): the prompt ends inside the last message, right after
         its text, so that the model continues it (e.g. an assistant answer started by the client)."""
         check_continuation(add_generation_prompt, continue_final_message)
+        if tools is not None and not (isinstance(tools, list) and all(isinstance(t, dict) for t in tools)):
+            raise ValueError(f"tools must be a list of objects, got {tools!r:.100}")
         context = {**self.special_tokens, **template_kwargs}
         try:
             text = compile_template(self.source).render(

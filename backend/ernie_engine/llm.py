@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import numbers
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -26,9 +27,9 @@ class LLM:
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
     ) -> list[RequestOutput]:
         """Text prompts or token-id lists; one merged output per prompt, in order."""
-        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], numbers.Integral)):
             prompts = [prompts]
-        requests = [{"prompt": p} if isinstance(p, str) else {"prompt_token_ids": list(p)} for p in prompts]
+        requests = [{"prompt": p} if isinstance(p, str) else {"prompt_token_ids": p} for p in prompts]
         return self._run(requests, sampling_params)
 
     def chat(
@@ -39,7 +40,7 @@ class LLM:
         chat_template_kwargs: dict[str, Any] | None = None,
     ) -> list[RequestOutput]:
         """One conversation (a list of messages) or several; the checkpoint's chat template applies."""
-        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        conversations = [messages] if not messages or isinstance(messages[0], dict) else messages
         requests = [{"messages": m, "tools": tools, "chat_template_kwargs": chat_template_kwargs}
                     for m in conversations]
         return self._run(requests, sampling_params)
@@ -53,10 +54,15 @@ class LLM:
         ids = [f"offline-{next(self._ids)}" for _ in requests]
         built = [self.engine.make_request(rid, sampling_params=sp, **kw)
                  for rid, kw, sp in zip(ids, requests, sampling_params, strict=True)]
-        for request in built:
-            self.engine.add(request)
         deltas: dict[str, list[RequestOutput]] = {rid: [] for rid in ids}
-        while self.engine.has_unfinished():
-            for out in self.engine.step():
-                deltas[out.request_id].append(out)
+        try:
+            for request in built:
+                self.engine.add(request)
+            while self.engine.has_unfinished():
+                for out in self.engine.step():
+                    deltas[out.request_id].append(out)
+        except BaseException:  # e.g. KeyboardInterrupt: leave no request behind for the next call
+            for rid in ids:
+                self.engine.abort(rid)
+            raise
         return [merge_outputs(deltas[rid]) for rid in ids]

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import json
 import logging
+import numbers
 import time
 from pathlib import Path
 from typing import Any
 
 from .block_manager import BlockManager
-from .chat_template import ChatTemplate
+from .chat_template import ChatTemplate, media_part_types
 from .config import EngineConfig
 from .distributed.executor import TensorParallelExecutor
 from .metrics import EngineMetrics
@@ -23,7 +24,7 @@ from .multimodal.engine_inputs import EngineProcessor, MultimodalInputs, build_p
 from .output_processor import OutputProcessor
 from .outputs import RequestOutput
 from .parsers.reasoning import THINK_END, THINK_START
-from .sampler import SampledToken
+from .sampler import NO_TOKEN, SampledToken
 from .sampling_params import NEUTRAL_DEFAULTS, SamplingParams
 from .scheduler import Scheduler, SchedulerOutput
 from .sequence import Request, Sequence
@@ -31,6 +32,9 @@ from .structured_output import StructuredOutput
 from .tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
+
+NO_TOKEN_ERROR = ("the request's constraints (allowed_token_ids, bad_words, min_tokens, structured output) "
+                  "leave no token to generate")
 
 
 def generation_defaults(model_dir: Path) -> dict[str, Any]:
@@ -141,6 +145,8 @@ class LLMEngine:
         template_kwargs = chat_template_kwargs or {}
         if not isinstance(template_kwargs, dict):
             raise ValueError("chat_template_kwargs must be an object")
+        if reserved := sorted({"messages", "tools"} & template_kwargs.keys()):
+            raise ValueError(f"chat_template_kwargs cannot set {', '.join(reserved)} (request fields)")
         if not self.config.reasoning_parser:
             # Without a reasoning parser the thinking would land in the answer: think only when asked to.
             template_kwargs = {"enable_thinking": False, **template_kwargs}
@@ -157,6 +163,9 @@ class LLMEngine:
         """The prompt text (None for token ids), its token ids, and whether it leaves the model thinking."""
         thinking = False
         if messages is not None:
+            if media := media_part_types(messages):  # as text they would be placeholders: media lost
+                raise ValueError(f"this model takes text only: {', '.join(sorted(media))} content parts need "
+                                 "a multimodal model (ERNIE-4.5-VL, PaddleOCR-VL)")
             # chat_template_kwargs may set add_generation_prompt / continue_final_message (as vLLM's).
             prompt = self.chat_template.render(messages, tools, **template_kwargs)
             thinking = leaves_thinking(self.chat_template, template_kwargs, prompt)
@@ -228,17 +237,20 @@ class LLMEngine:
     def _truncated(self, ids: list[int], params: SamplingParams) -> list[int]:
         """The last truncate_prompt_tokens ids (-1: as many as fit next to max_tokens), else `ids` itself."""
         keep = params.truncate_prompt_tokens
+        if keep is not None and keep >= self.max_model_len:
+            raise ValueError(f"truncate_prompt_tokens {keep} leaves no room below max_model_len "
+                             f"{self.max_model_len}")
         if keep == -1:
             keep = self.max_model_len - (params.max_tokens or 1)
         return ids[-keep:] if keep is not None and 0 < keep < len(ids) else ids
 
     def _check_token_ids(self, ids: Any) -> list[int]:
         if not isinstance(ids, list | tuple) or not ids:
-            raise ValueError("prompt_token_ids is empty")
-        try:
-            ids = [int(t) for t in ids]
-        except (TypeError, ValueError):
-            raise ValueError("prompt_token_ids must be integers") from None
+            raise ValueError(f"prompt_token_ids must be a non-empty list of token ids, got {ids!r}")
+        wrong = [t for t in ids if isinstance(t, bool) or not isinstance(t, numbers.Integral)]
+        if wrong:  # int() would silently floor 5.7 or parse "5"
+            raise ValueError(f"prompt_token_ids must be integers, got {wrong[:5]!r}")
+        ids = [int(t) for t in ids]
         bad = [t for t in ids if not 0 <= t < self.runner.model_config.vocab_size]
         if bad:
             raise ValueError(f"prompt_token_ids holds ids outside the vocabulary: {bad[:5]}")
@@ -264,14 +276,23 @@ class LLMEngine:
         grammar = self.structured_output.matcher_for(params, thinking)  # ValueError names a bad constraint
         params = params.with_defaults(self.sampling_defaults)
         eos = self.eos_token_ids
+        stop_token_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else eos)
+        bad_words_ids = self._bad_words_ids(params.bad_words)
+        if params.allowed_token_ids is not None:
+            banned = {ids[0] for ids in bad_words_ids if len(ids) == 1}
+            if params.min_tokens:
+                banned |= stop_token_ids | eos
+            if banned.issuperset(params.allowed_token_ids):
+                raise ValueError(f"allowed_token_ids {params.allowed_token_ids} leaves no token to generate: "
+                                 "each is a bad word (or a stop token, masked until min_tokens)")
         request = Request(
             request_id=request_id,
             prompt_token_ids=ids,
             params=params,
             max_tokens=params.max_tokens or self.max_model_len - n,
-            stop_token_ids=frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else eos),
+            stop_token_ids=stop_token_ids,
             eos_token_ids=eos,
-            bad_words_ids=self._bad_words_ids(params.bad_words),
+            bad_words_ids=bad_words_ids,
             prompt_logprobs=None if params.prompt_logprobs is None else [],
             prompt=prompt,
             thinking=thinking,
@@ -348,6 +369,11 @@ class LLMEngine:
         _release_media(out)
         outputs = []
         for request, seqs, tokens in _group_by_request(out.sampling, sampled):
+            if any(token.token_id == NO_TOKEN for token in tokens):
+                # Its masks left no token (bad_words against allowed_token_ids or a grammar): it alone fails.
+                if failed_out := self.abort(request.request_id, NO_TOKEN_ERROR):
+                    outputs.append(failed_out)
+                continue
             for seq, token in zip(seqs, tokens, strict=True):
                 seq.token_ids.append(token.token_id)
             try:

@@ -29,6 +29,9 @@ class SampledToken:
     rank: int | None = None  # prompt tokens: 1 + how many tokens the model found likelier
 
 
+# The token of a row whose constraints leave nothing to sample; the engine fails that request.
+NO_TOKEN = -1
+
 # Prompt positions scored per LM-head call: [256, vocab] float32 logits are ~100 MB for ERNIE's 103k vocab.
 SCORE_ROWS = 256
 
@@ -58,15 +61,17 @@ class Sampler:
         for row, seq in zip(logits, seqs, strict=True):
             _constrain(row, seq)
         apply_grammar_masks(logits, seqs)  # constrained rows only, one bitmask call
-        greedy = np.array([seq.params.greedy for seq in seqs])
-        token_ids = np.zeros(len(seqs), dtype=np.int64)
+        # Constraints that exclude every token (bad_words against allowed_token_ids or a grammar): no token.
+        alive = ~np.isneginf(logits).all(axis=1)
+        greedy = np.array([seq.params.greedy for seq in seqs]) & alive
+        token_ids = np.full(len(seqs), NO_TOKEN, dtype=np.int64)
         if greedy.any():
             token_ids[greedy] = logits[greedy].argmax(axis=1)
-        sampled = np.flatnonzero(~greedy)
+        sampled = np.flatnonzero(~greedy & alive)
         if sampled.size:
             token_ids[sampled] = _draw(logits, sampled, seqs)
         return [
-            _result(row, int(tok), seq.params.logprobs)
+            _result(row, int(tok), seq.params.logprobs) if tok != NO_TOKEN else SampledToken(NO_TOKEN)
             for row, tok, seq in zip(logits, token_ids, seqs, strict=True)
         ]
 
@@ -96,7 +101,10 @@ def _constrain(row: np.ndarray, seq: Sequence) -> None:
     if rep != 1.0:
         seen = counts > 0
         seen[request.prompt_token_ids] = True
-        row[seen] = np.where(row[seen] > 0, row[seen] / rep, row[seen] * rep)
+        # An extreme penalty over- or underflows float32: keep +inf finite and masked (-inf * 0) tokens out.
+        with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
+            penalized = np.where(row[seen] > 0, row[seen] / rep, row[seen] * rep)
+        row[seen] = np.nan_to_num(penalized, nan=-np.inf, posinf=np.finfo(np.float32).max)
     if freq or pres:
         row -= freq * counts + pres * (counts > 0)
 
@@ -134,7 +142,8 @@ def _truncate(row: np.ndarray, top_k: int, top_p: float, min_p: float) -> None:
         if top_p < 1.0:
             desc = np.sort(probs)[::-1]
             before = np.cumsum(desc) - desc  # mass of strictly more likely tokens
-            threshold = desc[before < top_p][-1]
+            # At least the likeliest token: a top_p below float32's range compares as 0 against `before`.
+            threshold = desc[max(1, np.count_nonzero(before < top_p)) - 1]
             row[probs < threshold] = -np.inf
         if min_p > 0.0:
             row[probs < min_p * probs.max()] = -np.inf

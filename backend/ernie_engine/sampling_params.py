@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,6 +19,9 @@ NEUTRAL_DEFAULTS: dict[str, Any] = {
     "presence_penalty": 0.0,
     "frequency_penalty": 0.0,
 }
+
+_INT_FIELDS = ("n", "top_k", "seed", "max_tokens", "min_tokens", "truncate_prompt_tokens", "logprobs",
+               "prompt_logprobs", "reasoning_max_tokens")
 
 
 @dataclass
@@ -53,63 +58,77 @@ class SamplingParams:
     guided_json_object: bool = False
 
     def __post_init__(self) -> None:
-        if isinstance(self.stop, str):
-            self.stop = [self.stop]
-        if isinstance(self.bad_words, str):
-            self.bad_words = [self.bad_words]
+        self.stop = _str_list("stop", self.stop)
+        self.bad_words = _str_list("bad_words", self.bad_words)
+        if self.stop_token_ids is None:  # vLLM's Optional[list[int]]
+            self.stop_token_ids = []
         self.logit_bias = _logit_bias(self.logit_bias)
+        self._check_types()
         self._validate()
+
+    def _check_types(self) -> None:
+        """Numbers of the wrong kind (a float n, an infinite temperature) are ValueErrors naming the field,
+        not TypeErrors or NaNs later in the step loop."""
+        for name in _INT_FIELDS:
+            value = getattr(self, name)
+            if value is None and name not in ("n", "min_tokens"):
+                continue
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise ValueError(f"{name} must be an integer, got {value!r}")
+        for name in NEUTRAL_DEFAULTS:
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Real)
+                                      or not math.isfinite(value)):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
+        if not isinstance(self.stop_token_ids, list | tuple):
+            raise ValueError(f"stop_token_ids must be a list of token ids, got {self.stop_token_ids!r}")
 
     def _validate(self) -> None:
         def unset_or(value: Any, ok: Callable[[Any], bool]) -> bool:
             return value is None or ok(value)
 
         checks = [
-            (self.n >= 1, "n must be >= 1"),
-            (unset_or(self.temperature, lambda v: v >= 0), "temperature must be >= 0"),
-            (unset_or(self.top_p, lambda v: 0 < v <= 1), "top_p must be in (0, 1]"),
-            (unset_or(self.top_k, lambda v: v >= -1), "top_k must be -1, 0 (off) or positive"),
-            (unset_or(self.min_p, lambda v: 0 <= v <= 1), "min_p must be in [0, 1]"),
-            (unset_or(self.repetition_penalty, lambda v: v > 0), "repetition_penalty must be > 0"),
-            (unset_or(self.presence_penalty, lambda v: -2 <= v <= 2), "presence_penalty must be in [-2, 2]"),
-            (unset_or(self.frequency_penalty, lambda v: -2 <= v <= 2), "frequency_penalty must be in [-2,2]"),
-            (all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids), "stop_token_ids must be >= 0"),
+            ("n", self.n >= 1, ">= 1"),
+            ("temperature", unset_or(self.temperature, lambda v: v >= 0), ">= 0"),
+            ("top_p", unset_or(self.top_p, lambda v: 0 < v <= 1), "in (0, 1]"),
+            ("top_k", unset_or(self.top_k, lambda v: v >= -1), "-1, 0 (off) or positive"),
+            ("min_p", unset_or(self.min_p, lambda v: 0 <= v <= 1), "in [0, 1]"),
+            ("repetition_penalty", unset_or(self.repetition_penalty, lambda v: v > 0), "> 0"),
+            ("presence_penalty", unset_or(self.presence_penalty, lambda v: -2 <= v <= 2), "in [-2, 2]"),
+            ("frequency_penalty", unset_or(self.frequency_penalty, lambda v: -2 <= v <= 2), "in [-2, 2]"),
+            ("stop_token_ids", all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids), "ids >= 0"),
             (
+                "allowed_token_ids",
                 self.allowed_token_ids is None
                 or (bool(self.allowed_token_ids) and all(isinstance(t, int) and t >= 0
                                                          for t in self.allowed_token_ids)),
-                "allowed_token_ids must be a non-empty list of token ids >= 0",
+                "a non-empty list of token ids >= 0",
             ),
-            (all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty"),
-            (self.max_tokens is None or self.max_tokens >= 1, "max_tokens must be >= 1"),
+            ("stop", all(self.stop), "non-empty strings"),
+            ("bad_words", all(self.bad_words), "non-empty strings"),
+            ("max_tokens", unset_or(self.max_tokens, lambda v: v >= 1), ">= 1"),
             (
-                self.truncate_prompt_tokens is None or self.truncate_prompt_tokens == -1
-                or self.truncate_prompt_tokens >= 1,
-                "truncate_prompt_tokens must be -1 (as many as fit) or >= 1",
+                "truncate_prompt_tokens",
+                unset_or(self.truncate_prompt_tokens, lambda v: v == -1 or v >= 1),
+                "-1 (as many as fit) or >= 1",
             ),
-            (self.min_tokens >= 0, "min_tokens must be >= 0"),
+            ("min_tokens", self.min_tokens >= 0, ">= 0"),
             (
+                "min_tokens",
                 self.max_tokens is None or self.min_tokens <= self.max_tokens,
-                "min_tokens must not exceed max_tokens",
+                f"at most max_tokens ({self.max_tokens})",
             ),
-            (self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs must be in [0, 20]"),
-            (
-                self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= 20,
-                "prompt_logprobs must be in [0, 20]",
-            ),
-            (
-                self.reasoning_max_tokens is None or self.reasoning_max_tokens >= 1,
-                "reasoning_max_tokens must be >= 1",
-            ),
-            (
-                sum(x is not None for x in (self.guided_json, self.guided_regex, self.guided_choice,
-                                             self.guided_grammar)) + self.guided_json_object <= 1,
-                "at most one of guided_json, guided_regex, guided_choice, guided_grammar, json_object",
-            ),
+            ("logprobs", unset_or(self.logprobs, lambda v: 0 <= v <= 20), "in [0, 20]"),
+            ("prompt_logprobs", unset_or(self.prompt_logprobs, lambda v: 0 <= v <= 20), "in [0, 20]"),
+            ("reasoning_max_tokens", unset_or(self.reasoning_max_tokens, lambda v: v >= 1), ">= 1"),
         ]
-        for ok, message in checks:
+        for name, ok, requirement in checks:
             if not ok:
-                raise ValueError(message)
+                raise ValueError(f"{name} must be {requirement}, got {getattr(self, name)!r}")
+        constraints = (self.guided_json, self.guided_regex, self.guided_choice, self.guided_grammar)
+        if sum(x is not None for x in constraints) + self.guided_json_object > 1:
+            raise ValueError("at most one of guided_json, guided_regex, guided_choice, guided_grammar, "
+                             "json_object")
 
     @property
     def greedy(self) -> bool:
@@ -138,6 +157,17 @@ class SamplingParams:
         for key, value in raw.items():
             kwargs[key] = _coerce(key, value, str(types[key]))
         return cls(**kwargs)
+
+
+def _str_list(name: str, raw: Any) -> list[str]:
+    """None, one string or a list of strings (vLLM's Optional[str | list[str]]) -> a list of strings."""
+    if raw is None:
+        return []
+    if isinstance(raw, str):
+        return [raw]
+    if not isinstance(raw, list | tuple) or not all(isinstance(s, str) for s in raw):
+        raise ValueError(f"{name} must be a string or a list of strings, got {raw!r}")
+    return list(raw)
 
 
 def _logit_bias(raw: Any) -> dict[int, float]:

@@ -82,7 +82,8 @@ class Sequence:
     @classmethod
     def create(cls, request: Request, index: int) -> Sequence:
         seed = request.params.seed
-        rng = np.random.default_rng(None if seed is None else [seed, index])
+        # numpy seeds are non-negative; vLLM's (torch's) may be any int64, so take its two's complement.
+        rng = np.random.default_rng(None if seed is None else [int(seed) % 2**64, index])
         return cls(request=request, index=index, token_ids=list(request.prompt_token_ids), rng=rng)
 
     @property

@@ -174,7 +174,7 @@ class StructuredOutput:
             raise ValueError(f"invalid {_KIND_NAMES[kind]}: {err}") from None
         matcher = llguidance.LLMatcher(self.ll_tokenizer, grammar, log_level=0)
         if matcher.is_error():
-            raise ValueError(f"invalid {_KIND_NAMES[kind]}: {matcher.get_error().strip()}")
+            raise ValueError(f"invalid {_KIND_NAMES[kind]}: {_reason(matcher)}")
         logger.debug("compiled %s constraint (%d chars)", kind, len(text))
         return matcher
 
@@ -208,7 +208,7 @@ class GrammarMatcher:
         if token_id in self.owner.eos_token_ids:
             token_id = self.owner.eos_token_id
         if not self.matcher.consume_token(token_id):
-            raise RuntimeError(f"grammar rejected token {token_id}: {self.matcher.get_error().strip()}")
+            raise RuntimeError(f"grammar rejected token {token_id}: {_reason(self.matcher)}")
 
     def copy(self) -> GrammarMatcher:
         return GrammarMatcher(self.owner, self.matcher.deep_copy(), self.active)
@@ -217,6 +217,11 @@ class GrammarMatcher:
     def is_complete(self) -> bool:
         """The grammar is satisfied and admits nothing more (only end-of-sequence)."""
         return self.active and self.matcher.is_stopped()
+
+
+def _reason(matcher: llguidance.LLMatcher) -> str:
+    """The error without the parser state and grammar dump (of any size) llguidance may append."""
+    return matcher.get_error().split("<state>")[0].strip()
 
 
 def apply_grammar_masks(logits: np.ndarray, seqs: list[Sequence]) -> None:
