@@ -17,9 +17,11 @@ UNAVAILABLE error naming the cause, and `HealthMonitor` unloads the model so tha
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
 import os
 import sys
+import tempfile
 import threading
 import uuid
 from concurrent.futures import Future
@@ -64,6 +66,7 @@ OUTPUTS = [
     ("prompt_token_ids", "TYPE_INT64"),
     ("tokenizer_info", "TYPE_STRING"),
 ]
+MIN_LOGPROB = -9999.0  # what a -inf logprob is sent as
 METRICS_INTERVAL_S = 0.5
 HEALTH_INTERVAL_S = 0.5
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
@@ -129,8 +132,8 @@ class TritonPythonModel:
             sender.send(error_response(message, pb_utils.TritonError.UNAVAILABLE), flags=FINAL)
             return
         try:
-            task = _string(request, "task") or "generate"
-            if task != "generate":
+            task = _string(request, "task")
+            if task not in (None, "generate"):
                 sender.send(tokenizer_task(self.engine, request, task), flags=FINAL)
                 return
             parsed = parse_request(request)
@@ -275,7 +278,12 @@ def _string(request, name: str) -> str | None:
     if value.size != 1:
         raise ValueError(f"{name} must hold one string, got {value.size}")
     item = value[0]
-    return item.decode("utf-8") if isinstance(item, bytes) else str(item)
+    if not isinstance(item, bytes):
+        return str(item)
+    try:
+        return item.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{name} is not valid UTF-8: {err}") from None
 
 
 def _json(request, name: str, kind: type) -> Any:
@@ -340,11 +348,16 @@ def _strings(values: list[str]) -> np.ndarray:
 
 
 def _logprob(lp) -> dict[str, Any]:
-    top = [{"token_id": t, "token": s, "logprob": p} for t, s, p in lp.top_logprobs]
-    entry = {"token_id": lp.token_id, "token": lp.token, "logprob": lp.logprob, "top_logprobs": top}
+    top = [{"token_id": t, "token": s, "logprob": _finite(p)} for t, s, p in lp.top_logprobs]
+    entry = {"token_id": lp.token_id, "token": lp.token, "logprob": _finite(lp.logprob), "top_logprobs": top}
     if lp.rank is not None:  # prompt tokens
         entry["rank"] = lp.rank
     return entry
+
+
+def _finite(logprob: float | None) -> float | None:
+    """A token the sampling excluded has logprob -inf, which JSON cannot carry: -9999.0, as vLLM says."""
+    return None if logprob is None else max(logprob, MIN_LOGPROB)
 
 
 def error_response(message: str, code=None):
@@ -399,11 +412,41 @@ class HealthMonitor:
 # Metrics -----------------------------------------------------------------------------------------------
 
 class EngineMetricsExporter:
-    """Copies the engine's metrics snapshot to Triton's metrics endpoint as `ernie:<name>`, periodically."""
+    """Copies the engine's metrics snapshot to Triton's metrics endpoint as `ernie:<name>`, periodically.
+
+    Triton shares one metric between all holders of its name and labels, and the first to release it frees it
+    under the others: tritonserver then crashes at their next update. Two instances of a model hold the same
+    ones while a load with a new config replaces the old instance (or with an instance_group count > 1), so
+    an exclusive lock per server and model decides which one exports; the others take over once it is free.
+    """
 
     def __init__(self, engine: AsyncLLMEngine, labels: dict[str, str]):
         self.engine = engine
-        snapshot = engine.metrics()
+        self.labels = labels
+        self.families: dict[str, Any] = {}
+        self.gauges: dict[str, Any] = {}
+        self.counters: dict[str, Any] = {}
+        self.histograms: dict[str, Any] = {}
+        self.last: dict[str, Any] = {}
+        self.lock = os.open(_export_lock_path(labels["model"]), os.O_RDONLY | os.O_CREAT, 0o644)
+        self._claim()  # at once, unless another instance exports (then _run retries)
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="ernie-metrics", daemon=True)
+        self.thread.start()
+
+    def _claim(self) -> bool:
+        """Whether this instance exports: it holds the lock and its metrics (created on taking the lock)."""
+        if self.families:
+            return True
+        try:
+            fcntl.flock(self.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        self._create_metrics()
+        return True
+
+    def _create_metrics(self) -> None:
+        snapshot = self.engine.metrics()
         # Families must outlive their metrics, so both are kept.
         kinds = ((GAUGES, pb_utils.MetricFamily.GAUGE), (COUNTERS, pb_utils.MetricFamily.COUNTER),
                  (HISTOGRAMS, pb_utils.MetricFamily.HISTOGRAM))
@@ -412,19 +455,17 @@ class EngineMetricsExporter:
             for names, kind in kinds
             for name in names
         }
-        self.gauges = {n: self.families[n].Metric(labels=labels) for n in GAUGES}
-        self.counters = {n: self.families[n].Metric(labels=labels) for n in COUNTERS}
-        self.histograms = {n: self.families[n].Metric(labels=labels, buckets=snapshot[n]["buckets"])
+        self.gauges = {n: self.families[n].Metric(labels=self.labels) for n in GAUGES}
+        self.counters = {n: self.families[n].Metric(labels=self.labels) for n in COUNTERS}
+        self.histograms = {n: self.families[n].Metric(labels=self.labels, buckets=snapshot[n]["buckets"])
                            for n in HISTOGRAMS}
         self.last = {n: 0 for n in COUNTERS} | {n: _empty_histogram(snapshot[n]) for n in HISTOGRAMS}
-        self.stopped = threading.Event()
-        self.thread = threading.Thread(target=self._run, name="ernie-metrics", daemon=True)
-        self.thread.start()
 
     def _run(self) -> None:
         while not self.stopped.wait(METRICS_INTERVAL_S):
             try:
-                self.update(self.engine.metrics())
+                if self._claim():
+                    self.update(self.engine.metrics())
             except Exception as err:  # metrics must never take the model down
                 pb_utils.Logger.log_warn(f"[ernie] metrics update failed: {err!r}")
 
@@ -448,6 +489,12 @@ class EngineMetricsExporter:
         # exit, the teardown order is arbitrary and the stub crashes.
         for metrics in (self.gauges, self.counters, self.histograms, self.families):
             metrics.clear()
+        os.close(self.lock)  # after the metrics are gone: another instance may create them now
+
+
+def _export_lock_path(model: str) -> str:
+    """Per tritonserver (the stub's parent process) and model: other servers on this host export their own."""
+    return os.path.join(tempfile.gettempdir(), f"ernie-metrics-{os.getppid()}-{model}.lock")
 
 
 def _empty_histogram(snapshot: dict[str, Any]) -> dict[str, Any]:

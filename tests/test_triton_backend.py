@@ -101,6 +101,9 @@ class GrpcStream:
             _input("return_num_output_tokens", [True], "BOOL"),
             _input("return_finish_reason", [True], "BOOL"),
         ]
+        self.send_inputs(inputs, request_id, model)
+
+    def send_inputs(self, inputs: list[grpcclient.InferInput], request_id: str = "", model: str = "") -> None:
         self.client.async_stream_infer(model or self.server.model, inputs, request_id=request_id,
                                        enable_empty_final_response=True)
 
@@ -192,6 +195,10 @@ def test_sampling_parameters_take_effect(triton_server: TritonServer):
     logprobs = json.loads(with_logprobs["logprobs"])
     assert [lp["token_id"] for lp in logprobs] == with_logprobs["output_token_ids"]
     assert all(lp["logprob"] <= 0 and len(lp["top_logprobs"]) == 2 for lp in logprobs)
+    # min_p 1 excludes every other token (logprob -inf): strict JSON has no -Infinity, vLLM says -9999.0.
+    one_left = run({"max_tokens": 2, "logprobs": 2, "temperature": 1.0, "min_p": 1.0}, return_logprobs=True)
+    strict = json.loads(one_left["logprobs"], parse_constant=lambda name: pytest.fail(f"not JSON: {name}"))
+    assert [top["logprob"] for top in strict[0]["top_logprobs"]] == [0.0, -9999.0]
     body = run({"max_tokens": 2}, return_num_input_tokens=True)
     assert body["num_input_tokens"] == len(np.atleast_1d(body["prompt_token_ids"])) > 0
     scored = run({"max_tokens": 1, "prompt_logprobs": 2})
@@ -271,6 +278,7 @@ BAD_INPUTS = {
     "both prompt and messages": ({"messages": '[{"role": "user", "content": "hi"}]'}, "exactly one of"),
     "neither prompt nor messages": ({"text_input": None}, "exactly one of"),
     "messages not a list": ({"text_input": None, "messages": '{"role": "user"}'}, "messages must be a JSON"),
+    "empty task": ({"task": ""}, "tokenizer_info (got '')"),
 }
 
 
@@ -293,6 +301,20 @@ def test_bad_input_over_grpc_stream(triton_server: TritonServer):
     finally:
         stream.close()
     assert isinstance(stream.error, InferenceServerException) and "no_such_key" in str(stream.error)
+    assert_still_serving(triton_server)
+
+
+@pytest.mark.parametrize("name", ["text_input", "sampling_parameters", "task"])
+def test_string_input_that_is_not_utf8_is_an_error_naming_it(triton_server: TritonServer, name: str):
+    stream = GrpcStream(triton_server)
+    inputs = {"text_input": PROMPT.encode(), "sampling_parameters": b'{"max_tokens": 2}', name: b"\xff\xfe"}
+    try:
+        stream.send_inputs([_input(key, [value], "BYTES") for key, value in inputs.items()])
+        assert stream.done.wait(30)
+    finally:
+        stream.close()
+    assert isinstance(stream.error, InferenceServerException), stream.error
+    assert f"{name} is not valid UTF-8" in str(stream.error)
     assert_still_serving(triton_server)
 
 
@@ -326,6 +348,33 @@ def test_unload_drains_in_flight_streams_then_stops_the_engine(triton_server: Tr
     assert wait_for(lambda: f"[ernie] {row}: engine stopped" in log(), timeout=30)
     assert wait_for(lambda: f"successfully unloaded '{row}'" in log(), timeout=30)
     assert "Segmentation fault" not in log()
+    assert_still_serving(triton_server)
+
+
+def test_reload_with_a_new_config_keeps_the_server_up_and_exporting(triton_server: TritonServer,
+                                                                     ernie_random_checkpoint: Path):
+    # Triton loads the new instance before it unloads the old one, and both export the same metrics: the old
+    # one releasing them must not free them under the new one (tritonserver crashed at its next update).
+    row = "ernie-test-reload"
+    params = {"model": str(ernie_random_checkpoint), **TEST_ROW_PARAMS}
+    url = f"{triton_server.http_url}/v2/repository/models/{row}"
+    write_row(triton_server.repository, row, params)
+    assert httpx.post(f"{url}/load", timeout=120).status_code == 200
+    try:
+        write_row(triton_server.repository, row, {**params, "max_num_seqs": "4"})
+        assert httpx.post(f"{url}/load", timeout=120).status_code == 200
+        log = triton_server.log_path.read_text
+        assert wait_for(lambda: log().count(f"[ernie] {row}: engine stopped") == 1, timeout=30)
+        payload = request({"max_tokens": 2, "ignore_eos": True})
+        response = httpx.post(f"{triton_server.http_url}/v2/models/{row}/generate", json=payload, timeout=60)
+        assert response.status_code == 200, response.text
+        # The new engine's count, once the new instance exports (within an update interval of the old exit)
+        sample = f'ernie:request_success_total{{model="{row}"}} 1'
+        assert wait_for(lambda: sample in httpx.get(triton_server.metrics_url, timeout=10).text.splitlines(),
+                        timeout=15)
+    finally:
+        httpx.post(f"{url}/unload", timeout=120)
+    assert "Signal (11)" not in log()
     assert_still_serving(triton_server)
 
 
