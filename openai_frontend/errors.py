@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -14,6 +15,8 @@ from openai_frontend.triton_client import TritonError
 
 logger = logging.getLogger(__name__)
 
+# Branch tags pydantic puts in an error's location inside unions: type expressions and class names.
+_UNION_TAG = re.compile(r"[A-Z\[]|^(str|int|float|bool|none)$")
 _TYPES = {401: "authentication_error", 404: "not_found_error", 413: "invalid_request_error",
           429: "rate_limit_error", 503: "service_unavailable"}
 
@@ -46,14 +49,22 @@ class OpenAIError(Exception):
         return JSONResponse(self.body(), status_code=self.status_code)
 
 
+def _param(loc: tuple) -> str | None:
+    """The request parameter an error is about, without pydantic's union branch tags (`str`, `list[int]`,
+    `NamedToolChoice`, ...): `messages.0.content`, not `messages.0.content.str`."""
+    parts = [str(p) for p in loc if p != "body" and not (isinstance(p, str) and _UNION_TAG.search(p))]
+    return ".".join(parts) or None
+
+
 def _validation_error(exc: RequestValidationError) -> OpenAIError:
-    first = exc.errors()[0]
-    if first.get("type") == "json_invalid":
-        return OpenAIError(400, f"Request body is not valid JSON: {first.get('ctx', {}).get('error', '')}")
-    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-    param = ".".join(loc) or None
-    message = f"{param}: {first['msg']}" if param else first["msg"]
-    return OpenAIError(400, message, param=param)
+    errors = exc.errors()
+    if errors[0].get("type") == "json_invalid":
+        reason = errors[0].get("ctx", {}).get("error", "")
+        return OpenAIError(400, f"Request body is not valid JSON: {reason}")
+    # A value matching no branch of a union fails once per branch: the branch that got furthest is meant.
+    error = max(errors, key=lambda e: len(e.get("loc", ())))
+    param, msg = _param(error.get("loc", ())), error["msg"].removeprefix("Value error, ")
+    return OpenAIError(400, f"{param}: {msg}" if param else msg, param=param)
 
 
 def install_handlers(app: FastAPI) -> None:

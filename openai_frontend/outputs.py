@@ -219,11 +219,17 @@ def completion_logprobs(entries: list[dict[str, Any]], text_offset: int,
         "tokens": tokens,
         "token_logprobs": [e["logprob"] for e in entries],
         # A prompt's first token (echo) has no logprob: null, as OpenAI's.
-        "top_logprobs": [None if e["logprob"] is None else
-                         {t.get("token", ""): t["logprob"] for t in (e.get("top_logprobs") or [])[:top]}
-                         for e in entries],
+        "top_logprobs": [None if e["logprob"] is None else _top_logprobs(e, top) for e in entries],
         "text_offset": offsets,
     }
+
+
+def _top_logprobs(entry: dict[str, Any], top: int | None) -> dict[str, float]:
+    """The `top` likeliest tokens and the token itself, as OpenAI and vLLM give them (top + 1 at most)."""
+    alternatives = (entry.get("top_logprobs") or [])[:top]
+    shaped = {t.get("token", ""): t["logprob"] for t in alternatives}
+    shaped.setdefault(entry.get("token", ""), entry["logprob"])
+    return shaped
 
 
 def choice_logprobs(req: CompletionRequest, prompt_entries: list[dict[str, Any]],

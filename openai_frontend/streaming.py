@@ -1,31 +1,36 @@
-"""Server-sent events: Triton streams in, OpenAI chunks out.
+"""Triton streams in; OpenAI chunks (server-sent events) or, for non-streaming requests, their sum out.
 
-The Triton streams are closed whenever the SSE response ends: normally, on error, or when the client goes
-away (Starlette then cancels the body iterator). Closing an unfinished stream cancels the Triton request.
+Every generation streams from Triton. Its streams are closed whenever the response ends: normally, on error,
+or when the client goes away (Starlette cancels a streamed body; `until_disconnected` a non-streaming one).
+Closing an unfinished stream cancels the Triton request.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import anyio
+from fastapi import Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 
 from openai_frontend.errors import OpenAIError
 from openai_frontend.metrics import FrontendMetrics
-from openai_frontend.outputs import GenerateOutput, parse_response
+from openai_frontend.outputs import GenerateOutput, RequestState, parse_response
 from openai_frontend.schemas.openai import Usage
 from openai_frontend.triton_client import TritonClient, TritonError, TritonStream
 
 logger = logging.getLogger(__name__)
 
 DONE = "data: [DONE]\n\n"
+T = TypeVar("T")
 
 
 def sse(payload: BaseModel) -> str:
@@ -94,6 +99,43 @@ async def merged(streams: list[TritonStream]) -> AsyncIterator[tuple[int, Genera
     finally:
         for task in tasks:
             task.cancel()
+
+
+async def collect(streams: list[TritonStream], states: list[RequestState],
+                  convert: Callable[[GenerateOutput, RequestState], None] | None = None) -> None:
+    """A non-streaming response's outputs: every delta of stream p into states[p] (`convert` first edits it).
+    Triton streams them too, so that a client leaving midway cancels the requests (see until_disconnected)."""
+    try:
+        async for p, out in merged(streams):
+            if convert is not None:
+                convert(out, states[p])
+            states[p].add(out)
+    finally:
+        await close_all(streams)
+
+
+async def until_disconnected(request: Request, work: Awaitable[T]) -> T:
+    """Await `work`, cancelling it if the client disconnects first, as vLLM does for non-streaming requests
+    (Starlette cancels only streamed bodies): its Triton streams close, and Triton cancels the requests."""
+    task = asyncio.ensure_future(work)
+
+    async def disconnect() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(disconnect())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+    if task.cancelled():
+        logger.info("%s: client went away, cancelling its Triton request(s)", request.url.path)
+        raise OpenAIError(499, "Client closed the request")
+    return task.result()
 
 
 async def open_streams(triton: TritonClient, model: str, payloads: list[dict]) -> list[TritonStream]:

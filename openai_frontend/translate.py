@@ -11,6 +11,7 @@ from typing import Any
 from openai_frontend.errors import OpenAIError
 from openai_frontend.schemas.openai import (
     ChatCompletionRequest,
+    ChatMessage,
     CompletionRequest,
     DetokenizeRequest,
     GenerationRequest,
@@ -67,7 +68,7 @@ def _response_format(req: GenerationRequest) -> dict[str, Any]:
 
 def named_tool(req: ChatCompletionRequest) -> str | None:
     """The function a named tool_choice forces, or None."""
-    return req.tool_choice.function.get("name") if isinstance(req.tool_choice, NamedToolChoice) else None
+    return req.tool_choice.function.name if isinstance(req.tool_choice, NamedToolChoice) else None
 
 
 def _required_tools_schema(req: ChatCompletionRequest) -> dict[str, Any]:
@@ -120,7 +121,7 @@ def chat_payload(req: ChatCompletionRequest) -> dict[str, Any]:
         params.pop("guided_json_object", None)
         params["guided_json"] = _required_tools_schema(req)
     payload: dict[str, Any] = {
-        "stream": req.stream,
+        "stream": True,  # also for non-streaming requests (see streaming.py)
         "sampling_parameters": json.dumps(params, ensure_ascii=False),
         **_flags(req, logprobs),
     }
@@ -132,7 +133,7 @@ def chat_payload(req: ChatCompletionRequest) -> dict[str, Any]:
 def _chat_inputs(req: ChatCompletionRequest | TokenizeRequest, tools: list[Tool] | None) -> dict[str, str]:
     """The `messages`, `tools` and `chat_template_kwargs` inputs (JSON strings). Where the prompt ends rides
     in chat_template_kwargs, where the backend reads it (keys the client put there win, as in vLLM)."""
-    dumped = [m.model_dump(exclude_unset=True) for m in req.messages]
+    dumped = [_template_message(m) for m in req.messages]
     inputs = {"messages": json.dumps(dumped, ensure_ascii=False)}
     if tools:
         inputs["tools"] = json.dumps([t.model_dump(exclude_unset=True) for t in tools], ensure_ascii=False)
@@ -143,6 +144,12 @@ def _chat_inputs(req: ChatCompletionRequest | TokenizeRequest, tools: list[Tool]
     if kwargs:
         inputs["chat_template_kwargs"] = json.dumps(kwargs, ensure_ascii=False)
     return inputs
+
+
+def _template_message(message: ChatMessage) -> dict[str, Any]:
+    """A message as the chat template takes it: OpenAI's "developer" role is its newer name for "system"."""
+    dumped = message.model_dump(exclude_unset=True)
+    return {**dumped, "role": "system"} if message.role == "developer" else dumped
 
 
 def tokenize_payload(req: TokenizeRequest) -> dict[str, Any]:
@@ -162,7 +169,7 @@ def completion_payloads(req: CompletionRequest) -> list[dict[str, Any]]:
     params = sampling_parameters(req, req.max_tokens, req.logprobs)
     if req.echo and req.logprobs is not None:  # the echoed prompt's tokens get logprobs too
         params["prompt_logprobs"] = max(req.logprobs, req.prompt_logprobs or 0)
-    common = {"stream": req.stream, "sampling_parameters": json.dumps(params, ensure_ascii=False),
+    common = {"stream": True, "sampling_parameters": json.dumps(params, ensure_ascii=False),
               **_flags(req, req.logprobs)}
     key = "prompt_token_ids" if req.prompts_are_token_ids else "text_input"
     if req.echo and req.prompts_are_token_ids:  # the backend echoes them as text (the frontend cannot decode)

@@ -18,7 +18,8 @@ logger = logging.getLogger(__name__)
 
 
 class TritonError(Exception):
-    """Triton answered with an error (or could not be reached: status 503)."""
+    """Triton answered with an error, could not be reached (status 503) or was not sent a body holding text
+    with no UTF-8 encoding (status 400)."""
 
     def __init__(self, status_code: int, message: str) -> None:
         super().__init__(message)
@@ -77,7 +78,10 @@ class TritonClient:
         await self._http.aclose()
 
     async def _send(self, method: str, path: str, *, stream: bool = False, **kwargs: Any) -> httpx.Response:
-        request = self._http.build_request(method, path, **kwargs)
+        try:
+            request = self._http.build_request(method, path, **kwargs)
+        except UnicodeEncodeError as exc:  # JSON's "\ud800" escape parses to a lone surrogate: no UTF-8 text
+            raise TritonError(400, f"request text is not valid Unicode: {exc.reason}") from exc
         try:
             response = await self._http.send(request, stream=stream)
         except httpx.TransportError as exc:

@@ -61,6 +61,7 @@ def test_model_retrieve(client: openai.OpenAI, triton_server: TritonServer):
 
 def test_health_follows_triton(openai_frontend: Frontend):
     assert httpx.get(f"{openai_frontend.url}/health", timeout=10).status_code == 200
+    assert httpx.head(f"{openai_frontend.url}/health", timeout=10).status_code == 200
 
 
 def test_health_and_requests_fail_with_503_when_triton_is_unreachable(tmp_path: Path):
@@ -238,8 +239,11 @@ def test_echo_with_logprobs_scores_the_prompt(client: openai.OpenAI):
     lp = by_ids.logprobs
     assert len(lp.tokens) == len(lp.token_logprobs) == len(ids) + 1
     assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
-    for token_logprob, top in zip(lp.token_logprobs[1:], lp.top_logprobs[1:], strict=True):
-        assert len(top) == 1 and token_logprob <= max(top.values()) + 1e-4 and token_logprob <= 0
+    scored = zip(lp.tokens[1:], lp.token_logprobs[1:], lp.top_logprobs[1:], strict=True)
+    for token, token_logprob, top in scored:
+        # The likeliest token and the prompt's own, as OpenAI and vLLM give them.
+        assert token in top and len(top) <= 2
+        assert token_logprob <= max(top.values()) + 1e-4 and token_logprob <= 0
     assert lp.token_logprobs[-1] == pytest.approx(max(lp.top_logprobs[-1].values()), abs=1e-4)  # greedy
     by_text = client.completions.create(prompt=QUESTION, **request).choices[0]
     assert by_text.text.startswith(QUESTION) and by_text.logprobs.tokens == lp.tokens
@@ -248,6 +252,19 @@ def test_echo_with_logprobs_scores_the_prompt(client: openai.OpenAI):
                 if c.choices]
     assert "".join(c.text for c in streamed) == by_ids.text
     assert [t for c in streamed if c.logprobs for t in c.logprobs.tokens] == lp.tokens
+
+
+def test_logprobs_are_numbers_and_name_the_chosen_token(client: openai.OpenAI):
+    """min_p 1 leaves one token to sample: the others' logprobs are -inf, which went out as null (OpenAI's
+    schema has a number); as vLLM, -9999.0. Legacy top_logprobs hold the chosen token even with logprobs=0."""
+    request = {"model": "default", "max_tokens": 2, "temperature": 1.0, "extra_body": {"min_p": 1.0}}
+    chat = client.chat.completions.create(messages=MESSAGES, logprobs=True, top_logprobs=3, **request)
+    (first, *_) = chat.choices[0].logprobs.content
+    assert [t.logprob for t in first.top_logprobs] == [0.0, -9999.0, -9999.0]
+    text = client.completions.create(prompt=QUESTION, logprobs=3, **request).choices[0].logprobs
+    assert sorted(text.top_logprobs[0].values()) == [-9999.0, -9999.0, 0.0]
+    chosen = client.completions.create(prompt=QUESTION, logprobs=0, **request).choices[0].logprobs
+    assert chosen.top_logprobs == [{token: 0.0} for token in chosen.tokens]
 
 
 def test_tokenizer_endpoints(openai_frontend: Frontend, client: openai.OpenAI):
@@ -458,22 +475,28 @@ def test_seed_vl_python_example(openai_frontend: Frontend):
 # ---- cancellation -------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("stream", [True, False])
 def test_client_disconnect_cancels_the_triton_request(openai_frontend: Frontend, triton_server: TritonServer,
-                                                      ernie_random_checkpoint: Path):
+                                                      ernie_random_checkpoint: Path, stream: bool):
+    """Streamed or not (a client timing out a long answer, as vLLM): the engine stops working on it."""
     # A row of its own: its counters start at zero, and its budget (seconds of decoding for the tiny model)
     # cannot run out before the disconnect reaches the engine, however loaded the machine is.
     max_tokens = 4000
     with longer_context_row(triton_server, ernie_random_checkpoint, max_tokens + 96) as model:
-        body = {"model": model, "messages": MESSAGES, "stream": True, "max_tokens": max_tokens,
+        body = {"model": model, "messages": MESSAGES, "stream": stream, "max_tokens": max_tokens,
                 "ignore_eos": True}
         url = f"{openai_frontend.base_url}/chat/completions"
-        with httpx.stream("POST", url, json=body, timeout=TIMEOUT) as r:
-            seen = 0
-            for line in r.iter_lines():
-                seen += line.startswith("data: {")
-                if seen == 4:
-                    break
-        assert seen == 4
+        if stream:
+            with httpx.stream("POST", url, json=body, timeout=TIMEOUT) as r:
+                seen = 0
+                for line in r.iter_lines():
+                    seen += line.startswith("data: {")
+                    if seen == 4:
+                        break
+            assert seen == 4
+        else:
+            with pytest.raises(httpx.ReadTimeout):
+                httpx.post(url, json=body, timeout=httpx.Timeout(TIMEOUT, read=3.0))
 
         def metric(name: str) -> float:
             return engine_metric(triton_server, name, model)
@@ -500,6 +523,35 @@ def test_invalid_requests_get_400(openai_frontend: Frontend, body: dict, param: 
     assert response.status_code == 400
     error = error_of(response)
     assert error["type"] == "invalid_request_error" and error["param"] == param
+
+
+def test_values_triton_cannot_take_get_400_not_500(openai_frontend: Frontend, client: openai.OpenAI):
+    """A lone surrogate (valid JSON escape, no UTF-8) and token ids beyond INT64 reached Triton and came
+    back as 500s."""
+    def post(path: str, body: dict) -> httpx.Response:  # json.dumps escapes the surrogate as "\\ud800"
+        return httpx.post(f"{openai_frontend.url}{path}", content=json.dumps(body), timeout=TIMEOUT,
+                          headers={"Content-Type": "application/json"})
+
+    response = post("/v1/chat/completions", {"messages": [{"role": "user", "content": "a\ud800"}]})
+    assert response.status_code == 400 and "Unicode" in error_of(response)["message"]
+    for path, body in [("/v1/completions", {"prompt": "hi", "stop": ["\ud800"], "max_tokens": 2}),
+                       ("/v1/completions", {"prompt": [2**63], "max_tokens": 2}),
+                       ("/detokenize", {"tokens": [2**64]}),
+                       # Made a state per completion before Triton refused n: the frontend was OOM-killed.
+                       ("/v1/completions", {"prompt": "hi", "n": 10**20, "max_tokens": 2})]:
+        response = post(path, body)
+        assert response.status_code == 400, (path, body, response.text)
+    assert client.chat.completions.create(model="default", messages=MESSAGES, max_tokens=2).choices
+
+
+def test_null_options_and_developer_messages(openai_frontend: Frontend):
+    """What other SDKs send: null for every option left alone, and OpenAI's "developer" role."""
+    messages = [{"role": "developer", "content": "Answer briefly."}, *MESSAGES]
+    body = {"model": "default", "messages": messages, "max_tokens": 2, "n": None, "stream": None,
+            "temperature": None, "stream_options": None, "tool_choice": None, "logprobs": None}
+    response = httpx.post(f"{openai_frontend.base_url}/chat/completions", json=body, timeout=TIMEOUT)
+    assert response.status_code == 200, response.text
+    assert len(response.json()["choices"]) == 1
 
 
 def test_malformed_json_gets_400(openai_frontend: Frontend):

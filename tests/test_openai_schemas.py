@@ -7,9 +7,10 @@ import json
 
 import pytest
 from ernie_engine.sampling_params import SamplingParams
+from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 
-from openai_frontend.errors import OpenAIError
+from openai_frontend.errors import OpenAIError, _validation_error
 from openai_frontend.metrics import FrontendMetrics
 from openai_frontend.outputs import (
     GenerateOutput,
@@ -21,16 +22,18 @@ from openai_frontend.outputs import (
     usage,
 )
 from openai_frontend.routers.chat import _RequiredToolCalls, delta_choices
+from openai_frontend.routers.models import resolve_model
 from openai_frontend.schemas.openai import (
     ChatChunkChoice,
     ChatCompletionChunk,
     ChatCompletionRequest,
     CompletionRequest,
     DeltaMessage,
+    DetokenizeRequest,
 )
 from openai_frontend.streaming import DONE, ResponseMeta, event_stream
 from openai_frontend.translate import chat_payload, completion_payloads
-from openai_frontend.triton_client import TritonError
+from openai_frontend.triton_client import TritonClient, TritonError
 
 USER = [{"role": "user", "content": "Where is the capital of China?"}]
 
@@ -50,7 +53,7 @@ def test_seed_curl_body_needs_no_model_and_sends_defaults_only():
     payload = chat_payload(chat())
     assert json.loads(payload["messages"]) == USER
     assert sampling(payload) == {}  # the backend's own defaults apply
-    assert payload["stream"] is False
+    assert payload["stream"] is True  # Triton always streams (the frontend sums a non-streaming answer)
     assert payload["return_finish_reason"] and payload["return_num_input_tokens"]
     assert payload["return_num_output_tokens"]
     for absent in ("return_logprobs", "return_token_ids", "tools", "chat_template_kwargs"):
@@ -176,6 +179,71 @@ def test_tool_choice_none_hides_the_tools():
     tools = [{"type": "function", "function": {"name": "f"}}]
     assert "tools" not in chat_payload(chat(tools=tools, tool_choice="none"))
     assert "tools" in chat_payload(chat(tools=tools, tool_choice="auto"))
+
+
+def test_null_options_mean_their_defaults():
+    """Many clients send null for what they leave alone; vLLM takes that as the default, so must we."""
+    nulls = dict.fromkeys(["n", "stream", "stream_options", "temperature", "add_generation_prompt",
+                           "continue_final_message", "tool_choice", "logprobs", "max_completion_tokens"])
+    req = chat(**nulls, metadata={"temperature": 0.3})
+    assert (req.n, req.stream, req.add_generation_prompt) == (1, False, True)
+    payload = chat_payload(req)
+    assert sampling(payload) == {"temperature": 0.3} and "chat_template_kwargs" not in payload
+    assert CompletionRequest.model_validate({"prompt": "hi", "echo": None, "n": None, "stream": None}).n == 1
+
+
+def test_developer_role_reaches_the_template_as_system():
+    """OpenAI's "developer" messages are its newer name for system messages; the ERNIE template knows only
+    "system"."""
+    req = chat(messages=[{"role": "developer", "content": "Be brief"}, *USER])
+    assert json.loads(chat_payload(req)["messages"]) == [{"role": "system", "content": "Be brief"}, *USER]
+
+
+def test_named_tool_choice_needs_a_function_name():
+    tools = [{"type": "function", "function": {"name": "f"}}]
+    with pytest.raises(ValidationError):  # not silently taken as "auto"
+        chat(tools=tools, tool_choice={"type": "function", "function": {}})
+
+
+@pytest.mark.parametrize(("model", "fields", "param"), [
+    (ChatCompletionRequest, {"messages": USER, "tool_choice": {"type": "function", "function": {}}},
+     "tool_choice.function.name"),
+    (ChatCompletionRequest, {"messages": [{"role": "user", "content": 5}]}, "messages.0.content"),
+    (CompletionRequest, {"prompt": ["a", 5]}, "prompt.1"),
+    (CompletionRequest, {"prompt": "a", "stop": [None]}, "stop.0"),
+])
+def test_validation_errors_name_the_parameter_without_union_branches(model, fields, param):
+    with pytest.raises(ValidationError) as err:
+        model.model_validate(fields)
+    errors = [{**e, "loc": ("body", *e["loc"])} for e in err.value.errors()]
+    assert _validation_error(RequestValidationError(errors)).param == param
+
+
+def test_token_ids_beyond_int64_are_rejected():
+    """Triton's INT64 tensors cannot parse them: it answered 500 "Unable to parse 'data'"."""
+    for prompt in ([2**63], [[1], [-(2**63) - 1]]):
+        with pytest.raises(ValidationError, match="64-bit"):
+            CompletionRequest(prompt=prompt)
+    assert CompletionRequest(prompt=[2**63 - 1]).prompts_are_token_ids
+    with pytest.raises(ValidationError):
+        DetokenizeRequest(tokens=[2**64])
+
+
+def test_text_that_is_no_unicode_is_a_bad_request():
+    """JSON's "\\ud800" escape parses to a lone surrogate, which has no UTF-8 encoding: 400, not a 500."""
+    client = TritonClient("http://127.0.0.1:9")  # refused before anything is sent
+    with pytest.raises(TritonError) as err:
+        asyncio.run(client.generate("m", {"text_input": "a\ud800b"}))
+    assert err.value.status_code == 400 and "Unicode" in err.value.message
+
+
+def test_no_model_named_while_several_are_served_says_so():
+    class TwoModels:
+        async def ready_models(self, max_age: float = 0.0) -> list[str]:
+            return ["a", "b"]
+
+    with pytest.raises(OpenAIError, match="No model named and 2 served: set `model` to one of: a, b"):
+        asyncio.run(resolve_model(TwoModels(), None))  # it said "The model `None` does not exist"
 
 
 def test_unknown_fields_are_ignored():
@@ -334,8 +402,11 @@ def test_chat_logprobs_take_openai_shape():
 
 def test_completion_logprobs_take_legacy_shape_with_offsets():
     shaped = completion_logprobs(LOGPROBS, text_offset=3)
+    # The chosen token is always among top_logprobs, as OpenAI's and vLLM's (logprobs=0 gives just it).
     assert shaped == {"tokens": ["Bei", "jing"], "token_logprobs": [-0.1, -0.2],
-                      "top_logprobs": [{"Bei": -0.1, "Sh": -2.5}, {}], "text_offset": [3, 6]}
+                      "top_logprobs": [{"Bei": -0.1, "Sh": -2.5}, {"jing": -0.2}], "text_offset": [3, 6]}
+    assert completion_logprobs(LOGPROBS, text_offset=0, top=0)["top_logprobs"] == [{"Bei": -0.1},
+                                                                                    {"jing": -0.2}]
 
 
 def test_completion_response_indexes_prompts_and_echoes():

@@ -14,7 +14,6 @@ from openai_frontend.outputs import (
     RequestState,
     chat_logprobs,
     chat_response,
-    parse_response,
     usage,
 )
 from openai_frontend.routers.models import resolve_model
@@ -27,7 +26,7 @@ from openai_frontend.schemas.openai import (
     Usage,
     new_id,
 )
-from openai_frontend.streaming import ResponseMeta, event_stream, merged, sse
+from openai_frontend.streaming import ResponseMeta, collect, event_stream, merged, sse, until_disconnected
 from openai_frontend.translate import chat_payload, named_tool
 from openai_frontend.triton_client import TritonStream
 
@@ -41,16 +40,11 @@ async def create_chat_completion(body: ChatCompletionRequest,
     triton = request.app.state.triton
     model = await resolve_model(triton, body.model)
     meta = ResponseMeta(ENDPOINT, request.app.state.metrics, new_id("chatcmpl"), model)
-    payload = chat_payload(body)
+    stream = await triton.generate_stream(model, chat_payload(body))
     if body.stream:
-        stream = await triton.generate_stream(model, payload)
         return event_stream(_chunks(body, stream, meta), [stream], meta)
     state = RequestState(n=body.n)
-    as_tool_calls = _tool_call_converter(body)
-    # Non-streaming: /generate's single response holds all n completions.
-    for out in parse_response(await triton.generate(model, payload)):
-        as_tool_calls(out, state)
-        state.add(out)
+    await until_disconnected(request, collect([stream], [state], _tool_call_converter(body)))
     response = chat_response(state, id=meta.id, created=meta.created, model=model,
                              return_token_ids=bool(body.return_token_ids),
                              prompt_logprobs=body.prompt_logprobs)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Request
@@ -13,7 +12,6 @@ from openai_frontend.outputs import (
     RequestState,
     choice_logprobs,
     completion_response,
-    parse_response,
     usage,
 )
 from openai_frontend.routers.models import resolve_model
@@ -24,9 +22,17 @@ from openai_frontend.schemas.openai import (
     Usage,
     new_id,
 )
-from openai_frontend.streaming import ResponseMeta, event_stream, merged, open_streams, sse
+from openai_frontend.streaming import (
+    ResponseMeta,
+    collect,
+    event_stream,
+    merged,
+    open_streams,
+    sse,
+    until_disconnected,
+)
 from openai_frontend.translate import completion_payloads
-from openai_frontend.triton_client import TritonClient, TritonStream
+from openai_frontend.triton_client import TritonStream
 
 ENDPOINT = "/v1/completions"
 router = APIRouter()
@@ -38,33 +44,15 @@ async def create_completion(body: CompletionRequest,
     triton = request.app.state.triton
     model = await resolve_model(triton, body.model)
     meta = ResponseMeta(ENDPOINT, request.app.state.metrics, new_id("cmpl"), model)
-    payloads = completion_payloads(body)
+    streams = await open_streams(triton, model, completion_payloads(body))
     if body.stream:
-        streams = await open_streams(triton, model, payloads)
         return event_stream(_chunks(body, streams, meta), streams, meta)
-    states = await _run_all(triton, model, payloads, body.n)
+    # One state per completion, made once Triton has accepted n (an absurd n must not exhaust our memory).
+    states = [RequestState(n=body.n, offset=p * body.n) for p in range(len(streams))]
+    await until_disconnected(request, collect(streams, states))
     response = completion_response(states, body, id=meta.id, created=meta.created, model=model)
     meta.count_usage(response.usage)
     return response
-
-
-async def _run_all(triton: TritonClient, model: str, payloads: list[dict], n: int) -> list[RequestState]:
-    states = [RequestState(n=n, offset=p * n) for p in range(len(payloads))]
-
-    async def run(p: int) -> None:
-        # Non-streaming: /generate's single response holds all n completions.
-        for out in parse_response(await triton.generate(model, payloads[p])):
-            states[p].add(out)
-
-    tasks = [asyncio.ensure_future(run(p)) for p in range(len(payloads))]
-    try:
-        await asyncio.gather(*tasks)
-    except BaseException:
-        # One prompt failed (or the request was cancelled): stop the others rather than leave them running.
-        for task in tasks:
-            task.cancel()
-        raise
-    return states
 
 
 def _choice(out: GenerateOutput, index: int, text_offset: int, req: CompletionRequest) -> CompletionChoice:

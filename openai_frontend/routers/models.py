@@ -20,10 +20,17 @@ PLACEHOLDERS = frozenset({"", "null", "none", "default"})
 READY_MAX_AGE_S = 2.0
 
 
+def _is_placeholder(requested: str | None) -> bool:
+    return requested is None or requested.strip().lower() in PLACEHOLDERS
+
+
 def _not_found(requested: str | None, ready: list[str]) -> OpenAIError:
     served = ", ".join(ready) or "none"
-    return OpenAIError(404, f"The model `{requested}` does not exist. Served models: {served}", param="model",
-                       code="model_not_found")
+    if _is_placeholder(requested):
+        message = f"No model named and {len(ready)} served: set `model` to one of: {served}"
+    else:
+        message = f"The model `{requested}` does not exist. Served models: {served}"
+    return OpenAIError(404, message, param="model", code="model_not_found")
 
 
 async def resolve_model(triton: TritonClient, requested: str | None) -> str:
@@ -34,7 +41,7 @@ async def resolve_model(triton: TritonClient, requested: str | None) -> str:
     ready = await triton.ready_models()
     if requested in ready:
         return requested
-    if (requested is None or requested.strip().lower() in PLACEHOLDERS) and len(ready) == 1:
+    if _is_placeholder(requested) and len(ready) == 1:
         return ready[0]
     raise _not_found(requested, ready)
 

@@ -1,4 +1,5 @@
-"""GET /health (200 only when Triton is ready) and GET /metrics (the frontend's Prometheus metrics)."""
+"""/health, GET or HEAD as probes send it (200 only when Triton is ready), and GET /metrics (the frontend's
+Prometheus metrics)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from openai_frontend.errors import OpenAIError
 router = APIRouter()
 
 
-@router.get("/health")
+@router.api_route("/health", methods=["GET", "HEAD"])
 async def health(request: Request) -> Response:
     if not await request.app.state.triton.is_ready():
         raise OpenAIError(503, "tritonserver is not ready")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_validator
 
@@ -20,9 +20,20 @@ METADATA_KEYS = (
     "guided_json", "guided_regex", "guided_choice", "guided_grammar", "chat_template_kwargs",
 )
 
+# Token ids travel in Triton's INT64 tensors, which cannot parse a JSON integer beyond this range.
+INT64 = range(-(2**63), 2**63)
+Int64 = Annotated[int, Field(ge=INT64.start, le=INT64.stop - 1)]
+
 
 class _Request(BaseModel):
     model_config = ConfigDict(extra="ignore", populate_by_name=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_absent(cls, data: Any) -> Any:
+        """Many clients send null for every option they leave alone (`"n": null, "stream": null`): as vLLM,
+        that means the default."""
+        return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
 
 
 class _Passthrough(BaseModel):
@@ -52,9 +63,13 @@ class Tool(_Passthrough):
     function: FunctionDefinition
 
 
+class ToolChoiceFunction(_Passthrough):
+    name: str
+
+
 class NamedToolChoice(_Passthrough):
     type: Literal["function"] = "function"
-    function: dict[str, Any]
+    function: ToolChoiceFunction
 
 
 class StreamOptions(_Request):
@@ -188,6 +203,8 @@ class CompletionRequest(GenerationRequest):
     def _check_prompt(self) -> CompletionRequest:
         if isinstance(self.prompt, list) and not self.prompt:
             raise ValueError("prompt must not be empty")
+        if self.prompts_are_token_ids and not all(t in INT64 for p in self.prompt_list() for t in p):
+            raise ValueError("prompt token ids must be 64-bit integers")
         if self.suffix:
             raise ValueError("suffix is not supported")
         if self.best_of is not None and self.best_of != self.n:
@@ -233,7 +250,7 @@ class TokenizeRequest(_Request):
 
 class DetokenizeRequest(_Request):
     model: str | None = None
-    tokens: list[int] = Field(min_length=1)
+    tokens: list[Int64] = Field(min_length=1)
 
 
 # ---- responses ---------------------------------------------------------------------------------
