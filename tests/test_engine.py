@@ -173,13 +173,17 @@ def test_truncation_params_reduce_to_greedy(engine, alone):
     assert sampled.outputs[0].token_ids != alone[4]
 
 
-def test_temperature_scales_the_distribution(engine):
-    def top_logprob(temperature: float) -> float:
+def test_temperature_scales_the_distribution(engine: LLMEngine, model_dir: Path):
+    def top_logprob(engine: LLMEngine, temperature: float) -> float:
         out = one(engine, PROMPTS[2], temperature=temperature, seed=0, max_tokens=1, logprobs=1).outputs[0]
         return out.logprobs[0].top_logprobs[0][2]
 
-    # Logprobs are taken after temperature: a colder distribution puts more mass on its best token.
-    assert top_logprob(0.05) > top_logprob(1.0) + 0.5 > top_logprob(3.0) + 0.5
+    # Processed logprobs are the distribution drawn from: a colder one puts more mass on its best token.
+    processed = make_engine(model_dir, logprobs_mode="processed_logprobs")
+    cold, warm, hot = (top_logprob(processed, t) for t in (0.05, 1.0, 3.0))
+    assert cold > warm + 0.5 > hot + 0.5
+    # The default (raw) ones are the model's, whatever the temperature.
+    assert top_logprob(engine, 0.05) == pytest.approx(top_logprob(engine, 3.0))
 
 
 def test_seed_reproduces_whatever_the_batch(engine):

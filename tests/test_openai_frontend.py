@@ -254,17 +254,20 @@ def test_echo_with_logprobs_scores_the_prompt(client: openai.OpenAI):
     assert [t for c in streamed if c.logprobs for t in c.logprobs.tokens] == lp.tokens
 
 
-def test_logprobs_are_numbers_and_name_the_chosen_token(client: openai.OpenAI):
-    """min_p 1 leaves one token to sample: the others' logprobs are -inf, which went out as null (OpenAI's
-    schema has a number); as vLLM, -9999.0. Legacy top_logprobs hold the chosen token even with logprobs=0."""
+def test_logprobs_are_the_models_and_name_the_chosen_token(client: openai.OpenAI):
+    """Raw logprobs (the default logprobs_mode, as vLLM V1): min_p 1 leaves one token to draw, yet the others
+    keep the model's logprobs (they were -inf and went out as null). Legacy top_logprobs hold the chosen
+    token even with logprobs=0, as OpenAI's."""
     request = {"model": "default", "max_tokens": 2, "temperature": 1.0, "extra_body": {"min_p": 1.0}}
     chat = client.chat.completions.create(messages=MESSAGES, logprobs=True, top_logprobs=3, **request)
     (first, *_) = chat.choices[0].logprobs.content
-    assert [t.logprob for t in first.top_logprobs] == [0.0, -9999.0, -9999.0]
+    top = [t.logprob for t in first.top_logprobs]
+    assert top[0] == first.logprob and all(-9999.0 < lp < 0 for lp in top[1:]), top
     text = client.completions.create(prompt=QUESTION, logprobs=3, **request).choices[0].logprobs
-    assert sorted(text.top_logprobs[0].values()) == [-9999.0, -9999.0, 0.0]
+    assert all(-9999.0 < lp <= 0 for lp in text.top_logprobs[0].values())
     chosen = client.completions.create(prompt=QUESTION, logprobs=0, **request).choices[0].logprobs
-    assert chosen.top_logprobs == [{token: 0.0} for token in chosen.tokens]
+    pairs = zip(chosen.tokens, chosen.token_logprobs, strict=True)
+    assert chosen.top_logprobs == [{token: logprob} for token, logprob in pairs]
 
 
 def test_tokenizer_endpoints(openai_frontend: Frontend, client: openai.OpenAI):

@@ -179,8 +179,10 @@ def test_argmax_only_when_nothing_edits_or_reports_the_logits():
 def test_forced_token_wins():
     seq = make_seq(temperature=1.0, logprobs=1)
     seq.forced_token_id = 5
-    result = sample_one(PEAKED, seq)
-    assert result.token_id == 5 and result.logprob == 0.0
+    result = sample_one(PEAKED, seq)  # raw logprobs: what the model thought of it
+    assert result.token_id == 5 and result.logprob == pytest.approx(log_softmax(np.array(PEAKED))[5])
+    processed = Sampler("processed_logprobs")(np.array([PEAKED], dtype=np.float32), [seq])[0]
+    assert processed.token_id == 5 and processed.logprob == 0.0
 
 
 def test_seeded_draws_do_not_depend_on_the_batch():
@@ -202,15 +204,27 @@ def test_seeded_draws_do_not_depend_on_the_batch():
     assert [sample_one(PEAKED, sibling).token_id for _ in range(20)] != alone
 
 
-def test_logprobs_are_log_softmax_of_processed_logits():
+def log_softmax(x: np.ndarray) -> np.ndarray:
+    return x - np.log(np.exp(x).sum())
+
+
+def test_logprobs_are_log_softmax_of_the_logits_logprobs_mode_names():
+    """raw (the default, as vLLM V1 and FastDeploy): the model's own distribution, whatever the sampling
+    did; processed: the one the token was drawn from (temperature, top-k here); *_logits: the values."""
     logits = np.array(PEAKED, dtype=np.float32)
-    result = sample_one(logits, make_seq(temperature=0.0, logprobs=3))
-    expected = logits - np.log(np.exp(logits).sum())
-    assert result.token_id == 0
-    assert result.logprob == pytest.approx(expected[0], abs=1e-5)
-    assert [t for t, _ in result.top_logprobs] == [0, 1, 2]
-    assert [lp for _, lp in result.top_logprobs] == pytest.approx(list(expected[:3]), abs=1e-5)
-    warm = sample_one(logits, make_seq(temperature=2.0, seed=3, logprobs=0))
-    scaled = logits / 2.0 - np.log(np.exp(logits / 2.0).sum())
-    assert warm.logprob == pytest.approx(scaled[warm.token_id], abs=1e-5) and warm.top_logprobs == []
+    greedy = sample_one(logits, make_seq(temperature=0.0, logprobs=3))
+    assert greedy.token_id == 0 and [t for t, _ in greedy.top_logprobs] == [0, 1, 2]
+    assert greedy.logprob == pytest.approx(log_softmax(logits)[0], abs=1e-5)
+    assert [lp for _, lp in greedy.top_logprobs] == pytest.approx(list(log_softmax(logits)[:3]), abs=1e-5)
     assert sample_one(logits, make_seq(temperature=0.0)).logprob is None
+
+    warm = {"temperature": 2.0, "top_k": 2, "seed": 3, "logprobs": 2}
+    processed = np.where(np.arange(V) < 2, logits / 2.0, -np.inf)
+    expected = {"raw_logprobs": log_softmax(logits), "processed_logprobs": log_softmax(processed),
+                "raw_logits": logits, "processed_logits": processed}
+    for mode, values in expected.items():
+        token = Sampler(mode)(logits[None].copy(), [make_seq(**warm)])[0]
+        assert token.logprob == pytest.approx(values[token.token_id], abs=1e-5), mode
+        assert [lp for _, lp in token.top_logprobs] == pytest.approx(list(values[:2]), abs=1e-5), mode
+    with pytest.raises(ValueError, match="logprobs_mode must be one of"):
+        Sampler("logits")

@@ -195,10 +195,6 @@ def test_sampling_parameters_take_effect(triton_server: TritonServer):
     logprobs = json.loads(with_logprobs["logprobs"])
     assert [lp["token_id"] for lp in logprobs] == with_logprobs["output_token_ids"]
     assert all(lp["logprob"] <= 0 and len(lp["top_logprobs"]) == 2 for lp in logprobs)
-    # min_p 1 excludes every other token (logprob -inf): strict JSON has no -Infinity, vLLM says -9999.0.
-    one_left = run({"max_tokens": 2, "logprobs": 2, "temperature": 1.0, "min_p": 1.0}, return_logprobs=True)
-    strict = json.loads(one_left["logprobs"], parse_constant=lambda name: pytest.fail(f"not JSON: {name}"))
-    assert [top["logprob"] for top in strict[0]["top_logprobs"]] == [0.0, -9999.0]
     body = run({"max_tokens": 2}, return_num_input_tokens=True)
     assert body["num_input_tokens"] == len(np.atleast_1d(body["prompt_token_ids"])) > 0
     scored = run({"max_tokens": 1, "prompt_logprobs": 2})
@@ -361,13 +357,19 @@ def test_reload_with_a_new_config_keeps_the_server_up_and_exporting(triton_serve
     write_row(triton_server.repository, row, params)
     assert httpx.post(f"{url}/load", timeout=120).status_code == 200
     try:
-        write_row(triton_server.repository, row, {**params, "max_num_seqs": "4"})
+        write_row(triton_server.repository, row, {**params, "logprobs_mode": "processed_logprobs"})
         assert httpx.post(f"{url}/load", timeout=120).status_code == 200
         log = triton_server.log_path.read_text
         assert wait_for(lambda: log().count(f"[ernie] {row}: engine stopped") == 1, timeout=30)
-        payload = request({"max_tokens": 2, "ignore_eos": True})
+        # The new config holds: min_p 1 leaves one token to draw from, the others' processed logprobs are
+        # -inf, which strict JSON cannot carry (-Infinity): -9999.0, as vLLM says.
+        sampling = {"max_tokens": 2, "logprobs": 2, "temperature": 1.0, "min_p": 1.0, "ignore_eos": True}
+        payload = request(sampling, return_logprobs=True)
         response = httpx.post(f"{triton_server.http_url}/v2/models/{row}/generate", json=payload, timeout=60)
         assert response.status_code == 200, response.text
+        strict = {"parse_constant": lambda name: pytest.fail(f"not JSON: {name}")}
+        logprobs = json.loads(response.json()["logprobs"], **strict)
+        assert [top["logprob"] for top in logprobs[0]["top_logprobs"]] == [0.0, -9999.0]
         # The new engine's count, once the new instance exports (within an update interval of the old exit)
         sample = f'ernie:request_success_total{{model="{row}"}} 1'
         assert wait_for(lambda: sample in httpx.get(triton_server.metrics_url, timeout=10).text.splitlines(),

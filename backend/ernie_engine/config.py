@@ -162,6 +162,7 @@ class EngineConfig:
     allowed_media_hosts: str = ""  # comma-separated hosts for http(s) media downloads; empty: downloads off
     seed: int = 0
     dtype: str = "auto"  # "auto": fp32 on CPU, bf16 on XPU
+    logprobs_mode: str = "raw_logprobs"  # what logprobs report: sampler.LOGPROBS_MODES
 
     @classmethod
     def from_parameters(cls, params: dict[str, str], **overrides: Any) -> EngineConfig:

@@ -78,6 +78,7 @@ def greedy_token_ids(logits: paddle.Tensor) -> np.ndarray:
 class ModelRunner:
     def __init__(self, config: EngineConfig, model_dir: Path, vocab_limit: int | None = None):
         self.config = config
+        self.sampler = Sampler(config.logprobs_mode)  # a bad mode fails before the load
         dtype = None if config.dtype == "auto" else config.dtype
         checkpoint_quant = ModelConfig.from_dir(model_dir).extra.get("quantization_config")
         self.quant = QuantConfig.build(
@@ -94,7 +95,6 @@ class ModelRunner:
         vocab = self.model_config.vocab_size
         self.vocab_limit = min(vocab, vocab_limit) if vocab_limit else vocab
         self.kv_caches: list[KVCache] = []
-        self.sampler = Sampler()
         self.multimodal = hasattr(self.model, "embed_multimodal")
         self.vision_token_ids = vision_token_ids(self.model)
         placeholders = getattr(self.model, "placeholder_ids", None)

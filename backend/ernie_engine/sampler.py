@@ -3,8 +3,12 @@
 Order, as vLLM: forced token / allowed tokens / min_tokens / bad words masks, logit_bias, then repetition,
 frequency and presence penalties; greedy rows take the argmax there, sampled rows go on through
 temperature, top-k, top-p and min-p before an inverse-CDF draw. Each sequence draws from its own generator
-(one number per token), so a seeded request gives the same tokens whatever else is in the batch. Logprobs
-are the log-softmax of these processed logits.
+(one number per token), so a seeded request gives the same tokens whatever else is in the batch.
+
+What logprobs report is the engine's `logprobs_mode` (vLLM's and FastDeploy's): by default the log-softmax
+of the raw model logits (`raw_logprobs`), or of the processed ones the token was chosen from
+(`processed_logprobs`: a token the sampling excluded gets -inf), or those logits themselves (`raw_logits`,
+`processed_logits`).
 
 Prompt logprobs score the prompt's own tokens with the raw model logits of the positions before them, as
 the prefill computes them, a slice of rows at a time (a 2048-token chunk's logits would take 850 MB).
@@ -32,6 +36,8 @@ class SampledToken:
 # The token of a row whose constraints leave nothing to sample; the engine fails that request.
 NO_TOKEN = -1
 
+LOGPROBS_MODES = ("raw_logprobs", "processed_logprobs", "raw_logits", "processed_logits")
+
 # Prompt positions scored per LM-head call: [256, vocab] float32 logits are ~100 MB for ERNIE's 103k vocab.
 SCORE_ROWS = 256
 
@@ -56,8 +62,17 @@ def argmax_only(seq: Sequence) -> bool:
 
 
 class Sampler:
+    def __init__(self, logprobs_mode: str = "raw_logprobs") -> None:
+        if logprobs_mode not in LOGPROBS_MODES:
+            raise ValueError(f"logprobs_mode must be one of {', '.join(LOGPROBS_MODES)}, "
+                             f"got {logprobs_mode!r}")
+        self.reports_raw = logprobs_mode.startswith("raw")
+        self.normalizes = logprobs_mode.endswith("logprobs")
+
     def __call__(self, logits: np.ndarray, seqs: list[Sequence]) -> list[SampledToken]:
         """`logits` is modified in place (it becomes the processed logits)."""
+        asked = [i for i, seq in enumerate(seqs) if seq.params.logprobs is not None]
+        raw = {i: logits[i].copy() for i in asked} if self.reports_raw else {}
         for row, seq in zip(logits, seqs, strict=True):
             _constrain(row, seq)
         apply_grammar_masks(logits, seqs)  # constrained rows only, one bitmask call
@@ -70,10 +85,12 @@ class Sampler:
         sampled = np.flatnonzero(~greedy & alive)
         if sampled.size:
             token_ids[sampled] = _draw(logits, sampled, seqs)
-        return [
-            _result(row, int(tok), seq.params.logprobs) if tok != NO_TOKEN else SampledToken(NO_TOKEN)
-            for row, tok, seq in zip(logits, token_ids, seqs, strict=True)
-        ]
+        results = [SampledToken(int(tok)) for tok in token_ids]
+        for i in asked:
+            if results[i].token_id != NO_TOKEN:
+                reported = raw.get(i, logits[i])
+                results[i] = _result(reported, results[i].token_id, seqs[i].params.logprobs, self.normalizes)
+        return results
 
 
 def _constrain(row: np.ndarray, seq: Sequence) -> None:
@@ -154,16 +171,15 @@ def _softmax(x: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
-def _result(row: np.ndarray, token_id: int, num_logprobs: int | None) -> SampledToken:
-    if num_logprobs is None:
-        return SampledToken(token_id)
-    logprobs = row - (row.max() + np.log(np.exp(row - row.max()).sum()))
+def _result(row: np.ndarray, token_id: int, num_logprobs: int, normalize: bool) -> SampledToken:
+    """The token's value and the top `num_logprobs` ones: log-softmax of `row`, or `row` itself."""
+    values = row - (row.max() + np.log(np.exp(row - row.max()).sum())) if normalize else row
     top: list[tuple[int, float]] = []
     if num_logprobs:
-        ids = np.argpartition(-logprobs, num_logprobs - 1)[:num_logprobs]
-        ids = ids[np.argsort(-logprobs[ids], kind="stable")]
-        top = [(int(i), float(logprobs[i])) for i in ids]
-    return SampledToken(token_id, float(logprobs[token_id]), top)
+        ids = np.argpartition(-values, num_logprobs - 1)[:num_logprobs]
+        ids = ids[np.argsort(-values[ids], kind="stable")]
+        top = [(int(i), float(values[i])) for i in ids]
+    return SampledToken(token_id, float(values[token_id]), top)
 
 
 @dataclass

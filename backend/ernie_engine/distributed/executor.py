@@ -125,7 +125,7 @@ class TensorParallelExecutor:
         vocab = self.model_config.vocab_size
         self.vocab_limit = min(vocab, vocab_limit) if vocab_limit else vocab
         self.block_size = config.block_size
-        self.sampler = Sampler()
+        self.sampler = Sampler(config.logprobs_mode)
         self._failure: str | None = None
         self._procs: list[subprocess.Popen] = []
         self._conns: list[Connection] = []
