@@ -2,7 +2,8 @@
 # Serve: tritonserver (HTTP 8000, gRPC 8001, metrics 8002 on 127.0.0.1) with the `ernie` backend and the
 # OpenAI-compatible frontend (127.0.0.1:8188) in front of it. Ctrl-C / SIGTERM stops both.
 # Usage: scripts/serve.sh [ROW ...]      rows are model_repository/ folder names, loaded besides ernie-4.5-tiny
-#   env: ERNIE_MODELS ("row row"; more rows), ERNIE_MODEL_ROOT (<repo>/checkpoints; hub ids are looked up here),
+#   env: ERNIE_MODELS ("row row"; more rows), ERNIE_MODEL_ROOT (`:`-separated folders where hub ids are
+#        looked up; <repo>/checkpoints is searched last),
 #        HTTP_PORT, GRPC_PORT, METRICS_PORT, OPENAI_PORT, LOAD_TIMEOUT (600 s)
 # More rows can be loaded later: curl -X POST 127.0.0.1:8000/v2/repository/models/ROW/load
 set -euo pipefail
@@ -12,7 +13,8 @@ repo="$(pwd)"
 bash scripts/setup.sh
 # shellcheck disable=SC1091
 source .venv/bin/activate
-export ERNIE_MODEL_ROOT="${ERNIE_MODEL_ROOT:-$repo/checkpoints}"
+# Hub ids are looked up in the user's folders first, then in ours (the embedded model's home).
+export ERNIE_MODEL_ROOT="${ERNIE_MODEL_ROOT:+$ERNIE_MODEL_ROOT:}$repo/checkpoints"
 http_port="${HTTP_PORT:-8000}" grpc_port="${GRPC_PORT:-8001}" metrics_port="${METRICS_PORT:-8002}"
 openai_port="${OPENAI_PORT:-8188}"
 
@@ -35,9 +37,9 @@ LD_LIBRARY_PATH="$server_libs" "${server_argv[@]}" &
 pids+=($!)
 for row in "${rows[@]}"; do
   if ! python scripts/triton_env.py wait "http://127.0.0.1:$http_port" "$row" "${LOAD_TIMEOUT:-600}"; then
+    [[ "$row" == ernie-4.5-tiny ]] && { echo "serve.sh: the embedded default model failed to load" >&2; exit 1; }
     # A row that fails (e.g. its checkpoint is absent) is reported; the others keep serving.
     echo "serve.sh: $row is not serving (see above); continuing with the other rows" >&2
-    [[ "$row" == ernie-4.5-tiny ]] && exit 1
   fi
 done
 echo "serve.sh: tritonserver ready: http 127.0.0.1:$http_port grpc 127.0.0.1:$grpc_port metrics 127.0.0.1:$metrics_port"

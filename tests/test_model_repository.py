@@ -152,6 +152,23 @@ def test_default_row_uses_the_embedded_checkpoint():
     assert int(params["max_model_len"]) <= 8192 and int(params["kv_cache_memory_bytes"]) > 0
 
 
+def test_hub_ids_are_looked_up_in_each_model_root_in_turn(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """`ERNIE_MODEL_ROOT=/models serve.sh ROW` puts the user's folder before <repo>/checkpoints: the rows'
+    checkpoints come from the first, the embedded model's from the second (it used to be missing)."""
+    user, ours = tmp_path / "models", tmp_path / "checkpoints"
+    for folder in (user / "PaddlePaddle/ERNIE-4.5-0.3B-Paddle", ours / DEFAULT_ROW, ours / "PaddlePaddle/X"):
+        folder.mkdir(parents=True)
+    monkeypatch.setenv("ERNIE_MODEL_ROOT", f"{user}{os.pathsep}{ours}")
+
+    def resolve(model: str) -> Path:
+        return EngineConfig(model=model).resolve_model_path()
+
+    assert resolve("PaddlePaddle/ERNIE-4.5-0.3B-Paddle") == user / "PaddlePaddle/ERNIE-4.5-0.3B-Paddle"
+    assert resolve(DEFAULT_ROW) == ours / DEFAULT_ROW and resolve("PaddlePaddle/X") == ours / "PaddlePaddle/X"
+    with pytest.raises(FileNotFoundError, match=re.escape(str(user / "absent"))):
+        resolve("absent")
+
+
 def test_thinking_row_is_the_default_model_with_the_seed_thinking_parsers():
     params = config_params(read_config(REPOSITORY / THINKING_ROW))
     default = config_params(read_config(REPOSITORY / DEFAULT_ROW))

@@ -182,17 +182,16 @@ class EngineConfig:
         return cls(**kwargs)
 
     def resolve_model_path(self) -> Path:
-        """`model` is a path, or a hub id looked up under ERNIE_MODEL_ROOT."""
+        """`model` is a path, or a hub id looked up in the ERNIE_MODEL_ROOT folders (`:`-separated, as PATH:
+        a root for the big checkpoints and the repository's own checkpoints, say)."""
         candidate = Path(os.path.expandvars(os.path.expanduser(self.model)))
-        if candidate.is_dir():
-            return candidate
-        root = os.environ.get("ERNIE_MODEL_ROOT", "")
-        if root and not candidate.is_absolute():
-            under_root = Path(root) / self.model
-            if under_root.is_dir():
-                return under_root
-        looked = [str(candidate)] + ([str(Path(root) / self.model)] if root else [])
-        raise FileNotFoundError(
-            f"checkpoint {self.model!r} not found (looked in: {', '.join(looked)}; set ERNIE_MODEL_ROOT to "
-            "the folder holding hub ids). It must hold config.json, model*.safetensors and tokenizer.model."
-        )
+        roots = [] if candidate.is_absolute() else os.environ.get("ERNIE_MODEL_ROOT", "").split(os.pathsep)
+        looked = [candidate] + [Path(root) / self.model for root in roots if root]
+        found = next((path for path in looked if path.is_dir()), None)
+        if found is None:
+            raise FileNotFoundError(
+                f"checkpoint {self.model!r} not found (looked in: {', '.join(map(str, looked))}; set "
+                "ERNIE_MODEL_ROOT to the folders holding hub ids). It must hold config.json, "
+                "model*.safetensors and tokenizer.model."
+            )
+        return found
