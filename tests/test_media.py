@@ -11,9 +11,21 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
-from ernie_engine.multimodal import ErnieVLImageProcessor, ErnieVLProcessor, MediaFetcher, VideoProcessor
+from ernie_engine.multimodal import (
+    ErnieVLImageProcessor,
+    ErnieVLProcessor,
+    ImageProcessor,
+    MediaFetcher,
+    MultimodalProcessor,
+    VideoProcessor,
+    load_image,
+)
+from ernie_engine.multimodal.processor import IMAGE_PLACEHOLDER
 from PIL import Image
+
+from tests.media_utils import CharTokens
 
 PNG = io.BytesIO()
 Image.new("RGB", (30, 20), (200, 10, 10)).save(PNG, format="PNG")
@@ -162,3 +174,52 @@ def test_processor_fetches_under_the_policy(media_root: Path) -> None:
         processor(message("../secret.png"))
     with pytest.raises(ValueError, match="media downloads are disabled"):
         processor(message("https://example.com/a.png"))
+
+
+def png_url(image: Image.Image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def image_message(part: dict) -> list[dict]:
+    return [{"role": "user", "content": [part, {"type": "text", "text": "OCR:"}]}]
+
+
+def test_oversized_and_unreadable_images_are_clear_value_errors(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Decompression bombs (tiny PNGs of huge canvases) are refused from the header, before decoding: over
+    Pillow's threshold as ours, over twice it as Pillow's own error, never an internal error."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    with pytest.raises(ValueError, match="image is 40x40 pixels, over the limit of 1000 pixels"):
+        load_image({"type": "image_url", "image_url": {"url": png_url(Image.new("1", (40, 40)))}})
+    with pytest.raises(ValueError, match="cannot decode image: Image size \\(10000 pixels\\) exceeds limit"):
+        load_image({"type": "image_url", "image_url": {"url": png_url(Image.new("1", (100, 100)))}})
+    with pytest.raises(ValueError, match="not a format Pillow reads") as refused:
+        load_image({"type": "image_url", "image_url": {"url": "data:image/png;base64,bm90IGFuIGltYWdl"}})
+    assert "BytesIO" not in str(refused.value)
+
+
+def test_both_processors_take_image_parts_holding_urls() -> None:
+    """`{"type": "image", "image": <url>}` as ERNIE-4.5-VL takes it: PaddleOCR-VL's processor too."""
+    url = png_url(Image.new("RGB", (56, 56), (10, 200, 30)))
+    processor = MultimodalProcessor(CharTokens({IMAGE_PLACEHOLDER: 300}), ImageProcessor(min_pixels=56 * 56))
+    by_part = processor(image_message({"type": "image", "image": url}))
+    by_url = processor(image_message({"type": "image_url", "image_url": {"url": url}}))
+    np.testing.assert_array_equal(by_part.images.pixel_values, by_url.images.pixel_values)
+
+
+def test_media_markers_in_message_text_are_refused() -> None:
+    """A marker typed as text was taken for media: the image of an assistant message (which the template
+    leaves out) then moved into the user's text. Such text is refused, and a left-out image says so."""
+    url = png_url(Image.new("RGB", (56, 56)))
+    ocr = MultimodalProcessor(CharTokens({IMAGE_PLACEHOLDER: 300}), ImageProcessor(min_pixels=56 * 56))
+    with pytest.raises(ValueError, match="message text holds the media marker '<\\|IMAGE_PLACEHOLDER\\|>'"):
+        ocr([{"role": "user", "content": f"read {IMAGE_PLACEHOLDER} this"}])
+    assistant_image = {"role": "assistant", "content": [{"type": "image_url", "image_url": {"url": url}}]}
+    with pytest.raises(ValueError, match="0 image placeholders for 1 images \\(the chat template leaves out"):
+        ocr([assistant_image, *image_message({"type": "text", "text": "hi"})])
+    ids = dict.fromkeys(("image_start_token_id", "image_end_token_id", "video_start_token_id",
+                         "video_end_token_id"), 1) | {"image_token_id": 300, "video_token_id": 303}
+    ernie = ErnieVLProcessor(Tokens(), ids, ErnieVLImageProcessor(), VideoProcessor(font=None))
+    with pytest.raises(ValueError, match="message text holds the media marker '<\\|image@placeholder\\|>'"):
+        ernie([assistant_image, *image_message({"type": "text", "text": "x <|image@placeholder|> y"})])

@@ -199,3 +199,28 @@ def test_video_limits_and_unknown_kwargs() -> None:
         video_prompt({}, num_frames=4, limits={"video": 1}, count=2)
     with pytest.raises(ValueError, match="unknown mm_processor_kwargs"):
         video_prompt({"video_maxframes": 3}, num_frames=4)
+
+
+def write_ts(size: tuple[int, int], num_frames: int) -> bytes:
+    """An MPEG-TS clip; TS clips concatenate into one stream, so joining two of different sizes makes a
+    video whose resolution changes midway."""
+    buffer = io.BytesIO()
+    with av.open(buffer, mode="w", format="mpegts") as container:
+        stream = container.add_stream("mpeg2video", rate=4)
+        stream.width, stream.height, stream.pix_fmt = size[0], size[1], "yuv420p"
+        for i in range(num_frames):
+            frame = np.full((size[1], size[0], 3), 40 * i, np.uint8)
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())
+    return buffer.getvalue()
+
+
+def test_videos_changing_size_or_too_large_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A resolution change would give patches that match no (t, h, w) grid, which used to fail the engine
+    step of every request batched with it; frames over the pixel limit are refused before decoding."""
+    processor = VideoProcessor(fps=None, min_frames=1, font=None)
+    with pytest.raises(ValueError, match="video frames change size midway \\(64x48 to 48x96\\)"):
+        processor.decode(write_ts((64, 48), 2) + write_ts((48, 96), 2))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    with pytest.raises(ValueError, match="a video frame is 64x48 pixels, over the limit of 1000 pixels"):
+        processor.decode(write_ts((64, 48), 4))

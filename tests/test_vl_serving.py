@@ -20,11 +20,12 @@ import openai
 import pytest
 from ernie_engine.config import EngineConfig
 from ernie_engine.llm_engine import LLMEngine
-from ernie_engine.multimodal import ErnieVLProcessor, MultimodalPrompt
+from ernie_engine.multimodal import ErnieVLProcessor, MultimodalPrompt, VideoFrames
 from ernie_engine.outputs import merge_outputs
 from ernie_engine.parsers import parse_output
 from ernie_engine.sampling_params import SamplingParams
 from ernie_engine.tokenizer import Tokenizer
+from PIL import Image
 
 from tests.fixtures.frontend import start_frontend
 from tests.fixtures.triton import TritonServer
@@ -135,6 +136,16 @@ def test_thinking_row_is_multimodal_with_its_parsers(vl_checkpoint: Path, refere
     assert (completion.reasoning_text, completion.text) == (reasoning, content)
     assert completion.reasoning_text  # thinking on: the answer starts as reasoning
 
+
+
+def test_media_whose_patches_match_no_grid_are_refused_alone(vl_checkpoint: Path) -> None:
+    """Video frames of two sizes give patches that match no (t, h, w) grid. The vision pass of a step covers
+    every request's media, so admitting such a request used to fail the step for its whole batch."""
+    config = EngineConfig(model=str(vl_checkpoint), max_model_len=2048, num_gpu_blocks_override=64)
+    engine = LLMEngine(config)
+    frames = VideoFrames([Image.new("RGB", (112, 84)), Image.new("RGB", (84, 168))], [0, 1], 2.0)
+    with pytest.raises(ValueError, match="media preprocessing gave \\d+ patches for grids"):
+        engine.make_request("mixed-sizes", messages=user({"type": "video", "video": frames}))
 
 
 # End to end ------------------------------------------------------------------------------------------------

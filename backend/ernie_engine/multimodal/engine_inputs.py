@@ -136,6 +136,12 @@ class MultimodalInputs:
         digests = [bytes.fromhex(d) for d in prompt.media_hashes()]
         if len(spans) != len(digests):
             raise ValueError(f"prompt has {len(spans)} placeholder runs for {len(digests)} images / videos")
+        # The vision pass batches every request's media of a step: patches that match no grid would fail
+        # the whole step, so such media are refused here, for their request alone.
+        images = prompt.images
+        if images.pixel_values.shape[0] != sum(images.num_patches):
+            raise ValueError(f"media preprocessing gave {images.pixel_values.shape[0]} patches for grids "
+                             f"{images.grid_thw.tolist()}")
         return cls(prompt, spans, digests)
 
     @property

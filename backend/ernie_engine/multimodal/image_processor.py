@@ -64,6 +64,15 @@ def smart_resize(
     return h_bar, w_bar
 
 
+def check_pixels(width: int, height: int, what: str) -> None:
+    """Refuse an image or video frame over Pillow's decompression-bomb threshold `Image.MAX_IMAGE_PIXELS`
+    (~89M; Pillow itself only warns below twice that): a few KB of PNG or video can hold that many pixels,
+    which take many seconds and gigabytes to decode before any resize."""
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit and width * height > limit:
+        raise ValueError(f"{what} is {width}x{height} pixels, over the limit of {limit} pixels")
+
+
 def to_rgb(image: Image.Image) -> Image.Image:
     """RGB, with any transparency composited onto white (as transformers does)."""
     if "A" in image.getbands() or image.info.get("transparency") is not None:

@@ -3,8 +3,8 @@
 `MultimodalProcessor(messages)` renders the checkpoint's chat template (one
 `<|IMAGE_START|><|IMAGE_PLACEHOLDER|><|IMAGE_END|>` per image, images before the message's text), expands each
 placeholder to t*h*w/merge^2 copies, tokenizes, preprocesses the images and computes the 3D rotary positions,
-returning a `MultimodalPrompt`. Images come as OpenAI `image_url` parts holding `data:` URLs, or as PIL images
-in `{"type": "image", "image": ...}` parts; fetching http(s) or local files is the caller's (policy) job.
+returning a `MultimodalPrompt`. Images come as OpenAI `image_url` parts (data: URLs; local files and http(s)
+under the `MediaFetcher` policy it is given), or as PIL images in `{"type": "image", "image": ...}` parts.
 
 `ErnieVLProcessor` does the same for ERNIE-4.5-VL: its own markers and image processing, videos
 (`video.py`), media fetched under the server's policy (`media.py`) and `--limit-mm-per-prompt`.
@@ -12,8 +12,6 @@ in `{"type": "image", "image": ...}` parts; fetching http(s) or local files is t
 
 from __future__ import annotations
 
-import base64
-import binascii
 import hashlib
 import io
 import json
@@ -34,13 +32,14 @@ from ..chat_template import (
     compile_template,
     continue_final,
 )
-from .image_processor import ErnieVLImageProcessor, ImageProcessor, ProcessedImages
+from .image_processor import ErnieVLImageProcessor, ImageProcessor, ProcessedImages, check_pixels
 from .media import MediaFetcher
 from .video import VideoFrames, VideoProcessor
 
 IMAGE_PLACEHOLDER = "<|IMAGE_PLACEHOLDER|>"
 IMAGE_START = "<|IMAGE_START|>"
 IMAGE_END = "<|IMAGE_END|>"
+_OCR_MARKER = re.compile(re.escape(IMAGE_PLACEHOLDER))
 
 # PaddleOCR-VL's chat template (chat_template.jinja of the checkpoint), used when a checkpoint ships none.
 PADDLEOCR_VL_TEMPLATE = """\
@@ -76,7 +75,9 @@ PADDLEOCR_VL_TEMPLATE = """\
 {%- if add_generation_prompt -%}{{- "Assistant:\\n" -}}{%- endif -%}
 """
 
-_DATA_URL = re.compile(r"^data:[\w/+.-]*(?:;[\w=.+-]+)*?(?P<b64>;base64)?,(?P<data>.*)$", re.S)
+IMAGE_FORMATS = "PNG, JPEG, WebP, GIF, BMP, TIFF, ..."
+# Why a rendered prompt can hold fewer media than the messages: the template leaves some roles' media out.
+DROPPED_MEDIA = " (the chat template leaves out media in some roles, e.g. assistant: put media in user turns)"
 
 
 class TokenizerLike(Protocol):
@@ -190,33 +191,37 @@ def check_media_limits(counts: dict[str, int], limits: dict[str, int]) -> None:
             raise ValueError(f"at most {limit} {kind}{'s' if limit != 1 else ''} per prompt, got {count}")
 
 
-def load_image(part: dict[str, Any]) -> Image.Image:
-    """The PIL image of an `image_url` (data: URL) or `image` (PIL) content part."""
-    if part.get("type") == "image" and isinstance(part.get("image"), Image.Image):
+def load_image(part: dict[str, Any], fetcher: MediaFetcher | None = None) -> Image.Image:
+    """The PIL image of an image part: its PIL `image`, or the URL in `image_url` (or `image`) fetched under
+    `fetcher`'s policy (default: data: URLs only)."""
+    if isinstance(part.get("image"), Image.Image):
         return part["image"]
-    url = part.get("image_url")
-    url = url.get("url") if isinstance(url, dict) else url
-    if not isinstance(url, str):
-        raise ValueError("an image part needs image_url.url (a data: URL)")
-    match = _DATA_URL.match(url)
-    if not match:
-        raise ValueError(f"only data: image URLs are accepted here, got {url[:40]!r}")
-    try:
-        data = base64.b64decode(match["data"], validate=True) if match["b64"] else match["data"].encode()
-    except binascii.Error as err:
-        raise ValueError(f"cannot decode image data URL: {err}") from None
-    return decode_image(lambda: data, "image data URL")
+    url = _media_url({**part, "type": "image_url" if part.get("image_url") is not None else "image"})
+    if fetcher is None and not url.startswith("data:"):
+        raise ValueError(f"only data: image URLs are accepted here (no media policy), got {url[:40]!r}")
+    return decode_image(lambda: (fetcher or MediaFetcher()).fetch(url))
 
 
 def decode_image(read: Callable[[], bytes], what: str = "image") -> Image.Image:
     """Open and fully decode the bytes `read()` returns; a ValueError (a 400) when it fails, as an
-    unreadable source (OSError) or bytes that are no image."""
+    unreadable source (OSError), bytes that are no image, or too many pixels (`check_pixels`)."""
     try:
         image = Image.open(io.BytesIO(read()))
+        check_pixels(image.width, image.height, what)  # from the header: before decoding a few KB into GBs
         image.load()
-    except (UnidentifiedImageError, OSError) as err:
+    except UnidentifiedImageError:  # its message names a BytesIO object, nothing the client sent
+        raise ValueError(f"cannot decode {what}: not a format Pillow reads ({IMAGE_FORMATS})") from None
+    except (OSError, Image.DecompressionBombError) as err:  # the latter: Image.open's own, higher limit
         raise ValueError(f"cannot decode {what}: {err}") from None
     return image
+
+
+def check_text(text: str, markers: re.Pattern[str]) -> str:
+    """Message text holding a media marker would be taken for media the request sent (or, when some media are
+    left out by the chat template, get one of them): refused."""
+    if found := markers.search(text):
+        raise ValueError(f"message text holds the media marker {found[0]!r}: send media as image_url parts")
+    return text
 
 
 def _parts(content: Any) -> list[dict[str, Any]]:
@@ -224,14 +229,14 @@ def _parts(content: Any) -> list[dict[str, Any]]:
     if content is None:
         return []
     if isinstance(content, str):
-        return [{"type": "text", "text": content}]
+        return [{"type": "text", "text": check_text(content, _OCR_MARKER)}]
     if not isinstance(content, list):
         raise ValueError(f"message content must be a string or a list of parts, got {type(content).__name__}")
     parts = []
     for part in content:
         kind = part.get("type") if isinstance(part, dict) else None
         if kind == "text":
-            parts.append({"type": "text", "text": str(part.get("text", ""))})
+            parts.append({"type": "text", "text": check_text(str(part.get("text", "")), _OCR_MARKER)})
         elif kind in ("image_url", "image"):
             parts.append({**part, "type": "image"})
         else:
@@ -281,7 +286,7 @@ class MultimodalProcessor:
             normalized.append({**message, "content": parts})
         if self.max_images:  # before anything is fetched or decoded
             check_media_limits({"image": len(image_parts)}, {"image": self.max_images})
-        images = [self._image(p) for p in image_parts]
+        images = [load_image(p, self.fetcher) for p in image_parts]
         context = {**self.template.special_tokens}
         text = compile_template(self.template.source).render(
             messages=normalized, add_generation_prompt=add_generation_prompt, **context
@@ -295,17 +300,12 @@ class MultimodalProcessor:
         text, images = self.render(messages, add_generation_prompt, continue_final_message)
         return self.from_prompt(text, images)
 
-    def _image(self, part: dict[str, Any]) -> Image.Image:
-        if self.fetcher is None or part.get("image_url") is None:
-            return load_image(part)
-        fetcher = self.fetcher
-        return decode_image(lambda: fetcher.fetch(_media_url({**part, "type": "image_url"})))
-
     def from_prompt(self, text: str, images: list[Image.Image]) -> MultimodalPrompt:
         """A rendered prompt with one IMAGE_PLACEHOLDER per image, and the images in that order."""
         segments = text.split(IMAGE_PLACEHOLDER)
         if len(segments) - 1 != len(images):
-            raise ValueError(f"prompt has {len(segments) - 1} image placeholders for {len(images)} images")
+            raise ValueError(f"prompt has {len(segments) - 1} image placeholders for {len(images)} images"
+                             f"{DROPPED_MEDIA}")
         processed = self.image_processor(images) if images else None
         ids = self.tokenizer.encode(segments[0])
         for i, segment in enumerate(segments[1:]):
@@ -367,12 +367,14 @@ def _media_url(part: dict[str, Any]) -> str:
 def _ernie_parts(content: Any) -> Any:
     """Validated message content: a string stays one; parts keep their type (templates test it)."""
     if content is None or isinstance(content, str):
-        return content or ""
+        return check_text(content or "", _ERNIE_MARKER)
     if not isinstance(content, list):
         raise ValueError(f"message content must be a string or a list of parts, got {type(content).__name__}")
     for part in content:
         kind = part.get("type") if isinstance(part, dict) else None
-        if kind != "text" and kind not in _MEDIA_KINDS:
+        if kind == "text":
+            check_text(str(part.get("text", "")), _ERNIE_MARKER)
+        elif kind not in _MEDIA_KINDS:
             raise ValueError(f"unsupported content part type {kind!r} (expected text, image_url, video_url)")
     return content
 
@@ -446,8 +448,9 @@ class ErnieVLProcessor:
         kinds = [_MEDIA_KINDS[p["type"]] for p in parts]
         check_media_limits({k: kinds.count(k) for k in ("image", "video")}, self.limits)
         text = self.render(messages, tools, add_generation_prompt, **template_kwargs)
-        images = [self._image(p) for p, kind in zip(parts, kinds, strict=True) if kind == "image"]
-        videos = [self._video(p) for p, kind in zip(parts, kinds, strict=True) if kind == "video"]
+        pairs = list(zip(parts, kinds, strict=True))
+        images = [load_image(p, self.fetcher) for p, kind in pairs if kind == "image"]
+        videos = [self._video(p) for p, kind in pairs if kind == "video"]
         return self.from_prompt(text, images, videos)
 
     def render(
@@ -481,7 +484,7 @@ class ErnieVLProcessor:
         if markers.count("image") != len(images) or markers.count("video") != len(videos):
             raise ValueError(
                 f"prompt has {markers.count('image')} image and {markers.count('video')} video markers for "
-                f"{len(images)} images and {len(videos)} videos"
+                f"{len(images)} images and {len(videos)} videos{DROPPED_MEDIA}"
             )
         segments = _ERNIE_MARKER.split(text)
         pending = {"image": iter(images), "video": iter(videos)}
@@ -514,11 +517,6 @@ class ErnieVLProcessor:
         if kind == "image":
             return self.image_processor.num_image_tokens(grid_thw)
         return self.video_processor.num_video_tokens(grid_thw)
-
-    def _image(self, part: dict[str, Any]) -> Image.Image:
-        if isinstance(part.get("image"), Image.Image):
-            return part["image"]
-        return decode_image(lambda: self.fetcher.fetch(_media_url(part)))
 
     def _video(self, part: dict[str, Any]) -> VideoFrames:
         if isinstance(part.get("video"), VideoFrames):

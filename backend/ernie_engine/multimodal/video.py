@@ -21,6 +21,7 @@ import io
 import json
 import logging
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,13 @@ import av
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from .image_processor import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ErnieVLImageProcessor, ProcessedImages
+from .image_processor import (
+    OPENAI_CLIP_MEAN,
+    OPENAI_CLIP_STD,
+    ErnieVLImageProcessor,
+    ProcessedImages,
+    check_pixels,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -109,26 +116,41 @@ def decode_video(data: bytes, sampler: VideoProcessor) -> VideoFrames:
         if not container.streams.video:
             raise ValueError("the media has no video stream")
         stream = container.streams.video[0]
+        check_pixels(stream.width, stream.height, "a video frame")
         rate = stream.average_rate or stream.guessed_rate
         video_fps = float(rate) if rate else DEFAULT_VIDEO_FPS
         total = stream.frames
     if total <= 0:  # the container does not say: count by decoding
-        with _open(data) as container:
-            total = sum(1 for _ in container.decode(video=0))
+        total = sum(1 for _ in _decoded(data))
     wanted = set(sampler.frame_indices(total, video_fps).tolist())
     frames, indices = [], []
-    with _open(data) as container:
-        try:
-            for index, frame in enumerate(container.decode(video=0)):
-                if index in wanted:
-                    frames.append(frame.to_image().convert("RGB"))
-                    indices.append(index)
-        except av.error.FFmpegError as err:
-            raise ValueError(f"cannot decode video: {err}") from None
+    for index, frame in enumerate(_decoded(data)):
+        if index in wanted:
+            frames.append(_frame_image(frame, frames[0].size if frames else None))
+            indices.append(index)
     if not frames:
         raise ValueError("no frames could be decoded from the video")
     logger.debug("video: %d of %d frames at %.2f fps", len(frames), total, video_fps)
     return VideoFrames(frames, indices, video_fps)
+
+
+def _decoded(data: bytes) -> Iterator[av.VideoFrame]:
+    """The video's frames in order; a ValueError when the stream turns out to be broken midway."""
+    with _open(data) as container:
+        try:
+            yield from container.decode(video=0)
+        except av.error.FFmpegError as err:
+            raise ValueError(f"cannot decode video: {err}") from None
+
+
+def _frame_image(frame: av.VideoFrame, size: tuple[int, int] | None) -> Image.Image:
+    """A sampled frame as RGB. Frames must keep the first one's size: a video's grid is one (h, w) for all
+    its frames, so a resolution change midway would give patches that match no grid."""
+    check_pixels(frame.width, frame.height, "a video frame")  # the stream's header may not tell
+    if size is not None and (frame.width, frame.height) != size:
+        raise ValueError(f"video frames change size midway ({size[0]}x{size[1]} to {frame.width}x"
+                         f"{frame.height}): not supported")
+    return frame.to_image().convert("RGB")
 
 
 @dataclass
