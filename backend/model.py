@@ -132,12 +132,15 @@ class TritonPythonModel:
             sender.send(error_response(message, pb_utils.TritonError.UNAVAILABLE), flags=FINAL)
             return
         try:
+            # Off this loop, which forwards every stream's responses: tokenizing, and fetching and decoding
+            # media, can take seconds (a slow media host: the fetch timeout).
             task = _string(request, "task")
             if task not in (None, "generate"):
-                sender.send(tokenizer_task(self.engine, request, task), flags=FINAL)
+                sender.send(await asyncio.to_thread(tokenizer_task, self.engine, request, task), flags=FINAL)
                 return
             parsed = parse_request(request)
-            stream = self.engine.add_request(request_id, sampling_params=parsed.sampling, **parsed.prompt)
+            stream = await asyncio.to_thread(self.engine.add_request, request_id,
+                                             sampling_params=parsed.sampling, **parsed.prompt)
         except Exception as err:  # bad input (ValueError) or a stopped engine: answer; the model stays ready
             self.logger.log_verbose(f"[ernie] {request_id}: rejected: {err!r}")
             message = str(err) if isinstance(err, ValueError) else f"internal error: {err!r}"

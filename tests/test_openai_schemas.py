@@ -263,6 +263,7 @@ def test_unknown_fields_are_ignored():
     {"messages": USER, "stream_options": {"include_usage": True}},
     {"messages": USER, "guided_regex": "a", "guided_choice": ["a"]},
     {"messages": USER, "response_format": {"type": "json_schema"}},
+    {"messages": USER, "mm_processor_kwargs": {"image_max_pixels": 3136}},  # was silently ignored
 ])
 def test_invalid_chat_requests_are_rejected(fields):
     with pytest.raises(ValidationError):

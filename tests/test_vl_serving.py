@@ -13,6 +13,8 @@ are 400s naming the cause.
 from __future__ import annotations
 
 import base64
+import concurrent.futures
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -45,7 +47,7 @@ MM_KWARGS = {"video_max_frames": 30}
 LIMITS = {"image": 10, "video": 3}
 BUDGET = 24  # max_num_batched_tokens of the engine test: the first chunk's end falls inside the image
 NUM_TOKENS = 12
-ALLOWED_HOST = "media.example.com"
+ALLOWED_HOST = "media.example.com,127.0.0.1"
 NO_THINKING = {"enable_thinking": False}
 THINKING_PARSER = "ernie-45-vl-thinking"
 
@@ -252,3 +254,20 @@ def test_refused_media_are_400s(client: openai.OpenAI, parts: list[dict], messag
             client.chat.completions.create(
                 model="default", messages=user(*parts), max_tokens=4, stream=stream
             )
+
+
+def test_a_silent_media_host_holds_up_only_its_own_request(client: openai.OpenAI) -> None:
+    """Media were fetched on the backend's request loop: a host that never answered held up every other
+    request of the model until the fetch timed out (20 s)."""
+    with socket.create_server(("127.0.0.1", 0)) as silent, concurrent.futures.ThreadPoolExecutor(1) as pool:
+        silent.settimeout(30)
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}/slow.png"
+        slow = pool.submit(client.chat.completions.create, model="default", messages=user(image_part(url)),
+                           max_tokens=2)
+        connection, _ = silent.accept()  # the backend is fetching
+        with connection:
+            answer = client.chat.completions.create(model="default", messages=user(text="Hi"), max_tokens=2)
+            assert answer.choices[0].finish_reason and not slow.done()
+        # The host hangs up: that request fails alone, with the reason.
+        with pytest.raises(openai.BadRequestError, match="fetching media"):
+            slow.result(timeout=60)

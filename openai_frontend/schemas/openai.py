@@ -180,11 +180,15 @@ class ChatCompletionRequest(GenerationRequest):
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     reasoning_max_tokens: int | None = Field(default=None, ge=1)
+    # vLLM's per-request processor settings, refused rather than ignored: here they are the row's.
+    mm_processor_kwargs: dict[str, Any] | None = None
 
     @model_validator(mode="after")
     def _check_logprobs(self) -> ChatCompletionRequest:
         if self.top_logprobs and not self.logprobs:
             raise ValueError("top_logprobs needs logprobs set to true")
+        if self.mm_processor_kwargs:
+            raise ValueError("mm_processor_kwargs is set per model row (its config.pbtxt), not per request")
         return self
 
 
