@@ -25,6 +25,7 @@ from ernie_engine.multimodal import (
     ErnieVLProcessor,
     VideoProcessor,
     sample_frame_indices,
+    video,
 )
 from ernie_engine.multimodal.processor import split_mm_processor_kwargs
 from ernie_engine.multimodal.video import draw_timestamp, timestamp_text
@@ -221,6 +222,9 @@ def test_videos_changing_size_or_too_large_are_refused(monkeypatch: pytest.Monke
     processor = VideoProcessor(fps=None, min_frames=1, font=None)
     with pytest.raises(ValueError, match="video frames change size midway \\(64x48 to 48x96\\)"):
         processor.decode(write_ts((64, 48), 2) + write_ts((48, 96), 2))
+    monkeypatch.setattr(video, "MAX_DECODED_VIDEO_BYTES", 4 * 64 * 48 * 3 - 1)  # 4 sampled frames: 1 too many
+    with pytest.raises(ValueError, match="video of 4 sampled frames at 64x48 needs"):
+        processor.decode(write_ts((64, 48), 4))
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
     with pytest.raises(ValueError, match="a video frame is 64x48 pixels, over the limit of 1000 pixels"):
         processor.decode(write_ts((64, 48), 4))

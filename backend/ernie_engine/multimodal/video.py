@@ -42,6 +42,7 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_FONT = "Roboto-Regular.ttf"
 DEFAULT_VIDEO_FPS = 24.0  # transformers' fallback when a container does not tell its frame rate
+MAX_DECODED_VIDEO_BYTES = 2 << 30  # one video's sampled frames, decoded (180 frames of 1080p: 1.1 GB)
 
 
 @dataclass
@@ -116,13 +117,15 @@ def decode_video(data: bytes, sampler: VideoProcessor) -> VideoFrames:
         if not container.streams.video:
             raise ValueError("the media has no video stream")
         stream = container.streams.video[0]
-        check_pixels(stream.width, stream.height, "a video frame")
+        width, height = stream.width, stream.height
+        check_pixels(width, height, "a video frame")
         rate = stream.average_rate or stream.guessed_rate
         video_fps = float(rate) if rate else DEFAULT_VIDEO_FPS
         total = stream.frames
     if total <= 0:  # the container does not say: count by decoding
         total = sum(1 for _ in _decoded(data))
     wanted = set(sampler.frame_indices(total, video_fps).tolist())
+    check_decoded_size(len(wanted), width, height)
     frames, indices = [], []
     for index, frame in enumerate(_decoded(data)):
         if index in wanted:
@@ -132,6 +135,17 @@ def decode_video(data: bytes, sampler: VideoProcessor) -> VideoFrames:
         raise ValueError("no frames could be decoded from the video")
     logger.debug("video: %d of %d frames at %.2f fps", len(frames), total, video_fps)
     return VideoFrames(frames, indices, video_fps)
+
+
+def check_decoded_size(num_frames: int, width: int, height: int) -> None:
+    """The sampled frames are held decoded (RGB) until they are resized: bound that, so that one request
+    cannot take the server's memory (180 frames of 4K video are 4.5 GB)."""
+    size = num_frames * width * height * 3
+    if size > MAX_DECODED_VIDEO_BYTES:
+        limit = MAX_DECODED_VIDEO_BYTES / 2**30
+        raise ValueError(f"video of {num_frames} sampled frames at {width}x{height} needs {size / 2**30:.1f} "
+                         f"GiB decoded, over {limit:.0f} GiB: send a smaller video or lower the row's "
+                         "video_max_frames (mm_processor_kwargs)")
 
 
 def _decoded(data: bytes) -> Iterator[av.VideoFrame]:
