@@ -252,6 +252,11 @@ def test_echo_with_logprobs_scores_the_prompt(client: openai.OpenAI):
                 if c.choices]
     assert "".join(c.text for c in streamed) == by_ids.text
     assert [t for c in streamed if c.logprobs for t in c.logprobs.tokens] == lp.tokens
+    # As vLLM, each chunk's logprobs are its text's: the echoed prompt's come with it, in the first chunk.
+    chunks = client.completions.create(prompt=QUESTION, stream=True, **request)
+    with_logprobs = [c.choices[0] for c in chunks if c.choices and c.choices[0].logprobs]
+    assert ["".join(c.logprobs.tokens) for c in with_logprobs] == [c.text for c in with_logprobs]
+    assert with_logprobs[0].text.startswith(QUESTION)
 
 
 def test_logprobs_are_the_models_and_name_the_chosen_token(client: openai.OpenAI):

@@ -75,9 +75,7 @@ async def _chunks(req: CompletionRequest, streams: list[TritonStream],
 
     states = [RequestState(n=req.n, offset=p * req.n) for p in range(len(streams))]
     prefix = req.echo_prefixes()
-    if any(prefix):
-        yield chunk([CompletionChoice(index=p * req.n + i, text=prefix[p])
-                     for p in range(len(prefix)) if prefix[p] for i in range(req.n)])
+    echoed: set[int] = set()
     async for p, out in merged(streams):
         meta.saw_output(out)
         choice = states[p].add(out)
@@ -86,7 +84,11 @@ async def _chunks(req: CompletionRequest, streams: list[TritonStream],
         if out.has_delta or choice.new_tokens:
             offset = len(prefix[p]) + len(choice.text) - len(out.text)
             so_far = usage(states) if req.continuous_usage else None
-            yield chunk([_choice(out, choice.index, offset, req)], so_far)
+            streamed = _choice(out, choice.index, offset, req)
+            if choice.index not in echoed:  # the echoed prompt comes with the first chunk, as its logprobs
+                echoed.add(choice.index)
+                streamed.text = prefix[p] + streamed.text
+            yield chunk([streamed], so_far)
     totals = usage(states)
     meta.count_usage(totals)
     if req.include_usage:
