@@ -53,11 +53,12 @@ def reference_indices(total: int, video_fps: float, fps=None, num_frames=None, m
     return torch.arange(0, total, total / num_frames).int().tolist()
 
 
-def write_mp4(num_frames: int, fps: int = 10, size: tuple[int, int] = (96, 64)) -> bytes:
+def write_video(num_frames: int, fps: int = 10, size: tuple[int, int] = (96, 64),
+                container_format: str = "mp4", codec: str = "mpeg4") -> bytes:
     """Frame i is a flat grey of level 6 * i, so decoded frames can be told apart."""
     buffer = io.BytesIO()
-    with av.open(buffer, mode="w", format="mp4") as container:
-        stream = container.add_stream("mpeg4", rate=fps)
+    with av.open(buffer, mode="w", format=container_format) as container:
+        stream = container.add_stream(codec, rate=fps)
         stream.width, stream.height, stream.pix_fmt = size[0], size[1], "yuv420p"
         for i in range(num_frames):
             frame = np.full((size[1], size[0], 3), 6 * i, np.uint8)
@@ -101,7 +102,7 @@ def test_timestamp_text() -> None:
 
 
 def test_decoding_samples_the_right_frames() -> None:
-    video = VideoProcessor(fps=2.0, min_frames=4, max_frames=6).decode(write_mp4(40))
+    video = VideoProcessor(fps=2.0, min_frames=4, max_frames=6).decode(write_video(40))
     assert video.indices == [0, 6, 13, 20, 26, 33]  # 40 frames at 10 fps -> 8 wanted -> 6 (max), evenly
     assert video.video_fps == pytest.approx(10.0)
     assert video.timestamps == pytest.approx([0.0, 0.6, 1.3, 2.0, 2.6, 3.3])
@@ -118,7 +119,7 @@ def test_timestamps_are_drawn_with_the_checkpoints_font(tmp_path: Path) -> None:
         tmp_path, fps=None, min_frames=1, min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 8
     )
     assert processor.font == str(tmp_path / FONT.name)
-    video = processor.decode(write_mp4(3, fps=2, size=(200, 120)))
+    video = processor.decode(write_video(3, fps=2, size=(200, 120)))
 
     # The documented drawing, done here independently of the processor.
     expected_frames = []
@@ -156,7 +157,7 @@ def test_without_a_font_drawing_is_skipped_and_logged(
     frame = Image.new("RGB", (200, 120), (90, 120, 30))
     drawn = draw_timestamp(frame, "time: 00:00:00.00", str(FONT))
     assert not np.array_equal(np.asarray(drawn), np.asarray(frame))  # the helper draws when given a font
-    video = processor.decode(write_mp4(2, size=(200, 120)))
+    video = processor.decode(write_video(2, size=(200, 120)))
     np.testing.assert_array_equal(np.asarray(processor.prepare_frames(video)[0]), np.asarray(video.frames[0]))
 
 
@@ -165,7 +166,7 @@ TOKENS = CharTokens({"<|VIDEO_START|>": VIDEO_START, "<|VIDEO_END|>": VIDEO_END}
 
 def video_prompt(mm_processor_kwargs: dict, num_frames: int, limits: dict | None = None, count: int = 1):
     """A user message with `count` copies of an mp4 (data: URLs), processed with FastDeploy-style kwargs."""
-    url = "data:video/mp4;base64," + base64.b64encode(write_mp4(num_frames, size=(112, 84))).decode()
+    url = "data:video/mp4;base64," + base64.b64encode(write_video(num_frames, size=(112, 84))).decode()
     kwargs = {"video_min_pixels": 28 * 28 * 4, "video_max_pixels": 28 * 28 * 12, **mm_processor_kwargs}
     _, video_kwargs = split_mm_processor_kwargs(kwargs)
     video_processor = VideoProcessor(**{"font": None, **video_kwargs})
@@ -205,15 +206,7 @@ def test_video_limits_and_unknown_kwargs() -> None:
 def write_ts(size: tuple[int, int], num_frames: int) -> bytes:
     """An MPEG-TS clip; TS clips concatenate into one stream, so joining two of different sizes makes a
     video whose resolution changes midway."""
-    buffer = io.BytesIO()
-    with av.open(buffer, mode="w", format="mpegts") as container:
-        stream = container.add_stream("mpeg2video", rate=4)
-        stream.width, stream.height, stream.pix_fmt = size[0], size[1], "yuv420p"
-        for i in range(num_frames):
-            frame = np.full((size[1], size[0], 3), 40 * i, np.uint8)
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
-        container.mux(stream.encode())
-    return buffer.getvalue()
+    return write_video(num_frames, fps=4, size=size, container_format="mpegts", codec="mpeg2video")
 
 
 def test_videos_changing_size_or_too_large_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
