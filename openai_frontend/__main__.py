@@ -7,7 +7,7 @@ import logging
 
 import uvicorn
 
-from openai_frontend.app import DEFAULT_MAX_BODY_BYTES, FrontendConfig, create_app
+from openai_frontend.app import DEFAULT_BODY_TIMEOUT_S, DEFAULT_MAX_BODY_BYTES, FrontendConfig, create_app
 
 
 def _positive(value: str) -> int:
@@ -15,6 +15,13 @@ def _positive(value: str) -> int:
     if number < 1:
         raise argparse.ArgumentTypeError("must be >= 1")
     return number
+
+
+def _positive_seconds(value: str) -> float:
+    seconds = float(value)
+    if not seconds > 0:  # also refuses nan
+        raise argparse.ArgumentTypeError("must be > 0")
+    return seconds
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -27,6 +34,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="generation requests in flight before answering 429 (default: unlimited)")
     parser.add_argument("--max-body-bytes", type=_positive, default=DEFAULT_MAX_BODY_BYTES,
                         help="larger request bodies get 413")
+    parser.add_argument("--body-timeout", type=_positive_seconds, default=DEFAULT_BODY_TIMEOUT_S,
+                        help="seconds to receive a request body before answering 408")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return parser.parse_args(argv)
 
@@ -37,7 +46,8 @@ def main(argv: list[str] | None = None) -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per Triton call is noise
     config = FrontendConfig(triton_url=args.triton_url, api_key=args.api_key,
-                            max_concurrency=args.max_concurrency, max_body_bytes=args.max_body_bytes)
+                            max_concurrency=args.max_concurrency, max_body_bytes=args.max_body_bytes,
+                            body_timeout_s=args.body_timeout)
     uvicorn.run(create_app(config), host=args.host, port=args.port, log_level=args.log_level)
 
 

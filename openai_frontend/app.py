@@ -20,6 +20,7 @@ from openai_frontend.routers import chat, completions, models, observability, to
 from openai_frontend.triton_client import TritonClient
 
 DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024  # room for base64 images in chat messages
+DEFAULT_BODY_TIMEOUT_S = 60.0  # 32 MB at ~4 Mbit/s
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,7 @@ class FrontendConfig:
     api_key: str | None = None
     max_concurrency: int | None = None
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S
 
 
 def create_app(config: FrontendConfig) -> FastAPI:
@@ -49,7 +51,7 @@ def create_app(config: FrontendConfig) -> FastAPI:
     install_handlers(app)
     # add_middleware wraps: the last added runs first. Order: metrics, auth, body size, concurrency.
     app.add_middleware(ConcurrencyMiddleware, metrics=metrics, max_concurrency=config.max_concurrency)
-    app.add_middleware(BodyLimitMiddleware, max_bytes=config.max_body_bytes)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=config.max_body_bytes, timeout_s=config.body_timeout_s)
     if config.api_key:
         app.add_middleware(ApiKeyMiddleware, api_key=config.api_key)
     app.add_middleware(MetricsMiddleware, metrics=metrics)

@@ -3,6 +3,7 @@ buffer streams and hide client disconnects)."""
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import time
 
@@ -14,6 +15,7 @@ from openai_frontend.metrics import FrontendMetrics
 GENERATION_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
 TOKENIZER_PATHS = frozenset({"/tokenize", "/detokenize", "/tokenizer_info"})
 _KNOWN_PATHS = GENERATION_PATHS | TOKENIZER_PATHS | {"/v1/models", "/health", "/metrics"}
+CLIENT_CLOSED = 499  # nginx's status for a client that left before its response ended (as non-streaming 499s)
 
 
 def _endpoint(scope: Scope) -> str:
@@ -25,7 +27,8 @@ def _endpoint(scope: Scope) -> str:
 
 
 class MetricsMiddleware:
-    """Counts every request by endpoint and status and times it to its last byte."""
+    """Counts every request by endpoint and status and times it to its last byte. A response the client left
+    midway (a stream Starlette stopped on disconnect) counts as 499, not as the 200 its status line said."""
 
     def __init__(self, app: ASGIApp, metrics: FrontendMetrics) -> None:
         self.app = app
@@ -35,16 +38,20 @@ class MetricsMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        endpoint, start, status = _endpoint(scope), time.perf_counter(), 500
+        endpoint, start, status, complete = _endpoint(scope), time.perf_counter(), 500, False
 
         async def send_wrapper(message: Message) -> None:
-            nonlocal status
+            nonlocal status, complete
             if message["type"] == "http.response.start":
                 status = message["status"]
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                complete = True
             await send(message)
 
         try:
             await self.app(scope, receive, send_wrapper)
+            if not complete and status < 400:
+                status = CLIENT_CLOSED
         finally:
             self.metrics.requests.labels(endpoint, str(status)).inc()
             self.metrics.latency.labels(endpoint).observe(time.perf_counter() - start)
@@ -72,11 +79,14 @@ class ApiKeyMiddleware:
 
 
 class BodyLimitMiddleware:
-    """Reads the body up front, refusing it with 413 once it exceeds the limit, then replays it."""
+    """Reads the body up front, refusing it with 413 once it exceeds the limit, then replays it. A body not
+    received within `timeout_s` gets 408: a client trickling it (slowloris) must not hold a connection and
+    its buffer forever (uvicorn bounds no body read)."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, timeout_s: float) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.timeout_s = timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
@@ -86,18 +96,20 @@ class BodyLimitMiddleware:
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
             await self._refuse(scope, receive, send)
             return
-        chunks, size, more = [], 0, True
-        while more:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            chunks.append(message.get("body", b""))
-            size += len(chunks[-1])
-            more = message.get("more_body", False)
-            if size > self.max_bytes:
-                await self._refuse(scope, receive, send)
-                return
-        body, replayed = b"".join(chunks), False
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                body = await self._read(receive)
+        except TimeoutError:
+            error = OpenAIError(408, f"Request body not received within {self.timeout_s:g} s",
+                                code="request_timeout")
+            await error.response()(scope, receive, send)
+            return
+        if body is None:  # the client left
+            return
+        if len(body) > self.max_bytes:
+            await self._refuse(scope, receive, send)
+            return
+        replayed = False
 
         async def replay() -> Message:
             nonlocal replayed
@@ -107,6 +119,18 @@ class BodyLimitMiddleware:
             return {"type": "http.request", "body": body, "more_body": False}
 
         await self.app(scope, replay, send)
+
+    async def _read(self, receive: Receive) -> bytes | None:
+        """The body, stopping once past the limit (then longer than max_bytes); None if the client left."""
+        chunks, size, more = [], 0, True
+        while more and size <= self.max_bytes:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            more = message.get("more_body", False)
+        return b"".join(chunks)
 
     async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
         error = OpenAIError(413, f"Request body exceeds {self.max_bytes} bytes", code="request_too_large")

@@ -677,3 +677,105 @@ def test_service_keeps_serving_and_counts_requests(client: openai.OpenAI, openai
     assert re.search(r'openai_frontend_time_to_first_token_seconds_count\{endpoint="/v1/chat/completions"\} '
                      r'[1-9]', metrics)
     assert re.search(r'openai_frontend_completion_tokens_total\{endpoint="/v1/completions"\} [1-9]', metrics)
+
+
+# ---- middleware under misbehaving clients (ASGI level, no servers) ------------------------------------
+
+
+def _run_asgi(app, scope_extra: dict, receive) -> list[dict]:  # noqa: ANN001 (ASGI callables)
+    """Run `app` on one HTTP request; the messages it sent."""
+    import asyncio
+
+    sent: list[dict] = []
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": "/v1/chat/completions", "headers": [], **scope_extra}
+    asyncio.run(asyncio.wait_for(app(scope, receive, send), 10))
+    return sent
+
+
+def test_a_trickled_body_gets_408_within_the_body_timeout():
+    """Slowloris: a client sending part of its body, then nothing, must not hold the connection forever."""
+    import asyncio
+
+    from openai_frontend.middleware import BodyLimitMiddleware
+
+    parts = [{"type": "http.request", "body": b'{"messages": ', "more_body": True}]
+
+    async def receive() -> dict:
+        if parts:
+            return parts.pop()
+        await asyncio.sleep(3600)  # the rest never comes
+        raise AssertionError("unreachable")
+
+    async def app(scope, receive, send) -> None:  # noqa: ANN001
+        raise AssertionError("the app must not run without a whole body")
+
+    sent = _run_asgi(BodyLimitMiddleware(app, max_bytes=1000, timeout_s=0.2), {}, receive)
+    assert sent[0]["status"] == 408
+    assert json.loads(sent[1]["body"])["error"]["code"] == "request_timeout"
+
+
+def test_a_body_in_time_is_replayed_and_a_trickled_one_past_the_limit_gets_413():
+    from openai_frontend.middleware import BodyLimitMiddleware
+
+    def receiver(chunks: list[bytes]):  # noqa: ANN202
+        messages = [{"type": "http.request", "body": c, "more_body": i < len(chunks) - 1}
+                    for i, c in enumerate(chunks)]
+
+        async def receive() -> dict:
+            return messages.pop(0)
+        return receive
+
+    seen: list[bytes] = []
+
+    async def app(scope, receive, send) -> None:  # noqa: ANN001
+        seen.append((await receive())["body"])
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    guard = BodyLimitMiddleware(app, max_bytes=10, timeout_s=5)
+    assert _run_asgi(guard, {}, receiver([b"abc", b"def"]))[0]["status"] == 200 and seen == [b"abcdef"]
+    assert _run_asgi(guard, {}, receiver([b"abcdef", b"ghijkl", b"mn"]))[0]["status"] == 413
+
+
+def test_a_stream_the_client_left_counts_as_499_not_200():
+    """Starlette stops a streamed body on disconnect without an error: the metrics must still tell it from a
+    completed response (non-streaming requests the client left are already 499)."""
+    from openai_frontend.metrics import FrontendMetrics
+    from openai_frontend.middleware import MetricsMiddleware
+
+    async def left_midway(scope, receive, send) -> None:  # noqa: ANN001
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"data: {}\n\n", "more_body": True})
+
+    async def completed(scope, receive, send) -> None:  # noqa: ANN001
+        await left_midway(scope, receive, send)
+        await send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": False})
+
+    async def receive() -> dict:
+        return {"type": "http.disconnect"}
+
+    metrics = FrontendMetrics()
+    for app in (left_midway, completed, completed):
+        _run_asgi(MetricsMiddleware(app, metrics), {}, receive)
+
+    def count(name: str, status: str) -> float | None:
+        labels = {"endpoint": "/v1/chat/completions", "status" if name.endswith("requests_total") else "kind":
+                  status}
+        return metrics.registry.get_sample_value(name, labels)
+
+    assert count("openai_frontend_requests_total", "499") == 1
+    assert count("openai_frontend_requests_total", "200") == 2
+    assert count("openai_frontend_errors_total", "499") == 1
+
+
+def test_body_timeout_option():
+    from openai_frontend.__main__ import parse_args
+
+    assert parse_args([]).body_timeout == 60
+    assert parse_args(["--body-timeout", "2.5"]).body_timeout == 2.5
+    with pytest.raises(SystemExit):
+        parse_args(["--body-timeout", "0"])
