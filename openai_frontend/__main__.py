@@ -9,6 +9,8 @@ import uvicorn
 
 from openai_frontend.app import DEFAULT_BODY_TIMEOUT_S, DEFAULT_MAX_BODY_BYTES, FrontendConfig, create_app
 
+SHUTDOWN_GRACE_S = 5.0
+
 
 def _positive(value: str) -> int:
     number = int(value)
@@ -48,7 +50,9 @@ def main(argv: list[str] | None = None) -> None:
     config = FrontendConfig(triton_url=args.triton_url, api_key=args.api_key,
                             max_concurrency=args.max_concurrency, max_body_bytes=args.max_body_bytes,
                             body_timeout_s=args.body_timeout)
-    uvicorn.run(create_app(config), host=args.host, port=args.port, log_level=args.log_level)
+    # On shutdown, streams still open after a grace period are cancelled (and so are their Triton requests).
+    uvicorn.run(create_app(config), host=args.host, port=args.port, log_level=args.log_level,
+                timeout_graceful_shutdown=SHUTDOWN_GRACE_S)
 
 
 if __name__ == "__main__":

@@ -27,8 +27,12 @@ server_libs="$(python scripts/triton_env.py env | sed 's/^export LD_LIBRARY_PATH
 pids=()
 stop_all() {
   trap - INT TERM EXIT
-  for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
-  wait "${pids[@]}" 2>/dev/null || true
+  # The frontend first (pids[1]): closing its streams cancels their Triton requests. tritonserver waits for
+  # requests in flight, up to its exit timeout, and crashes past it, before the models' finalize has run.
+  for ((i = ${#pids[@]} - 1; i >= 0; i--)); do
+    kill -TERM "${pids[i]}" 2>/dev/null || true
+    wait "${pids[i]}" 2>/dev/null || true
+  done
 }
 trap stop_all INT TERM EXIT
 
