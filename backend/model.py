@@ -68,6 +68,7 @@ OUTPUTS = [
 ]
 MIN_LOGPROB = -9999.0  # what a -inf logprob is sent as
 METRICS_INTERVAL_S = 0.5
+CANCEL_POLL_S = 1.0
 HEALTH_INTERVAL_S = 0.5
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
@@ -146,12 +147,15 @@ class TritonPythonModel:
             message = str(err) if isinstance(err, ValueError) else f"internal error: {err!r}"
             sender.send(error_response(message), flags=FINAL)
             return
+        watcher = asyncio.create_task(_abort_once_cancelled(self.engine, sender, request_id))
         try:
             await self._respond(sender, stream, parsed, request_id)
         except Exception as err:  # never leave a client waiting for its final response
             self.logger.log_error(f"[ernie] {request_id}: {err!r}")
             self.engine.abort(request_id)
             sender.send(error_response(f"internal error: {err!r}"), flags=FINAL)
+        finally:
+            watcher.cancel()
 
     async def _respond(self, sender, stream, parsed: ParsedRequest, request_id: str) -> None:
         prefix = "" if parsed.flags["exclude_input_in_output"] else self._prompt_text(parsed.prompt)
@@ -214,6 +218,14 @@ class TritonPythonModel:
 
 
 # Requests ----------------------------------------------------------------------------------------------
+
+async def _abort_once_cancelled(engine: AsyncLLMEngine, sender, request_id: str) -> None:
+    """Cancellation is checked at each output; a request still queued (or in a long prefill) has none yet, so
+    it is also polled: a client gone meanwhile must not cost a prefill. The abort ends the stream."""
+    while not sender.is_cancelled():
+        await asyncio.sleep(CANCEL_POLL_S)
+    engine.abort(request_id)
+
 
 def parse_request(request) -> ParsedRequest:
     """Triton tensors (and request parameters) -> add_request keywords; ValueError names what is wrong."""

@@ -266,6 +266,34 @@ def test_cancelled_grpc_stream_aborts_the_engine_request(triton_server: TritonSe
     assert_still_serving(triton_server)
 
 
+def test_a_request_cancelled_while_queued_is_aborted_before_it_runs(triton_server: TritonServer,
+                                                                     ernie_random_checkpoint: Path):
+    """Cancellation was noticed only at a request's outputs: one waiting behind others was still prefilled
+    once a slot freed, for a client long gone. max_num_seqs 1: the second request waits behind the first."""
+    row, max_tokens = "ernie-test-one-seq", 4000
+    params = {**TEST_ROW_PARAMS, "model": str(ernie_random_checkpoint), "max_num_seqs": "1",
+              "max_model_len": str(max_tokens + 64), "num_gpu_blocks_override": "300"}
+    write_row(triton_server.repository, row, params)
+    url = f"{triton_server.http_url}/v2/repository/models/{row}"
+    assert httpx.post(f"{url}/load", timeout=120).status_code == 200
+    running, queued = GrpcStream(triton_server), GrpcStream(triton_server)
+    try:
+        sampling = {"max_tokens": max_tokens, "ignore_eos": True}
+        running.send(PROMPT, sampling, model=row)
+        assert wait_for(lambda: len(running.responses) >= 2, timeout=30), "no tokens streamed"
+        queued.send(PROMPT + " again", sampling, model=row)
+        assert wait_for(lambda: engine_metric(triton_server, "num_requests_waiting", row) == 1, timeout=30)
+        queued.close(cancel=True)
+        assert wait_for(lambda: engine_metric(triton_server, "request_abort_total", row) == 1, timeout=30)
+        assert engine_metric(triton_server, "num_requests_running", row) == 1  # the first one still runs
+        assert engine_metric(triton_server, "num_requests_waiting", row) == 0
+    finally:
+        running.close(cancel=True)
+        queued.client.close()
+        httpx.post(f"{url}/unload", timeout=120)
+    assert_still_serving(triton_server)
+
+
 BAD_INPUTS = {
     "malformed sampling JSON": ({"sampling_parameters": "{max_tokens"}, "sampling_parameters is not valid"),
     "unknown sampling key": ({"sampling_parameters": '{"max_tokenz": 3}'}, "max_tokenz"),
