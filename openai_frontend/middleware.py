@@ -15,6 +15,7 @@ from openai_frontend.metrics import FrontendMetrics
 GENERATION_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
 TOKENIZER_PATHS = frozenset({"/tokenize", "/detokenize", "/tokenizer_info"})
 _KNOWN_PATHS = GENERATION_PATHS | TOKENIZER_PATHS | {"/v1/models", "/health", "/metrics"}
+RETRY_AFTER_S = "1"
 CLIENT_CLOSED = 499  # nginx's status for a client that left before its response ended (as non-streaming 499s)
 
 
@@ -153,7 +154,9 @@ class ConcurrencyMiddleware:
         if self.limit is not None and self.in_flight >= self.limit:
             error = OpenAIError(429, f"Too many requests in flight (limit {self.limit}); retry later",
                                 code="rate_limit_exceeded")
-            await error.response()(scope, receive, send)
+            response = error.response()
+            response.headers["Retry-After"] = RETRY_AFTER_S  # the openai client waits that long to retry
+            await response(scope, receive, send)
             return
         self.in_flight += 1
         self.metrics.in_flight.inc()

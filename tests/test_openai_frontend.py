@@ -639,6 +639,7 @@ def test_over_concurrency_gets_429(guarded_frontend: Frontend):
         with pytest.raises(openai.RateLimitError) as err:
             client.chat.completions.create(model="default", messages=MESSAGES, stream=True, max_tokens=2)
         assert err.value.status_code == 429 and err.value.code == "rate_limit_exceeded"
+        assert err.value.response.headers["retry-after"] == "1"
     # Once the first stream is gone its slot frees up.
     assert wait_for(lambda: _serves(client), timeout=30)
 
