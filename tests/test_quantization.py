@@ -8,6 +8,7 @@ import json
 import numpy as np
 import paddle
 import pytest
+from ernie_engine.distributed import parallel_state
 from ernie_engine.layers.attention import AttentionMetadata
 from ernie_engine.layers.linear import Linear
 from ernie_engine.layers.quant.apply import quantize_linear, quantized_bytes
@@ -114,6 +115,25 @@ def test_weight_round_trip_within_half_step(bits, group):
     err = np.abs(dequantize_weight(qw).numpy() - w)
     assert (err <= bound).all(), float((err - bound).max())
     assert (dequantize_weight(qw).numpy()[:, 3] == 0).all()  # a dead channel stays exactly zero
+
+
+@pytest.mark.parametrize(
+    "rows, group, groups_per_rank", [(256, -1, 1), (512, 128, 2), (384, 128, 1), (192, 128, 1)]
+)
+def test_row_parallel_slice_gets_the_single_device_scales(monkeypatch, rows, group, groups_per_rank):
+    """Rank 0 of 2 quantizing its half of a row-parallel weight: groups lying whole in the slice keep the
+    single device's scales; otherwise (384 rows: a group of 128 straddles the ranks; 192: per channel on one
+    device) the per-channel absmax is the whole row's (the all-reduce max, emulated with the full weight)."""
+    w = _matrix(rows, 48)
+    full_absmax = paddle.to_tensor(np.abs(w).max(axis=0))
+    monkeypatch.setattr(parallel_state, "world_size", lambda: 2)
+    monkeypatch.setattr(parallel_state, "all_reduce_max",
+                        lambda x: paddle.maximum(x, full_absmax.reshape(x.shape)))
+    part = quantize_weight(paddle.to_tensor(w[: rows // 2]), 4, group, sharded_input=True)
+    assert part.num_groups == groups_per_rank
+    whole = quantize_weight(paddle.to_tensor(w), 4, group if groups_per_rank > 1 else -1)
+    np.testing.assert_array_equal(part.scale.numpy(), whole.scale.numpy()[:groups_per_rank])
+    np.testing.assert_array_equal(part.qweight.numpy(), whole.qweight.numpy()[: rows // 4])
 
 
 def test_group_scales_beat_per_channel_on_uneven_rows():

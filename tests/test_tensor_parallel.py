@@ -24,8 +24,8 @@ from ernie_engine import AsyncLLMEngine, EngineConfig, LLMEngine, SamplingParams
 from ernie_engine.config import ModelConfig
 from ernie_engine.distributed.executor import TensorParallelExecutor, WorkerFailure
 from ernie_engine.distributed.messages import StepBatch
-from ernie_engine.distributed.sharding import ShardPlan, check_supported
-from ernie_engine.layers.quant.config import QUANTIZED_SUFFIXES
+from ernie_engine.distributed.sharding import ShardPlan, check_quantized, check_supported
+from ernie_engine.layers.quant.config import QUANTIZED_SUFFIXES, QuantConfig
 from ernie_engine.layers.quant.weights import quantize_weight
 from ernie_engine.loader import load_model, paddle_spec
 from ernie_engine.outputs import merge_outputs
@@ -167,6 +167,19 @@ def test_moe_tp2_and_tp4_match_tp1(moe_dir: Path):
     check_tp(moe_dir, 4, logits, outputs)  # one query head per rank, KV heads replicated
 
 
+@pytest.mark.parametrize("model, quantization", [("dense", "wint8"), ("moe", "wint4"), ("moe", "w4a8")])
+def test_quantized_at_load_tp2_matches_tp1(dense_dir: Path, moe_dir: Path, model: str, quantization: str):
+    """Row-parallel layers (o_proj, down_proj, experts' down_proj) quantized per rank must get the single
+    device's scales: per-channel absmax over the whole input row, groups only where whole on a rank."""
+    model_dir = dense_dir if model == "dense" else moe_dir
+    expected = generate(LLMEngine(engine_config(model_dir, 1, quantization=quantization)))
+    engine = LLMEngine(engine_config(model_dir, 2, quantization=quantization))
+    try:
+        assert generate(engine) == expected
+    finally:
+        engine.shutdown()
+
+
 def test_shard_plan_heads_and_vocab():
     """The slices behind the engine tests: KV heads split or replicated, uneven vocab, bad sizes refused."""
     config = ModelConfig(num_attention_heads=8, num_key_value_heads=2, head_dim=8, hidden_size=64,
@@ -178,6 +191,28 @@ def test_shard_plan_heads_and_vocab():
     assert [ShardPlan(config, r, 2).kv_heads for r in range(2)] == [(0, 1), (1, 2)]
     with pytest.raises(ValueError, match="num_attention_heads 8 is not a multiple"):
         check_supported(config, 3)
+
+
+@pytest.mark.parametrize("setting, value", [("quantization", "int3"), ("kv_cache_dtype", "fp8")])
+def test_bad_quantization_names_fail_before_any_worker_starts(dense_dir: Path, setting: str, value: str):
+    """As on one device: a ValueError naming the value, without spawning (and failing) a worker per rank."""
+    started = time.monotonic()
+    with pytest.raises(ValueError, match=f"unknown {setting} '{value}'"):
+        LLMEngine(engine_config(dense_dir, 2, **{setting: value}))
+    assert time.monotonic() - started < 1.0  # no worker process was started
+
+
+def test_int4_needs_an_even_row_parallel_share_per_rank():
+    """wint4 / w4a8 pack two input rows per byte: 98 / 2 = 49 rows of down_proj per rank cannot be packed."""
+    config = ModelConfig(num_attention_heads=4, head_dim=16, intermediate_size=98, moe_num_experts=6, moe_k=2,
+                         moe_intermediate_size=34, moe_num_shared_experts=2)
+    check_quantized(config, 2, QuantConfig("wint8", "wint8"))
+    check_quantized(config, 1, QuantConfig("wint4", "wint4"))
+    with pytest.raises(ValueError, match=r"2 with wint4 .*: intermediate_size 98 gives 49 rows per rank; "
+                                         r"moe_intermediate_size 34 gives 17 rows"):  # shared: 68 / 2 is even
+        check_quantized(config, 2, QuantConfig("wint4", "wint4"))
+    with pytest.raises(ValueError, match=r"w4a8 .*: moe_intermediate_size 34 gives 17 rows per rank, an odd"):
+        check_quantized(config, 2, QuantConfig("", "w4a8"))
 
 
 def test_killed_worker_fails_the_request_and_the_health_check(dense_dir: Path):

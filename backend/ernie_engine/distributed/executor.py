@@ -36,10 +36,11 @@ import numpy as np
 
 from ..config import EngineConfig, ModelConfig
 from ..device import default_device, device_type
+from ..layers.quant.config import QuantConfig
 from ..sampler import PromptScoring, SampledToken, Sampler
 from ..scheduler import SchedulerOutput
 from .messages import StepBatch, StepResult, describe_step
-from .sharding import check_supported
+from .sharding import check_quantized, check_supported
 from .worker import CONN_FD_ENV, SPEC_ENV
 
 logger = logging.getLogger(__name__)
@@ -122,6 +123,11 @@ class TensorParallelExecutor:
         self.world_size = config.tensor_parallel_size
         self.model_config = ModelConfig.from_dir(model_dir)
         check_supported(self.model_config, self.world_size)
+        # Bad quantization / kv_cache_dtype names fail here as on one device, not once per spawned rank.
+        quant = QuantConfig.build(config.quantization, config.kv_cache_dtype,
+                                  self.model_config.extra.get("quantization_config"),
+                                  lm_head=config.quantize_lm_head)
+        check_quantized(self.model_config, self.world_size, quant)
         vocab = self.model_config.vocab_size
         self.vocab_limit = min(vocab, vocab_limit) if vocab_limit else vocab
         self.block_size = config.block_size

@@ -53,6 +53,11 @@ def _wait_for_store(endpoint: str, timeout: float) -> None:
     # Not up yet: init_parallel_env keeps retrying on its own.
 
 
+def world_size() -> int:
+    """Ranks in the group (1 until `init_process_group`)."""
+    return _world_size
+
+
 def all_reduce(x: paddle.Tensor) -> paddle.Tensor:
     """Sum over ranks, in place; returns `x`."""
     if _world_size > 1:

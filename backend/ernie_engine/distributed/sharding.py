@@ -34,6 +34,7 @@ from paddle import nn
 from ..config import ModelConfig
 from ..layers.moe import GroupedExperts
 from ..layers.parallel import VocabParallelEmbedding, reduce_output
+from ..layers.quant.config import QuantConfig
 from ..loader import ParamSpec, Piece
 from ..models.ernie4_5 import Ernie4_5DecoderLayer
 
@@ -45,6 +46,7 @@ SUPPORTED_ARCHITECTURES = {
 # What a multimodal model shards; everything else (vision encoder, projector) is replicated.
 _SHARDED_PREFIXES = ("language_model.", "lm_head.")
 _STACKED_EXPERTS = re.compile(r"\.experts\.(?P<name>up_gate_proj|down_proj)(?P<scale>_scale)?$")
+INT4_METHODS = ("wint4", "w4a8")
 # Row-parallel projections: partial sums, so their bias is added on rank 0 only.
 _ROW_PARALLEL = ("o_proj", "down_proj")
 
@@ -71,6 +73,27 @@ def check_supported(config: ModelConfig, world_size: int) -> None:
         problems.append(f"vocab_size {config.vocab_size} is smaller than the TP size")
     if problems:
         raise ValueError(f"tensor_parallel_size {world_size}: " + "; ".join(problems))
+
+
+def check_quantized(config: ModelConfig, world_size: int, quant: QuantConfig) -> None:
+    """Raise ValueError when a 4-bit method would pack an odd share of a row-parallel input on a rank (two
+    int4 rows per byte), naming the size: checked before any spawn, the ranks would fail deep in packing."""
+    sizes: dict[str, list[int]] = {}
+    if quant.dense_method in INT4_METHODS:
+        sizes["intermediate_size"] = [config.intermediate_size]
+        sizes["num_attention_heads * head_dim"] = [config.num_attention_heads * config.head_dim]
+        if config.moe_num_shared_experts:
+            sizes["moe_intermediate_size * moe_num_shared_experts"] = [
+                s * config.moe_num_shared_experts for s in _per_modality(config.moe_intermediate_size)
+            ]
+    if quant.moe_method in INT4_METHODS and config.is_moe:
+        sizes["moe_intermediate_size"] = _per_modality(config.moe_intermediate_size)
+    odd = [f"{name} {size} gives {size // world_size} rows per rank"
+           for name, values in sizes.items() for size in values if size // world_size % 2]
+    if odd:
+        methods = "/".join(sorted({quant.dense_method, quant.moe_method} & set(INT4_METHODS)))
+        raise ValueError(f"tensor_parallel_size {world_size} with {methods} (two int4 input rows per byte): "
+                         + "; ".join(odd) + ", an odd number")
 
 
 def _per_modality(size: int | list[int]) -> list[int]:

@@ -42,7 +42,8 @@ def _replace_with_buffers(layer: nn.Layer, name: str, qw: QuantizedWeight, scale
 
 
 def quantize_linear(layer: Linear, method: str, group_size: int) -> None:
-    qw = to_device_layout(quantize_for_method(layer.weight, method, group_size), method, group_size)
+    qw = quantize_for_method(layer.weight, method, group_size, layer.input_sharded)
+    qw = to_device_layout(qw, method, group_size)
     _replace_with_buffers(layer, "weight", qw, "weight_scale")
     layer.quant_method = method
     layer.quant_device_layout = qw.device_layout
@@ -51,8 +52,10 @@ def quantize_linear(layer: Linear, method: str, group_size: int) -> None:
 def quantize_experts(layer: GroupedExperts, method: str, group_size: int) -> None:
     """Expert by expert, so only one expert's float weight is converted at a time."""
     for name in EXPERT_WEIGHTS:
-        stacked = getattr(layer, name)
-        parts = [quantize_for_method(stacked[e], method, group_size) for e in range(layer.num_experts)]
+        stacked, sharded = getattr(layer, name), name == "down_proj" and layer.input_sharded
+        parts = [
+            quantize_for_method(stacked[e], method, group_size, sharded) for e in range(layer.num_experts)
+        ]
         qw = QuantizedWeight(
             paddle.stack([p.qweight for p in parts]),
             paddle.stack([p.scale for p in parts]),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
 
@@ -63,24 +64,51 @@ def round_half_away(x: paddle.Tensor) -> paddle.Tensor:
     return paddle.round(x)  # Paddle rounds halves away from zero (C `round`); references must match
 
 
-def quantize_weight(weight: paddle.Tensor, bits: int, group_size: int = -1) -> QuantizedWeight:
-    """Symmetric quantization along the input axis of [..., in, out]; error per element <= scale / 2."""
+def quantize_weight(
+    weight: paddle.Tensor, bits: int, group_size: int = -1, sharded_input: bool = False
+) -> QuantizedWeight:
+    """Symmetric quantization along the input axis of [..., in, out]; error per element <= scale / 2.
+
+    `sharded_input` (row-parallel layers under TP): `weight` holds this rank's slice of the input rows. Its
+    scales must be the single device's, or TP=N computes a different model than TP=1: groups are kept only
+    when they lie whole inside every rank's slice, per-channel absmaxes are reduced over the ranks.
+    """
     w = weight.astype("float32")
     in_features, out_features = w.shape[-2], w.shape[-1]
-    groups = 1
-    if group_size > 0 and in_features % group_size == 0:
-        groups = in_features // group_size
-    elif group_size > 0:
-        logger.debug("input size %d not a multiple of group %d: per-channel scales", in_features, group_size)
+    groups = _num_groups(in_features, group_size, sharded_input)
     lead = w.shape[:-2]
     grouped = w.reshape(lead + [groups, in_features // groups, out_features])
     qmax = QMAX[bits]
-    scale = paddle.clip(grouped.abs().max(axis=-2, keepdim=True) / qmax, min=MIN_SCALE)  # [..., G, 1, out]
+    absmax = grouped.abs().max(axis=-2, keepdim=True)  # [..., G, 1, out]
+    if sharded_input and groups == 1:
+        absmax = parallel_state.all_reduce_max(absmax)
+    scale = paddle.clip(absmax / qmax, min=MIN_SCALE)
     q = paddle.clip(round_half_away(grouped / scale), -qmax, qmax).astype("int8")
     q = q.reshape(lead + [in_features, out_features])
     if bits == 4:
         q = pack_int4(q)
     return QuantizedWeight(q, scale.squeeze(-2), bits, in_features)
+
+
+def _num_groups(in_features: int, group_size: int, sharded_input: bool) -> int:
+    """Scale groups along this weight's (local) input rows: 1 means per channel."""
+    if group_size <= 0:
+        return 1
+    full = in_features * (parallel_state.world_size() if sharded_input else 1)
+    if full % group_size:
+        logger.debug("input size %d not a multiple of group %d: per-channel scales", full, group_size)
+        return 1
+    if in_features % group_size:  # a group would straddle two ranks: no slice matches the single device's
+        _warn_straddled_groups(in_features, full, group_size)
+        return 1
+    return in_features // group_size
+
+
+@functools.cache
+def _warn_straddled_groups(in_features: int, full: int, group_size: int) -> None:
+    """Once per shape: a MoE model would otherwise repeat it for every expert of every layer."""
+    logger.warning("input rows %d per rank (of %d) split groups of %d: per-channel scales, so this TP size "
+                   "quantizes differently from one device", in_features, full, group_size)
 
 
 def unpack_weight_int(qw: QuantizedWeight) -> paddle.Tensor:
@@ -166,11 +194,13 @@ def method_bits(method: str) -> int:
     return 8 if method == "wint8" else 4
 
 
-def quantize_for_method(weight: paddle.Tensor, method: str, group_size: int) -> QuantizedWeight:
+def quantize_for_method(
+    weight: paddle.Tensor, method: str, group_size: int, sharded_input: bool = False
+) -> QuantizedWeight:
     """wint8 and w4a8 are per channel; wint4 is group-wise when the input size allows."""
     bits = method_bits(method)
     group = group_size if method == "wint4" else -1
-    return quantize_weight(weight, bits, group)
+    return quantize_weight(weight, bits, group, sharded_input)
 
 
 # ---- layer hooks: Linear.forward and GroupedExperts.expert_matmul call these once quantized ----
