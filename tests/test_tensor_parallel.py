@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import time
 from pathlib import Path
 
@@ -32,7 +33,7 @@ from ernie_engine.outputs import merge_outputs
 from safetensors.numpy import load_file, save_file
 
 from scripts.make_random_model import tokenizer_files, train_tokenizer
-from tests.process_utils import pid_alive
+from tests.process_utils import pid_alive, wait_for
 from tests.reference_utils import edit_checkpoint, make_tiny_checkpoint, paged_greedy, scattered_block_tables
 
 BLOCK = 16
@@ -194,12 +195,28 @@ def test_shard_plan_heads_and_vocab():
 
 
 @pytest.mark.parametrize("setting, value", [("quantization", "int3"), ("kv_cache_dtype", "fp8")])
-def test_bad_quantization_names_fail_before_any_worker_starts(dense_dir: Path, setting: str, value: str):
+def test_bad_quantization_names_fail_before_any_worker_starts(dense_dir: Path, setting: str, value: str,
+                                                              monkeypatch: pytest.MonkeyPatch):
     """As on one device: a ValueError naming the value, without spawning (and failing) a worker per rank."""
-    started = time.monotonic()
+    spawned: list = []
+    monkeypatch.setattr(subprocess, "Popen", lambda *args, **kwargs: spawned.append(args))
     with pytest.raises(ValueError, match=f"unknown {setting} '{value}'"):
         LLMEngine(engine_config(dense_dir, 2, **{setting: value}))
-    assert time.monotonic() - started < 1.0  # no worker process was started
+    assert spawned == []
+
+
+def child_pids() -> set[int]:
+    return {int(pid) for pid in Path(f"/proc/{os.getpid()}/task/{os.getpid()}/children").read_text().split()}
+
+
+def test_an_engine_failing_after_its_workers_started_stops_them(dense_dir: Path):
+    before = child_pids()
+    with pytest.raises(ValueError, match="max_position_embeddings") as failed:
+        LLMEngine(engine_config(dense_dir, 2, max_model_len=10**7))
+    # Stopped at once, not left to the garbage collector (the error's traceback holds the engine).
+    assert failed.tb is not None and wait_for(lambda: child_pids() <= before, timeout=30)
+    with pytest.raises(ValueError, match="tensor_parallel_size must be >= 1, got 0"):
+        LLMEngine(engine_config(dense_dir, 0))  # was served on one device
 
 
 def test_int4_needs_an_even_row_parallel_share_per_rank():

@@ -61,8 +61,18 @@ class LLMEngine:
         model_dir = config.resolve_model_path()
         self.tokenizer = Tokenizer.from_dir(model_dir)
         self.chat_template = ChatTemplate.from_dir(model_dir)
+        if config.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be >= 1, got {config.tensor_parallel_size}")
         runner_class = TensorParallelExecutor if config.tensor_parallel_size > 1 else ModelRunner
         self.runner = runner_class(config, model_dir, vocab_limit=self.tokenizer.vocab_size)
+        try:
+            self._set_up(config, model_dir)
+        except BaseException:  # e.g. a bad max_model_len: the tensor-parallel workers must not outlive it
+            self.shutdown()
+            raise
+
+    def _set_up(self, config: EngineConfig, model_dir: Path) -> None:
+        """Everything around the runner: lengths, KV cache, scheduler, output processing, media."""
         model_config = self.runner.model_config
         self.vocab_size = self.runner.vocab_limit
         self.sampling_defaults = generation_defaults(model_dir)
