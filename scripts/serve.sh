@@ -50,5 +50,13 @@ echo "serve.sh: tritonserver ready: http 127.0.0.1:$http_port grpc 127.0.0.1:$gr
 
 python -m openai_frontend --triton-url "http://127.0.0.1:$http_port" --port "$openai_port" &
 pids+=($!)
+# Announced once it answers (its /health: 200 with tritonserver ready), so that the line means "send now".
+python -c "import httpx, sys, time
+for _ in range(300):
+    try:
+        if httpx.get('http://127.0.0.1:$openai_port/health', timeout=1).status_code == 200: sys.exit(0)
+    except httpx.HTTPError: pass
+    time.sleep(0.1)
+sys.exit('serve.sh: the OpenAI frontend did not come up within 30 s')"
 echo "serve.sh: OpenAI frontend on http://127.0.0.1:$openai_port/v1"
 wait -n "${pids[@]}"  # either one exiting stops the other
