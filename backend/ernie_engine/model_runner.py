@@ -80,10 +80,7 @@ class ModelRunner:
         self.config = config
         self.sampler = Sampler(config.logprobs_mode)  # a bad mode fails before the load
         dtype = None if config.dtype == "auto" else config.dtype
-        checkpoint_quant = ModelConfig.from_dir(model_dir).extra.get("quantization_config")
-        self.quant = QuantConfig.build(
-            config.quantization, config.kv_cache_dtype, checkpoint_quant, lm_head=config.quantize_lm_head
-        )
+        self.quant = QuantConfig.of_engine(config, ModelConfig.from_dir(model_dir))
         self.model, self.model_config = load_model(model_dir, dtype=dtype, quantization=self.quant)
         self.kv_static_scales = None  # C8 per-head scales, when the checkpoint ships them
         if self.quant.kv_cache_int8:

@@ -124,10 +124,7 @@ class TensorParallelExecutor:
         self.model_config = ModelConfig.from_dir(model_dir)
         check_supported(self.model_config, self.world_size)
         # Bad quantization / kv_cache_dtype names fail here as on one device, not once per spawned rank.
-        quant = QuantConfig.build(config.quantization, config.kv_cache_dtype,
-                                  self.model_config.extra.get("quantization_config"),
-                                  lm_head=config.quantize_lm_head)
-        check_quantized(self.model_config, self.world_size, quant)
+        check_quantized(self.model_config, self.world_size, QuantConfig.of_engine(config, self.model_config))
         vocab = self.model_config.vocab_size
         self.vocab_limit = min(vocab, vocab_limit) if vocab_limit else vocab
         self.block_size = config.block_size

@@ -80,12 +80,7 @@ class ShardRunner(ModelRunner):
         self.config = config
         self.plan = plan
         dtype = None if config.dtype == "auto" else config.dtype
-        self.quant = QuantConfig.build(
-            config.quantization,
-            config.kv_cache_dtype,
-            plan.config.extra.get("quantization_config"),
-            lm_head=config.quantize_lm_head,
-        )
+        self.quant = QuantConfig.of_engine(config, plan.config)
         self.model = load_shard(model_dir, plan, dtype, self.quant)
         self.model_config = plan.local_config()
         self.kv_static_scales = None

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ...config import EngineConfig, ModelConfig
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +58,12 @@ class QuantConfig:
     @property
     def enabled(self) -> bool:
         return bool(self.dense_method or self.moe_method)
+
+    @classmethod
+    def of_engine(cls, engine: EngineConfig, model: ModelConfig) -> QuantConfig:
+        """The engine's flags for this checkpoint (its config.json's `quantization_config`)."""
+        return cls.build(engine.quantization, engine.kv_cache_dtype, model.extra.get("quantization_config"),
+                         lm_head=engine.quantize_lm_head)
 
     @classmethod
     def build(
