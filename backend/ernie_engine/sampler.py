@@ -71,8 +71,8 @@ class Sampler:
 
     def __call__(self, logits: np.ndarray, seqs: list[Sequence]) -> list[SampledToken]:
         """`logits` is modified in place (it becomes the processed logits)."""
-        asked = [i for i, seq in enumerate(seqs) if seq.params.logprobs is not None]
-        raw = {i: logits[i].copy() for i in asked} if self.reports_raw else {}
+        asked = np.array([i for i, seq in enumerate(seqs) if seq.params.logprobs is not None], dtype=np.int64)
+        raw = logits[asked] if self.reports_raw else None  # a copy (fancy indexing), before the edits below
         for row, seq in zip(logits, seqs, strict=True):
             _constrain(row, seq)
         apply_grammar_masks(logits, seqs)  # constrained rows only, one bitmask call
@@ -86,10 +86,14 @@ class Sampler:
         if sampled.size:
             token_ids[sampled] = _draw(logits, sampled, seqs)
         results = [SampledToken(int(tok)) for tok in token_ids]
-        for i in asked:
-            if results[i].token_id != NO_TOKEN:
-                reported = raw.get(i, logits[i])
-                results[i] = _result(reported, results[i].token_id, seqs[i].params.logprobs, self.normalizes)
+        got = token_ids[asked] != NO_TOKEN
+        if got.any():
+            rows = (raw if raw is not None else logits[asked])[got]
+            asked = asked[got]
+            top = max(seqs[i].params.logprobs for i in asked)
+            for i, scored in zip(asked, _score(rows, token_ids[asked], top, self.normalizes), strict=True):
+                k = seqs[i].params.logprobs
+                results[i] = SampledToken(scored.token_id, scored.logprob, scored.top_logprobs[:k])
         return results
 
 
@@ -171,17 +175,6 @@ def _softmax(x: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
-def _result(row: np.ndarray, token_id: int, num_logprobs: int, normalize: bool) -> SampledToken:
-    """The token's value and the top `num_logprobs` ones: log-softmax of `row`, or `row` itself."""
-    values = row - (row.max() + np.log(np.exp(row - row.max()).sum())) if normalize else row
-    top: list[tuple[int, float]] = []
-    if num_logprobs:
-        ids = np.argpartition(-values, num_logprobs - 1)[:num_logprobs]
-        ids = ids[np.argsort(-values[ids], kind="stable")]
-        top = [(int(i), float(values[i])) for i in ids]
-    return SampledToken(token_id, float(values[token_id]), top)
-
-
 @dataclass
 class PromptScoring:
     """The prompt tokens a step scores (prompt_logprobs): flat token rows of the step whose logits predict
@@ -233,9 +226,13 @@ def score_prompt_rows(rows: np.ndarray, targets: np.ndarray, top: int,
     return scored
 
 
-def _score(logits: np.ndarray, targets: np.ndarray, top: int) -> list[SampledToken]:
-    peak = logits.max(axis=1, keepdims=True)
-    norm = peak + np.log(np.exp(logits - peak).sum(axis=1, keepdims=True))  # log-sum-exp per row
+def _score(logits: np.ndarray, targets: np.ndarray, top: int, normalize: bool = True) -> list[SampledToken]:
+    """Each row's target and its `top` likeliest tokens, as log-softmax values of the row (or, without
+    `normalize`, the logits themselves), with the target's rank."""
+    norm = np.zeros((len(logits), 1), logits.dtype)
+    if normalize:
+        peak = logits.max(axis=1, keepdims=True)
+        norm = peak + np.log(np.exp(logits - peak).sum(axis=1, keepdims=True))  # log-sum-exp per row
     target_logits = np.take_along_axis(logits, targets[:, None], axis=1)
     chosen = target_logits[:, 0] - norm[:, 0]
     ranks = (logits > target_logits).sum(axis=1) + 1
