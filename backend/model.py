@@ -230,20 +230,14 @@ async def _abort_once_cancelled(engine: AsyncLLMEngine, sender, request_id: str)
 def parse_request(request) -> ParsedRequest:
     """Triton tensors (and request parameters) -> add_request keywords; ValueError names what is wrong."""
     text = _string(request, "text_input")
-    messages = _json(request, "messages", list)
+    chat = _chat_inputs(request)
     token_ids = _token_ids(request)
-    sources = (("text_input", text), ("messages", messages), ("prompt_token_ids", token_ids))
+    sources = (("text_input", text), ("messages", chat["messages"]), ("prompt_token_ids", token_ids))
     given = [name for name, value in sources if value is not None]
     if len(given) != 1:
         raise ValueError(f"give exactly one of text_input, messages or prompt_token_ids (got: "
                          f"{', '.join(given) or 'none'})")
-    prompt: dict[str, Any] = {
-        "prompt": text,
-        "messages": messages,
-        "prompt_token_ids": token_ids,
-        "tools": _json(request, "tools", list),
-        "chat_template_kwargs": _json(request, "chat_template_kwargs", dict),
-    }
+    prompt: dict[str, Any] = {"prompt": text, "prompt_token_ids": token_ids, **chat}
     raw = _json(request, "sampling_parameters", dict) or {}
     # Generate-extension keys that are not inputs arrive as request parameters; Triton's own are "triton_*".
     extra = json.loads(request.parameters() or "{}")
@@ -258,14 +252,11 @@ def parse_request(request) -> ParsedRequest:
 def tokenizer_task(engine: AsyncLLMEngine, request, task: str):
     """The tokenizer service (the `task` input): one response, nothing generated."""
     if task == "tokenize":
-        options = json.loads(request.parameters() or "{}")
-        ids = engine.tokenize(
-            prompt=_string(request, "text_input"),
-            messages=_json(request, "messages", list),
-            tools=_json(request, "tools", list),
-            chat_template_kwargs=_json(request, "chat_template_kwargs", dict),
-            add_special_tokens=str(options.get("add_special_tokens", False)).lower() in ("true", "1"),
-        )
+        add_special_tokens = json.loads(request.parameters() or "{}").get("add_special_tokens", False)
+        if not isinstance(add_special_tokens, bool):
+            raise ValueError(f"add_special_tokens must be true or false (got {add_special_tokens!r})")
+        ids = engine.tokenize(prompt=_string(request, "text_input"), **_chat_inputs(request),
+                              add_special_tokens=add_special_tokens)
         tensors = {"prompt_token_ids": np.array(ids, dtype=np.int64),
                    "num_input_tokens": np.array([len(ids)], dtype=np.int32)}
     elif task == "detokenize":
@@ -278,6 +269,12 @@ def tokenizer_task(engine: AsyncLLMEngine, request, task: str):
     else:
         raise ValueError(f"task must be one of {', '.join(TASKS)} (got {task!r})")
     return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(k, v) for k, v in tensors.items()])
+
+
+def _chat_inputs(request) -> dict[str, Any]:
+    """The chat template's inputs as add_request and tokenize take them (None where not given)."""
+    return {"messages": _json(request, "messages", list), "tools": _json(request, "tools", list),
+            "chat_template_kwargs": _json(request, "chat_template_kwargs", dict)}
 
 
 def _token_ids(request) -> list[int] | None:

@@ -227,7 +227,9 @@ def test_tokenizer_tasks(triton_server: TritonServer):
     assert info["eos_token"] and info["chat_template"] and info["model_max_length"] == 256
     for payload, expected in [({"task": "translate"}, "task must be one of"),
                               ({"task": "detokenize"}, "needs prompt_token_ids"),
-                              ({"task": "tokenize"}, "exactly one of prompt or messages")]:
+                              ({"task": "tokenize"}, "exactly one of prompt or messages"),
+                              ({"task": "tokenize", "text_input": PROMPT, "add_special_tokens": "yes"},
+                               "add_special_tokens must be true or false (got 'yes')")]:
         assert expected in generate(triton_server, payload).json().get("error", "")
     assert_still_serving(triton_server)
 
