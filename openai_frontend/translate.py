@@ -12,6 +12,7 @@ from openai_frontend.errors import OpenAIError
 from openai_frontend.schemas.openai import (
     ChatCompletionRequest,
     ChatMessage,
+    ChatTemplateInputs,
     CompletionRequest,
     DetokenizeRequest,
     GenerationRequest,
@@ -130,7 +131,7 @@ def chat_payload(req: ChatCompletionRequest) -> dict[str, Any]:
     return {**payload, **_chat_inputs(req, tools)}
 
 
-def _chat_inputs(req: ChatCompletionRequest | TokenizeRequest, tools: list[Tool] | None) -> dict[str, str]:
+def _chat_inputs(req: ChatTemplateInputs, tools: list[Tool] | None) -> dict[str, str]:
     """The `messages`, `tools` and `chat_template_kwargs` inputs (JSON strings). Where the prompt ends rides
     in chat_template_kwargs, where the backend reads it (keys the client put there win, as in vLLM)."""
     dumped = [_template_message(m) for m in req.messages]

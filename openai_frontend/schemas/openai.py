@@ -89,6 +89,16 @@ class ResponseFormat(_Request):
     json_schema: JsonSchemaFormat | None = None
 
 
+class ChatTemplateInputs(_Request):
+    """What the chat template takes besides the messages: chat completions and /tokenize alike."""
+
+    tools: list[Tool] | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    # vLLM's: where the prompt ends (a new assistant turn, or inside the last message to continue it).
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+
+
 class GenerationRequest(_Request):
     """Fields shared by chat and completions: OpenAI's sampling knobs and FastDeploy's extras."""
 
@@ -167,18 +177,13 @@ class GenerationRequest(_Request):
         return self.include_usage and self.stream_options.continuous_usage_stats
 
 
-class ChatCompletionRequest(GenerationRequest):
+class ChatCompletionRequest(GenerationRequest, ChatTemplateInputs):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool | None = None
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
-    tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None  # false: tool_choice "required" makes exactly one call
-    chat_template_kwargs: dict[str, Any] | None = None
-    # vLLM's: where the prompt ends (a new assistant turn, or inside the last message to continue it).
-    add_generation_prompt: bool = True
-    continue_final_message: bool = False
     reasoning_max_tokens: int | None = Field(default=None, ge=1)
     # vLLM's per-request processor settings, refused rather than ignored: here they are the row's.
     mm_processor_kwargs: dict[str, Any] | None = None
@@ -233,16 +238,12 @@ class CompletionRequest(GenerationRequest):
         return list(self.prompt)
 
 
-class TokenizeRequest(_Request):
+class TokenizeRequest(ChatTemplateInputs):
     """vLLM's POST /tokenize: a prompt, or chat messages (through the model's chat template)."""
 
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = Field(default=None, min_length=1)
-    tools: list[Tool] | None = None
-    chat_template_kwargs: dict[str, Any] | None = None
-    add_generation_prompt: bool = True
-    continue_final_message: bool = False
     add_special_tokens: bool = False  # bos first; generation requests run without it
 
     @model_validator(mode="after")
