@@ -210,6 +210,25 @@ def test_paddle_config_style_with_top_level_rope_theta(checkpoint: Path):
     assert ModelConfig.from_dir(checkpoint).rope_theta == 10000.0
 
 
+@pytest.mark.parametrize(
+    "rope",
+    [
+        {"rope_type": "linear", "factor": 4.0, "rope_theta": 10000.0},
+        {"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0, "original_max_position_embeddings": 128},
+    ],
+    ids=lambda rope: rope["rope_type"],
+)
+def test_rope_scaling_is_refused_not_ignored(tmp_path: Path, rope: dict):
+    """transformers scales these positions (its logits differ grossly from plain rotary); serving the
+    checkpoint with plain rotary would be silently wrong, so the load fails naming the scaling."""
+    make_tiny_checkpoint(tmp_path, CONFIG | {"rope_parameters": rope}, layout=TRANSFORMERS, seed=7)
+    with pytest.raises(ValueError, match=re.escape(f"rope_type '{rope['rope_type']}' (rope scaling)")):
+        load_model(tmp_path, device="cpu")
+    legacy = {"hidden_size": 48, "num_attention_heads": 4, "rope_scaling": {"type": "linear", "factor": 2.0}}
+    with pytest.raises(ValueError, match="rope_type 'linear'"):
+        ModelConfig.from_dict(legacy)
+
+
 @pytest.mark.parametrize("checkpoint", [PADDLE], indirect=True)
 def test_unknown_layout_is_refused(checkpoint: Path):
     edit_checkpoint(checkpoint, lambda t: t.update({k.removeprefix("ernie."): t.pop(k) for k in list(t)}))

@@ -37,8 +37,9 @@ CONFIGS = {
         "use_bias": True,
         "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
     },
-    # GQA 4:2, tied embeddings, heads * head_dim (64) != hidden (48), ERNIE's rope_theta.
+    # GQA 4:2, tied embeddings, heads * head_dim (64) != hidden (48), ERNIE's rope_theta and 128K positions.
     "tied_gqa": {
+        "max_position_embeddings": 131072,
         "vocab_size": 320,
         "hidden_size": 48,
         "intermediate_size": 96,
@@ -101,6 +102,26 @@ def test_chunked_prefill_next_to_a_new_prompt(case):
     logits = model.compute_logits(hidden).numpy()
     assert np.abs(logits[:8] - torch_logits(reference, first)[5:]).max() < TOL
     assert np.abs(logits[8:] - torch_logits(reference, second)).max() < TOL
+
+
+@pytest.mark.parametrize("offset", [40_000, 131_000])
+def test_positions_far_into_a_128k_context_match_transformers(case, offset: int):
+    """The 128K rows' positions (rotary angles up to ~1e5 rad, computed in fp32 by both sides): a prompt
+    placed at `offset`, prefilled in two chunks through the paged cache, then decoded token by token."""
+    reference, model, config = case
+    prompt, block_size, table = prompts(config.vocab_size, [11], seed=6)[0], 4, [3, 0, 6, 1, 5, 2, 7, 4]
+    caches = allocate_kv_caches(config, num_blocks=len(table), block_size=block_size)
+    steps = [(prompt[:6], 6), (prompt[6:], 11)] + [([t], 12 + i) for i, t in enumerate(prompt[:8])]
+    rows = []
+    with paddle.no_grad():
+        for ids, context in steps:
+            meta = AttentionMetadata.build([len(ids)], [context], [table], block_size)
+            positions = flat_positions([len(ids)], [context]) + offset
+            rows.append(model.compute_logits(model(paddle.to_tensor(ids), positions, meta, caches)).numpy())
+    with torch.no_grad():
+        sequence = torch.tensor([prompt + prompt[:8]])
+        expected = reference(sequence, position_ids=torch.arange(offset, offset + 19)[None]).logits[0]
+    assert np.abs(np.concatenate(rows) - expected.numpy()).max() < TOL
 
 
 @pytest.mark.parametrize("layout", ["paddle", "transformers"])

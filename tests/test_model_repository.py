@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 from ernie_engine.config import EngineConfig
+from ernie_engine.layers.quant.config import QuantConfig
+from ernie_engine.parsers import get_reasoning_parser_class, get_tool_parser_class
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
@@ -144,6 +146,20 @@ def test_config_is_a_parameters_only_ernie_row(folder: Path):
     assert (folder / "1").is_dir(), "Triton needs a version folder"
     engine_config = EngineConfig.from_parameters(config_params(config))
     assert engine_config.model and engine_config.max_model_len > 0
+
+
+@pytest.mark.parametrize("folder", FOLDERS, ids=[p.name for p in FOLDERS])
+def test_row_settings_are_ones_the_engine_accepts(folder: Path):
+    """What the engine resolves at load: the quantization method, the parsers by name, one device per
+    tensor-parallel rank."""
+    config = EngineConfig.from_parameters(config_params(read_config(folder)))
+    QuantConfig.build(config.quantization, config.kv_cache_dtype)
+    if config.reasoning_parser:
+        get_reasoning_parser_class(config.reasoning_parser)
+    if config.tool_call_parser:
+        get_tool_parser_class(config.tool_call_parser)
+    if config.devices:
+        assert len(config.devices.split(",")) == config.tensor_parallel_size
 
 
 def test_default_row_uses_the_embedded_checkpoint():

@@ -13,6 +13,7 @@ import paddle
 import pytest
 import torch
 from ernie_engine.config import ModelConfig
+from ernie_engine.distributed.sharding import check_quantized
 from ernie_engine.layers import cpu_kernels
 from ernie_engine.layers.moe import GroupedExperts, SparseMoeBlock
 from ernie_engine.layers.quant.apply import quantize_experts, quantized_bytes
@@ -261,6 +262,28 @@ def test_config_reads_both_key_styles() -> None:
     alias_style = {"hidden_size": 64, "num_attention_heads": 4, "num_experts": 8, "num_experts_per_tok": 2}
     aliased = ModelConfig.from_dict(alias_style)
     assert (aliased.moe_num_experts, aliased.moe_k) == (8, 2)
+
+
+def test_vl_paddle_config_with_per_modality_lists_is_moe() -> None:
+    """ERNIE-4.5-VL-28B-A3B-Paddle's config.json gives [text, vision] expert counts and widths; the
+    tensor-parallel start-up check of a 4-bit MoE row reads `is_moe` on it (it raised TypeError)."""
+    vl_paddle = {
+        "architectures": ["Ernie4_5_VLMoeForConditionalGeneration"],
+        "hidden_size": 2560,
+        "num_attention_heads": 20,
+        "num_key_value_heads": 4,
+        "num_hidden_layers": 28,
+        "moe_num_experts": [64, 64],
+        "moe_intermediate_size": [1536, 512],
+        "moe_k": 6,
+        "moe_num_shared_experts": 2,
+        "moe_layer_start_index": 1,
+        "moe_layer_end_index": 29,
+    }
+    config = ModelConfig.from_dict(vl_paddle)
+    assert config.is_moe
+    assert not ModelConfig.from_dict(vl_paddle | {"moe_num_experts": [0, 0]}).is_moe
+    check_quantized(config, 2, QuantConfig.build("wint4"))
 
 
 # ---- whole model from checkpoints in both layouts -------------------------------------------------------

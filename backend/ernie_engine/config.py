@@ -13,6 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+# transformers' rope scaling types (modeling_rope_utils.ROPE_INIT_FUNCTIONS); RotaryEmbedding implements none.
+SCALED_ROPE_TYPES = ("linear", "dynamic", "yarn", "longrope", "llama3", "proportional")
+
 
 @dataclass
 class ModelConfig:
@@ -37,7 +40,7 @@ class ModelConfig:
     eos_token_id: int | list[int] = 2
     pad_token_id: int = 0
     # Mixture of experts (Ernie4_5_MoeForCausalLM); moe_num_experts == 0 means dense.
-    moe_num_experts: int = 0
+    moe_num_experts: int | list[int] = 0  # ERNIE-4.5-VL -Paddle: [text, vision]
     moe_k: int = 0
     moe_intermediate_size: int = 0
     moe_num_shared_experts: int = 0
@@ -57,6 +60,12 @@ class ModelConfig:
         if isinstance(raw.get("text_config"), dict):
             raw = {**raw.pop("text_config"), **raw}
         rope = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
+        rope_type = rope.get("rope_type") or rope.get("type")
+        if rope_type in SCALED_ROPE_TYPES:
+            raise ValueError(
+                f"rope_type {rope_type!r} (rope scaling) is not supported: ERNIE-4.5 uses plain rotary "
+                "positions up to max_position_embeddings, and ignoring the scaling would serve wrong logits"
+            )
         if "rope_theta" not in raw and "rope_theta" in rope:
             raw["rope_theta"] = rope["rope_theta"]
         archs = raw.get("architectures") or [cls.architecture]
@@ -90,7 +99,9 @@ class ModelConfig:
 
     @property
     def is_moe(self) -> bool:
-        return self.moe_num_experts > 0
+        # ERNIE-4.5-VL -Paddle configs give [text, vision] expert counts.
+        experts = self.moe_num_experts
+        return max(experts) > 0 if isinstance(experts, list) else experts > 0
 
     def is_moe_layer(self, layer_idx: int) -> bool:
         # As ERNIE's own code and transformers place them: the interval counts from layer 0, not from the
