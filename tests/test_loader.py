@@ -229,6 +229,13 @@ def test_rope_scaling_is_refused_not_ignored(tmp_path: Path, rope: dict):
         ModelConfig.from_dict(legacy)
 
 
+def test_an_activation_other_than_silu_is_refused():
+    raw = {"hidden_size": 48, "num_attention_heads": 4}
+    assert ModelConfig.from_dict(raw | {"hidden_act": "silu"}).hidden_act == "silu"
+    with pytest.raises(ValueError, match="hidden_act 'gelu' is not supported"):
+        ModelConfig.from_dict(raw | {"hidden_act": "gelu"})
+
+
 @pytest.mark.parametrize("checkpoint", [PADDLE], indirect=True)
 def test_unknown_layout_is_refused(checkpoint: Path):
     edit_checkpoint(checkpoint, lambda t: t.update({k.removeprefix("ernie."): t.pop(k) for k in list(t)}))

@@ -86,6 +86,8 @@ class ModelConfig:
         known = {k: v for k, v in raw.items() if k in names and v is not None}
         extra = {k: v for k, v in raw.items() if k not in names}
         config = cls(**known, extra=extra)
+        if config.hidden_act != "silu":  # the MLPs (layers/activation.py) compute SiLU, as every ERNIE-4.5
+            raise ValueError(f"hidden_act {config.hidden_act!r} is not supported (ERNIE-4.5 uses silu)")
         if config.moe_layer_end_index == -1:
             config.moe_layer_end_index = config.num_hidden_layers - 1
         return config
