@@ -127,6 +127,11 @@ def test_text_before_tool_call_means_no_call():
         '{"name": "f", "arguments": [1, 2]}',  # arguments not an object
         '{"arguments": {"a": 1}}',  # no name
         "not json at all",
+        # JSON Python reads but that cannot go out as strict JSON in UTF-8
+        '{"name": "f", "arguments": {"a": NaN}}',
+        '{"name": "f", "arguments": {"a": 1e400}}',  # inf
+        '{"name": "f", "arguments": {"a": "\\ud800"}}',  # a lone surrogate
+        '{"name": "\\udc00", "arguments": {}}',
     ],
 )
 def test_malformed_block_is_content_verbatim(body):
@@ -139,6 +144,30 @@ def test_malformed_block_keeps_later_valid_call():
     bad = "<tool_call>\n{oops}\n</tool_call>"
     text = "r</think>\n" + bad + "\n" + call_block("g", {"x": "y"})
     assert assert_split_invariant(text, THINKING, THINKING) == ("r", "\n" + bad, [("g", {"x": "y"})])
+
+
+@pytest.mark.parametrize("value", ["1" * 5000, "[" * 5000 + "]" * 5000])
+def test_json_python_refuses_is_content_not_an_engine_failure(value):
+    """Too many digits (ValueError) or too deep (RecursionError): raising would fail the whole engine step."""
+    block = f'<tool_call>\n{{"name": "f", "arguments": {{"a": {value}}}}}\n</tool_call>'
+    text = "r</think>\n" + block + "\n" + call_block("g", {})
+    expected = ("r", "\n" + block, [("g", {})])
+    assert summary(*parse_output(text, THINKING, THINKING)) == expected
+    assert stream(make_output_parser(THINKING, THINKING), list(text))[:2] == expected[:2]
+
+
+def test_end_tag_inside_an_argument_string_is_text():
+    args = {"code": "print('</tool_call>')", "note": 'a \\"</tool_call>\\" and }</tool_call>'}
+    other = {"x": "<tool_call>"}
+    text = "r</think>\n" + call_block("run", args) + call_block("g", other)
+    assert assert_split_invariant(text, THINKING, THINKING) == ("r", "", [("run", args), ("g", other)])
+    # A block whose string never closes is no call: its first end tag ended it after all, as in vLLM.
+    bad = '<tool_call>\n{"name": "f", "arguments": {"a": "x}}\n</tool_call>'
+    text = "r</think>\n" + bad + "\n" + call_block("g", {}) + "done"
+    assert assert_split_invariant(text, THINKING, THINKING) == ("r", "\n" + bad + "\ndone", [("g", {})])
+    cut = "\n<tool_call>\n{\"name\": \"g\", \"argu"  # also when the text ends in an unclosed block
+    text = "r</think>\n" + bad + cut
+    assert assert_split_invariant(text, THINKING, THINKING) == ("r", "\n" + bad + cut, [])
 
 
 def test_unclosed_block_at_end():
