@@ -153,6 +153,18 @@ def test_free_rows_are_untouched_by_constrained_neighbours(llm: LLM) -> None:
     jsonschema.validate(json.loads(mixed[1].outputs[0].text), SCHEMA)
 
 
+def test_grammar_may_name_an_eos_alias(llm: LLM) -> None:
+    # <|end_of_sentence|> is one of the model's eos ids (not llguidance's one eos): named, it is itself.
+    end = llm.engine.tokenizer.token_to_id("<|end_of_sentence|>")
+    assert end in llm.engine.eos_token_ids and end != llm.engine.structured_output.eos_token_id
+    for seed in range(3):
+        params = SamplingParams(temperature=1.0, seed=seed, max_tokens=8,
+                                guided_grammar='start: "a" <|end_of_sentence|>')
+        out = llm.generate("x", params)[0]
+        assert out.error is None and out.outputs[0].text == "a", out.error
+        assert out.outputs[0].token_ids[-1] == end and out.outputs[0].finish_reason == "stop"
+
+
 def test_grammar_is_compiled_once_per_constraint(llm: LLM) -> None:
     cache = llm.engine.structured_output._cache
     generate(llm, count=2, max_tokens=8, guided_regex="[a-c]{5}")
@@ -167,6 +179,47 @@ def test_a_grammar_failing_midway_fails_its_request_with_a_short_reason(llm: LLM
     assert "too many expressions" in out.error and len(out.error) < 200, out.error
 
 
+def test_a_grammar_dead_end_midway_fails_the_request(llm: LLM) -> None:
+    """Past `"b": ` nothing satisfies the schema: llguidance then allows only eos, which must not pass for a
+    finished ("stop") answer."""
+    schema = {"type": "object", "properties": {"a": {"type": "boolean"}, "b": {"$ref": "#/$defs/loop"}},
+              "required": ["a", "b"], "additionalProperties": False,
+              "$defs": {"loop": {"$ref": "#/$defs/loop"}}}
+    for seed in range(2):
+        params = SamplingParams(temperature=1.0, seed=seed, max_tokens=16, guided_json=schema)
+        out = llm.generate("x", params)[0]
+        assert out.outputs[0].finish_reason == "abort" and out.outputs[0].text.endswith('"b": ')
+        assert "grammar failed: no output can satisfy it" in out.error, out.error
+
+
+@pytest.mark.parametrize(("raw", "valid"), [
+    ({"structured_outputs": json.dumps({"choice": ["yes", "no"]})}, lambda text: text in ("yes", "no")),
+    ({"guided_decoding": {"regex": "[0-9]{3}", "backend": "xgrammar"}},
+     lambda text: re.fullmatch("[0-9]{3}", text)),
+    ({"structured_outputs": {"json": SCHEMA, "json_object": False}},
+     lambda text: jsonschema.validate(json.loads(text), SCHEMA) is None),
+])
+def test_vllm_structured_outputs_objects_constrain(llm: LLM, raw: dict, valid) -> None:
+    """As Triton's vLLM backend reads sampling_parameters: structured_outputs as an object or its JSON text
+    (vLLM >= 0.11), guided_decoding (older; its backend hint is ignored)."""
+    for seed in range(2):
+        params = SamplingParams.from_dict({"temperature": 1.0, "seed": seed, "max_tokens": 64, **raw})
+        completion = llm.generate("x", params)[0].outputs[0]
+        assert completion.finish_reason == "stop" and valid(completion.text), completion.text
+
+
+@pytest.mark.parametrize(("raw", "message"), [
+    ({"structured_outputs": {"structural_tag": "{}"}}, "not supported: structural_tag"),
+    ({"structured_outputs": "{nope"}, "structured_outputs is not valid JSON"),
+    ({"guided_decoding": ["regex"]}, "guided_decoding must be an object"),
+    ({"structured_outputs": {"regex": "a"}, "guided_regex": "b"}, "regex and guided_regex"),
+    ({"structured_outputs": {"regex": "a"}, "guided_json": {}}, "at most one of"),
+])
+def test_vllm_structured_outputs_errors_name_the_problem(raw: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        SamplingParams.from_dict(raw)
+
+
 @pytest.mark.parametrize(("guided", "message"), [
     ({"guided_json": {"type": "strin"}}, "invalid JSON schema: Invalid type: strin"),
     ({"guided_json": {"$ref": "#/defs/missing"}}, "invalid JSON schema"),
@@ -174,6 +227,9 @@ def test_a_grammar_failing_midway_fails_its_request_with_a_short_reason(llm: LLM
     ({"guided_regex": "(ab"}, "(?s)invalid regex.*unclosed group"),
     ({"guided_grammar": "start: undefined_rule"}, "(?s)invalid grammar.*unknown name"),
     ({"guided_choice": []}, "guided_choice must be a non-empty list"),
+    # These compile, but no output satisfies them: llguidance finds out at the first mask.
+    ({"guided_json": {"$ref": "#"}}, "invalid JSON schema: no output can satisfy it"),
+    ({"guided_grammar": "start: start"}, "invalid grammar: no output can satisfy it"),
 ])
 def test_invalid_constraints_raise_at_add_request(llm: LLM, guided: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):

@@ -12,6 +12,7 @@ import re
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import httpx
 import jsonschema
 import openai
 import pytest
@@ -186,6 +187,8 @@ def test_required_tool_choice_always_calls_a_tool(client: openai.OpenAI, triton_
     ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "strin"}}}},
      "invalid JSON schema"),
     ({"extra_body": {"guided_regex": "(unclosed"}}, "invalid regex"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"$ref": "#"}}}},
+     "invalid JSON schema: no output can satisfy it"),
     ({"tools": [WEATHER_TOOL], "tool_choice": {"type": "function", "function": {"name": "nope"}}},
      "not in tools"),
 ])
@@ -193,3 +196,19 @@ def test_invalid_constraint_is_a_400(client: openai.OpenAI, openai_frontend: Fro
                                      message: str) -> None:
     with pytest.raises(openai.BadRequestError, match=message):
         chat(client, openai_frontend.model, 0, **kwargs)
+
+
+def test_triton_sampling_parameters_take_vllm_structured_outputs(triton_server: TritonServer) -> None:
+    """Triton's vLLM backend's keys: structured_outputs (JSON text) and guided_decoding (an object)."""
+    url = f"{triton_server.http_url}/v2/models/{triton_server.model}/generate"
+    choice = {"choice": ["yes", "no"]}
+    constraints = [{"structured_outputs": json.dumps(choice)},
+                   {"guided_decoding": {**choice, "backend": "auto"}}]
+    for seed, constraint in enumerate(constraints):
+        sampling = {"max_tokens": 8, "temperature": 1.0, "seed": seed, **constraint}
+        reply = httpx.post(url, json={"text_input": "x", "sampling_parameters": json.dumps(sampling)},
+                           timeout=TIMEOUT)
+        assert reply.status_code == 200 and reply.json()["text_output"] in ("yes", "no"), reply.text
+    bad = {"max_tokens": 8, "guided_decoding": {"whitespace_pattern": " "}}
+    reply = httpx.post(url, json={"text_input": "x", "sampling_parameters": json.dumps(bad)}, timeout=TIMEOUT)
+    assert reply.status_code == 400 and "not supported: whitespace_pattern" in reply.json()["error"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import numbers
 from collections.abc import Callable
@@ -56,8 +57,13 @@ class SamplingParams:
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
     guided_json_object: bool = False
+    # vLLM's object form of the above (StructuredOutputsParams; `guided_decoding` before vLLM 0.11), as
+    # Triton's vLLM backend takes it in sampling_parameters: an object or its JSON text, folded into guided_*.
+    structured_outputs: dict | str | None = None
+    guided_decoding: dict | str | None = None
 
     def __post_init__(self) -> None:
+        self._fold_structured_outputs()
         self.stop = _str_list("stop", self.stop)
         self.bad_words = _str_list("bad_words", self.bad_words)
         if self.stop_token_ids is None:  # vLLM's Optional[list[int]]
@@ -130,6 +136,18 @@ class SamplingParams:
             raise ValueError("at most one of guided_json, guided_regex, guided_choice, guided_grammar, "
                              "json_object")
 
+    def _fold_structured_outputs(self) -> None:
+        for name in ("structured_outputs", "guided_decoding"):
+            raw = getattr(self, name)
+            if raw is None:
+                continue
+            for key, value in _structured_outputs(name, raw).items():
+                target = STRUCTURED_OUTPUT_KEYS[key]
+                if getattr(self, target) not in (None, False):
+                    raise ValueError(f"{name}.{key} and {target} are the same constraint: give one")
+                setattr(self, target, value)
+            setattr(self, name, None)  # folded: a copy (with_defaults) must not fold it again
+
     @property
     def greedy(self) -> bool:
         temperature = NEUTRAL_DEFAULTS["temperature"] if self.temperature is None else self.temperature
@@ -157,6 +175,29 @@ class SamplingParams:
         for key, value in raw.items():
             kwargs[key] = _coerce(key, value, str(types[key]))
         return cls(**kwargs)
+
+
+# vLLM's StructuredOutputsParams keys -> ours. Hints with nothing to do here are accepted and ignored: the
+# grammar engine is always llguidance, and JSON never has free whitespace (see structured_output.py).
+STRUCTURED_OUTPUT_KEYS = {"json": "guided_json", "regex": "guided_regex", "choice": "guided_choice",
+                          "grammar": "guided_grammar", "json_object": "guided_json_object"}
+_IGNORED_STRUCTURED_OUTPUT_KEYS = {"backend", "disable_fallback", "disable_any_whitespace"}
+
+
+def _structured_outputs(name: str, raw: Any) -> dict[str, Any]:
+    """The set keys of a structured_outputs object (or its JSON text); ValueError names a wrong one."""
+    if isinstance(raw, str):
+        try:
+            raw = json.loads(raw)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{name} is not valid JSON: {err}") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{name} must be an object, got {raw!r}")
+    unknown = sorted(set(raw) - STRUCTURED_OUTPUT_KEYS.keys() - _IGNORED_STRUCTURED_OUTPUT_KEYS)
+    if unknown:
+        raise ValueError(f"{name} key(s) not supported: {', '.join(unknown)} (supported: "
+                         f"{', '.join(STRUCTURED_OUTPUT_KEYS)})")
+    return {k: v for k, v in raw.items() if k in STRUCTURED_OUTPUT_KEYS and v not in (None, False)}
 
 
 def _str_list(name: str, raw: Any) -> list[str]:

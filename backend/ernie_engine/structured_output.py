@@ -3,13 +3,16 @@
 One `StructuredOutput` per engine holds the llguidance tokenizer built from the model's own vocabulary and
 an LRU cache of compiled grammars keyed by the constraint. A request's constraint (`guided_json`,
 `guided_json_object`, `guided_regex`, `guided_choice`, `guided_grammar`) is compiled (or found in the
-cache) when the request is made, so a bad schema or regex is a ValueError before it reaches the engine;
-each sequence then gets its own `GrammarMatcher` (a copy of the compiled template).
+cache) when the request is made, so a bad schema or regex (or one no output satisfies, which llguidance
+finds only at the first mask) is a ValueError before it reaches the engine; each sequence then gets its
+own `GrammarMatcher` (a copy of the compiled template).
 
 Per step, `apply_grammar_masks` fills one bitmask for the constrained rows only (one llguidance call over
 all of them), unpacks it with numpy and sets the disallowed logits to -inf; unconstrained rows in the same
 batch are untouched. After sampling, each matcher consumes its sequence's token; a matcher that can take
-nothing but end-of-sequence is complete (the request finishes "stop").
+nothing but end-of-sequence is complete (the request finishes "stop"). A matcher whose mask failed midway
+(a dead end, a lexer limit) lets llguidance allow only eos: its request fails, naming the reason, rather
+than finishing "stop" on a broken output.
 
 Token table (llguidance needs the exact bytes of every id): sentencepiece pieces with "▁" as a space,
 byte-fallback `<0xNN>` pieces as the single byte, special and added tokens as b"\\xff" + name (llguidance's
@@ -173,8 +176,10 @@ class StructuredOutput:
         except ValueError as err:
             raise ValueError(f"invalid {_KIND_NAMES[kind]}: {err}") from None
         matcher = llguidance.LLMatcher(self.ll_tokenizer, grammar, log_level=0)
-        if matcher.is_error():
-            raise ValueError(f"invalid {_KIND_NAMES[kind]}: {_reason(matcher)}")
+        probe = matcher.deep_copy()
+        probe.compute_bitmask()  # some grammars fail only here (no output satisfies `{"$ref": "#"}`)
+        if probe.is_error():
+            raise ValueError(f"invalid {_KIND_NAMES[kind]}: {_reason(probe)}")
         logger.debug("compiled %s constraint (%d chars)", kind, len(text))
         return matcher
 
@@ -185,8 +190,8 @@ class StructuredOutput:
                                          bitmask)
         width = logits.shape[1]
         allowed = np.unpackbits(bitmask.view(np.uint8), axis=1, bitorder="little")[:, :width].view(bool)
-        if self.extra_eos.size:
-            allowed[:, self.extra_eos] = allowed[:, self.eos_token_id, None]
+        if self.extra_eos.size:  # an alias is allowed as eos, or as itself where a grammar names it
+            allowed[:, self.extra_eos] |= allowed[:, self.eos_token_id, None]
         constrained = logits[rows]
         constrained[~allowed] = -np.inf
         logits[rows] = constrained
@@ -205,8 +210,10 @@ class GrammarMatcher:
         if not self.active:
             self.active = token_id == self.owner.think_end_id
             return
-        if token_id in self.owner.eos_token_ids:
-            token_id = self.owner.eos_token_id
+        if self.matcher.is_error():  # its mask failed (a dead end, a lexer limit), so llguidance allowed eos
+            raise RuntimeError(f"grammar failed: {_reason(self.matcher)}")
+        if token_id in self.owner.eos_token_ids and not self.matcher.validate_tokens([token_id]):
+            token_id = self.owner.eos_token_id  # an eos alias the grammar does not name: it means eos
         if not self.matcher.consume_token(token_id):
             raise RuntimeError(f"grammar rejected token {token_id}: {_reason(self.matcher)}")
 
@@ -221,7 +228,12 @@ class GrammarMatcher:
 
 def _reason(matcher: llguidance.LLMatcher) -> str:
     """The error without the parser state and grammar dump (of any size) llguidance may append."""
-    return matcher.get_error().split("<state>")[0].strip()
+    reason = matcher.get_error().split("<state>")[0].strip()
+    return _REASONS.get(reason, reason)
+
+
+# llguidance's names for a grammar that admits no further output.
+_REASONS = dict.fromkeys(("NoExtension", "NoExtensionBias"), "no output can satisfy it")
 
 
 def apply_grammar_masks(logits: np.ndarray, seqs: list[Sequence]) -> None:
