@@ -26,7 +26,7 @@ _SAMPLING_FIELDS = (
     "n", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
     "frequency_penalty", "seed", "min_tokens", "stop_token_ids", "include_stop_str_in_output", "ignore_eos",
     "bad_words", "logit_bias", "allowed_token_ids", "truncate_prompt_tokens", "skip_special_tokens",
-    "guided_json", "guided_regex", "guided_choice", "guided_grammar",
+    "guided_json", "guided_regex", "guided_choice", "guided_grammar", "structured_outputs",
 )
 
 # Outputs every OpenAI response needs; logprobs and token ids only when asked.
@@ -109,17 +109,23 @@ def chat_logprobs(req: ChatCompletionRequest) -> int | None:
     return (req.top_logprobs or 0) if req.logprobs else None
 
 
+def _drop_response_format(params: dict[str, Any]) -> None:
+    params.pop("guided_json_object", None)
+    params.pop("structured_outputs", None)
+
+
 def chat_payload(req: ChatCompletionRequest) -> dict[str, Any]:
     logprobs = chat_logprobs(req)
     max_tokens = req.max_completion_tokens or req.max_tokens
     params = sampling_parameters(req, max_tokens, logprobs)
     if req.reasoning_max_tokens is not None:
         params["reasoning_max_tokens"] = req.reasoning_max_tokens
+    # A forced tool call's schema replaces a response format, as in vLLM.
     if (name := named_tool(req)) is not None:
-        params.pop("guided_json_object", None)
+        _drop_response_format(params)
         params["guided_json"] = _named_tool_schema(req, name)
     elif req.tool_choice == "required":
-        params.pop("guided_json_object", None)
+        _drop_response_format(params)
         params["guided_json"] = _required_tools_schema(req)
     payload: dict[str, Any] = {
         "stream": True,  # also for non-streaming requests (see streaming.py)

@@ -92,7 +92,9 @@ def test_guided_choice_answers_are_choices(client: openai.OpenAI, openai_fronten
     choices = ["positive", "negative", "中性"]
 
     def one(seed: int) -> str:
-        return chat(client, openai_frontend.model, seed, extra_body={"guided_choice": choices}).choices[0]
+        # vLLM >= 0.11 clients send the object form
+        body = {"guided_choice": choices} if seed % 2 else {"structured_outputs": {"choice": choices}}
+        return chat(client, openai_frontend.model, seed, extra_body=body).choices[0]
 
     with ThreadPoolExecutor(CONCURRENCY) as pool:
         for choice in pool.map(one, range(16)):
@@ -138,8 +140,10 @@ def test_max_tokens_cut_is_length_not_stop(client: openai.OpenAI, openai_fronten
 def test_named_tool_choice_constrains_arguments(client: openai.OpenAI, openai_frontend: Frontend) -> None:
     schema = WEATHER_TOOL["function"]["parameters"]
     for seed in range(4):
+        # The forced call's schema replaces a response format (as vLLM), here the structured_outputs form.
+        extra = {"extra_body": {"structured_outputs": {"regex": "x"}}} if seed == 3 else {}
         message = chat(client, openai_frontend.model, seed, max_tokens=24, tools=[WEATHER_TOOL],
-                       tool_choice=NAMED_TOOL).choices[0].message
+                       tool_choice=NAMED_TOOL, **extra).choices[0].message
         (call,) = message.tool_calls
         assert call.function.name == "weather" and call.id.startswith("chatcmpl-tool-")
         jsonschema.validate(json.loads(call.function.arguments), schema)

@@ -17,7 +17,8 @@ METADATA_KEYS = (
     "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty",
     "seed", "max_tokens", "min_tokens", "stop", "stop_token_ids", "include_stop_str_in_output", "ignore_eos",
     "bad_words", "skip_special_tokens", "reasoning_max_tokens", "return_token_ids", "n",
-    "guided_json", "guided_regex", "guided_choice", "guided_grammar", "chat_template_kwargs",
+    "guided_json", "guided_regex", "guided_choice", "guided_grammar", "structured_outputs",
+    "chat_template_kwargs",
 )
 
 # Token ids travel in Triton's INT64 tensors, which cannot parse a JSON integer beyond this range.
@@ -132,6 +133,7 @@ class GenerationRequest(_Request):
     guided_regex: str | None = None
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
+    structured_outputs: dict[str, Any] | None = None  # vLLM >= 0.11's object form of the guided_* fields
     prompt_logprobs: int | None = Field(default=None, ge=0, le=20)  # vLLM's: each prompt token's logprob
     metadata: dict[str, Any] | None = None
 
