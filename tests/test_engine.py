@@ -7,6 +7,7 @@ others, chunking, prefix hits, preemption and recompute) must not change them.
 from __future__ import annotations
 
 import asyncio
+import json
 import shutil
 import threading
 import time
@@ -371,6 +372,25 @@ def test_truncate_prompt_tokens_keeps_the_last_tokens(engine):
     assert len(text.prompt_token_ids) == 2 and text.prompt is None  # the text no longer matches
     with pytest.raises(ValueError, match="max_model_len"):  # not asked for: never truncated
         engine.make_request("r", prompt_token_ids=long)
+
+
+def test_prompt_ids_of_padded_embedding_rows_are_refused(model_dir: Path, tmp_path: Path):
+    """Real ERNIE-4.5 pads its embeddings past the tokenizer (~100k ids, 103424 rows). Such ids are never
+    sampled; in a prompt the repetition penalty and prompt logprobs indexed the sampled logits with them, and
+    the IndexError failed every request of the step. They are refused, as vLLM does."""
+    shutil.copytree(model_dir, tmp_path, dirs_exist_ok=True)
+    weights = load_file(str(tmp_path / "model.safetensors"))
+    key = "ernie.embed_tokens.weight"  # tied: the LM head too
+    weights[key] = paddle.concat([weights[key], paddle.zeros([8, weights[key].shape[1]], weights[key].dtype)])
+    save_file(weights, str(tmp_path / "model.safetensors"))
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "vocab_size": config["vocab_size"] + 8}))
+    padded = make_engine(tmp_path)
+    assert padded.runner.model_config.vocab_size == padded.vocab_size + 8
+    params = SamplingParams(max_tokens=2, repetition_penalty=2.0, prompt_logprobs=1)
+    with pytest.raises(ValueError, match=rf"outside the vocabulary \(0..{padded.vocab_size - 1}\)"):
+        padded.make_request("padded", prompt_token_ids=[5, padded.vocab_size], sampling_params=params)
+    assert one(padded, [5, padded.vocab_size - 1], max_tokens=2, repetition_penalty=2.0).error is None
 
 
 def test_invalid_requests_are_rejected_eagerly(engine):

@@ -6,7 +6,7 @@ import collections
 
 import numpy as np
 import pytest
-from ernie_engine.sampler import NO_TOKEN, Sampler, argmax_only
+from ernie_engine.sampler import NO_TOKEN, Sampler, argmax_only, score_prompt_rows
 from ernie_engine.sampling_params import SamplingParams
 from ernie_engine.sequence import Request, Sequence
 
@@ -228,3 +228,41 @@ def test_logprobs_are_log_softmax_of_the_logits_logprobs_mode_names():
         assert [lp for _, lp in token.top_logprobs] == pytest.approx(list(values[:2]), abs=1e-5), mode
     with pytest.raises(ValueError, match="logprobs_mode must be one of"):
         Sampler("logits")
+
+
+def test_min_p_comes_before_top_p_as_in_vllm():
+    """vLLM and FastDeploy apply min-p first; top-p then measures the mass of what min-p left. Min-p 0.25
+    drops token 3 (0.1 < 0.25 * 0.5), leaving token 0 with 0.56 of the mass: top_p 0.55 keeps it alone."""
+    probs = list(np.log([0.5, 0.25, 0.15, 0.1, 1e-9, 1e-9, 1e-9, 1e-9]))
+    assert set(draw_counts(probs, temperature=1.0, min_p=0.25, top_p=0.55)) == {0}
+    assert set(draw_counts(probs, temperature=1.0, top_p=0.55)) == {0, 1}
+
+
+def test_prompt_token_rank_counts_ties_as_vllm():
+    """vLLM's rank: how many tokens have a logprob at least the token's (a tie for the top is rank 2)."""
+    logits = np.array([[1.0, 1.0, 0.5, 0, 0, 0, 0, 0]] * 3, dtype=np.float32)
+    scored = score_prompt_rows(np.arange(3), np.array([0, 1, 2]), 0, lambda rows: logits[rows])
+    assert [s.rank for s in scored] == [2, 2, 3]
+
+
+def test_seed_minus_one_means_no_seed():
+    """vLLM takes seed -1 as "no seed" (clients send it for "random"): every such request used to draw the
+    same tokens."""
+    assert SamplingParams(seed=-1).seed is None and SamplingParams.from_dict({"seed": "-1"}).seed is None
+    assert SamplingParams(seed=-3).seed == -3
+
+
+def test_json_null_leaves_the_default():
+    """A null in sampling_parameters means "not given": skip_special_tokens null used to turn it off."""
+    params = SamplingParams.from_dict({"skip_special_tokens": None, "n": None, "min_tokens": None,
+                                       "temperature": None})
+    assert params.skip_special_tokens is True and params.n == 1 and params.min_tokens == 0
+    assert params.temperature is None
+
+
+def test_extreme_repetition_penalty_with_a_low_temperature_keeps_masks():
+    """Token 3's logit divided by a 1e-300 penalty is float32's max; over temperature 0.5 it overflowed to
+    inf, the softmax gave NaNs and the draw returned token 0, a bad word."""
+    logits = [0, 0, 0, 2.0, 1.0, 0, 0, 0]
+    seq = make_seq(prompt=(3,), temperature=0.5, repetition_penalty=1e-300, bad_words_ids=[(0,)], seed=0)
+    assert sample_one(logits, seq).token_id == 3

@@ -261,9 +261,12 @@ class LLMEngine:
         if wrong:  # int() would silently floor 5.7 or parse "5"
             raise ValueError(f"prompt_token_ids must be integers, got {wrong[:5]!r}")
         ids = [int(t) for t in ids]
-        bad = [t for t in ids if not 0 <= t < self.runner.model_config.vocab_size]
+        # As vLLM, the tokenizer's: ids of padded embedding rows past it (ERNIE-4.5: ~100k of 103424) are
+        # never sampled, and the penalties and prompt logprobs index the sampled logits with them.
+        bad = [t for t in ids if not 0 <= t < self.vocab_size]
         if bad:
-            raise ValueError(f"prompt_token_ids holds ids outside the vocabulary: {bad[:5]}")
+            raise ValueError(f"prompt_token_ids holds ids outside the vocabulary (0..{self.vocab_size - 1}): "
+                             f"{bad[:5]}")
         return ids
 
     def _build_request(self, request_id: str, prompt: str | None, ids: list[int], params: SamplingParams,

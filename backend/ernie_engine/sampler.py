@@ -2,7 +2,7 @@
 
 Order, as vLLM: forced token / allowed tokens / min_tokens / bad words masks, logit_bias, then repetition,
 frequency and presence penalties; greedy rows take the argmax there, sampled rows go on through
-temperature, top-k, top-p and min-p before an inverse-CDF draw. Each sequence draws from its own generator
+temperature, min-p, top-k and top-p before an inverse-CDF draw. Each sequence draws from its own generator
 (one number per token), so a seeded request gives the same tokens whatever else is in the batch.
 
 What logprobs report is the engine's `logprobs_mode` (vLLM's and FastDeploy's): by default the log-softmax
@@ -30,7 +30,7 @@ class SampledToken:
     token_id: int
     logprob: float | None = None  # set when the request asked for logprobs
     top_logprobs: list[tuple[int, float]] = field(default_factory=list)
-    rank: int | None = None  # prompt tokens: 1 + how many tokens the model found likelier
+    rank: int | None = None  # prompt tokens: how many tokens score at least as high (vLLM's; 1 = the top)
 
 
 # The token of a row whose constraints leave nothing to sample; the engine fails that request.
@@ -142,7 +142,10 @@ def _mask_bad_words(row: np.ndarray, seq: Sequence) -> None:
 def _draw(logits: np.ndarray, rows: np.ndarray, seqs: list[Sequence]) -> np.ndarray:
     for r in rows:
         params = seqs[r].params
-        logits[r] /= params.temperature
+        with np.errstate(over="ignore"):
+            logits[r] /= params.temperature
+        # A logit pushed to float32's max (an extreme repetition penalty) must not become inf, then NaN.
+        np.minimum(logits[r], np.finfo(np.float32).max, out=logits[r])
         _truncate(logits[r], params.top_k, params.top_p, params.min_p)
     probs = _softmax(logits[rows])
     cdf = np.cumsum(probs, axis=1, dtype=np.float64)
@@ -154,20 +157,21 @@ def _draw(logits: np.ndarray, rows: np.ndarray, seqs: list[Sequence]) -> np.ndar
 
 
 def _truncate(row: np.ndarray, top_k: int, top_p: float, min_p: float) -> None:
-    """Top-k, then top-p (the smallest set reaching top_p, at least one token), then min-p, as -inf."""
+    """As vLLM and FastDeploy: min-p, then top-k (ties with the k-th kept), then top-p over what is left (the
+    smallest set reaching top_p, at least one token); the excluded tokens become -inf."""
+    if min_p > 0.0:
+        probs = _softmax(row[None])[0]
+        row[probs < min_p * probs.max()] = -np.inf
     if 0 < top_k < row.size:
         kth = np.partition(row, row.size - top_k)[row.size - top_k]
         row[row < kth] = -np.inf
-    if top_p < 1.0 or min_p > 0.0:
+    if top_p < 1.0:
         probs = _softmax(row[None])[0]
-        if top_p < 1.0:
-            desc = np.sort(probs)[::-1]
-            before = np.cumsum(desc) - desc  # mass of strictly more likely tokens
-            # At least the likeliest token: a top_p below float32's range compares as 0 against `before`.
-            threshold = desc[max(1, np.count_nonzero(before < top_p)) - 1]
-            row[probs < threshold] = -np.inf
-        if min_p > 0.0:
-            row[probs < min_p * probs.max()] = -np.inf
+        desc = np.sort(probs)[::-1]
+        before = np.cumsum(desc) - desc  # mass of strictly more likely tokens
+        # At least the likeliest token: a top_p below float32's range compares as 0 against `before`.
+        threshold = desc[max(1, np.count_nonzero(before < top_p)) - 1]
+        row[probs < threshold] = -np.inf
 
 
 def _softmax(x: np.ndarray) -> np.ndarray:
@@ -228,14 +232,15 @@ def score_prompt_rows(rows: np.ndarray, targets: np.ndarray, top: int,
 
 def _score(logits: np.ndarray, targets: np.ndarray, top: int, normalize: bool = True) -> list[SampledToken]:
     """Each row's target and its `top` likeliest tokens, as log-softmax values of the row (or, without
-    `normalize`, the logits themselves), with the target's rank."""
+    `normalize`, the logits themselves), with the target's rank (vLLM's: how many tokens score at least as
+    high)."""
     norm = np.zeros((len(logits), 1), logits.dtype)
     if normalize:
         peak = logits.max(axis=1, keepdims=True)
         norm = peak + np.log(np.exp(logits - peak).sum(axis=1, keepdims=True))  # log-sum-exp per row
     target_logits = np.take_along_axis(logits, targets[:, None], axis=1)
     chosen = target_logits[:, 0] - norm[:, 0]
-    ranks = (logits > target_logits).sum(axis=1) + 1
+    ranks = (logits >= target_logits).sum(axis=1)
     tops: list[list[tuple[int, float]]] = [[] for _ in targets]
     if top:
         ids = np.argpartition(-logits, top - 1, axis=1)[:, :top]

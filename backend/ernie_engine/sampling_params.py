@@ -68,6 +68,8 @@ class SamplingParams:
         self.bad_words = _str_list("bad_words", self.bad_words)
         if self.stop_token_ids is None:  # vLLM's Optional[list[int]]
             self.stop_token_ids = []
+        if self.seed == -1:  # vLLM's (and many clients' default): no seed, a fresh draw each time
+            self.seed = None
         self.logit_bias = _logit_bias(self.logit_bias)
         self._check_types()
         self._validate()
@@ -171,10 +173,9 @@ class SamplingParams:
         if unknown:
             raise ValueError(f"unknown sampling parameter(s): {', '.join(unknown)}")
         types = {f.name: f.type for f in dataclasses.fields(cls)}
-        kwargs = {}
-        for key, value in raw.items():
-            kwargs[key] = _coerce(key, value, str(types[key]))
-        return cls(**kwargs)
+        # JSON null is "not given": the field keeps its default (skip_special_tokens stays true).
+        given = {key: value for key, value in raw.items() if value is not None}
+        return cls(**{key: _coerce(key, value, str(types[key])) for key, value in given.items()})
 
 
 # vLLM's StructuredOutputsParams keys -> ours. Hints with nothing to do here are accepted and ignored: the
@@ -234,8 +235,6 @@ def _logit_bias(raw: Any) -> dict[int, float]:
 
 def _coerce(key: str, value: Any, kind: str) -> Any:
     """Accept JSON numbers/bools and their string forms (Triton parameters arrive as strings)."""
-    if value is None:
-        return None
     try:
         if kind.startswith("int"):
             if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
