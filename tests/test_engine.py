@@ -267,6 +267,13 @@ def test_bad_words_ban_the_greedy_choice(engine, alone):
     assert out.token_ids[0] != first and first not in out.token_ids
 
 
+def test_a_bad_word_is_banned_with_and_without_a_leading_space(engine):
+    """vLLM's two spellings of " hello": "hello" and " hello" (whatever spaces the caller put first)."""
+    tok = engine.tokenizer
+    banned = engine.make_request("bw", prompt="x", sampling_params=SamplingParams(bad_words=["  hello"]))
+    assert sorted(banned.bad_words_ids) == sorted([tok.encode("hello"), tok.encode(" hello")])
+
+
 def test_logit_bias_steers_greedy_decoding(engine, alone):
     first = alone[11][0]
     banned = one(engine, PROMPTS[11], temperature=0.0, max_tokens=5, logit_bias={first: -100}).outputs[0]

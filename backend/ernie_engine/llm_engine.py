@@ -320,7 +320,7 @@ class LLMEngine:
         """Each word as tokenized alone and after a space (vLLM's two spellings), without duplicates."""
         found: dict[tuple[int, ...], None] = {}
         for word in words:
-            for spelling in {word, " " + word.lstrip()}:
+            for spelling in {word.lstrip(), " " + word.lstrip()}:
                 ids = tuple(t for t in self.tokenizer.encode(spelling) if t < self.vocab_size)
                 if ids:
                     found[ids] = None
