@@ -127,6 +127,21 @@ def test_continue_final_message_matches_transformers(model_dir):
                         continue_final_message=True)
 
 
+@pytest.mark.parametrize("name", sorted(BUILTIN_TEMPLATES))
+@pytest.mark.parametrize("begun", ["Here is the code:\n```python\n", "Sure ", "end", "s"])
+def test_continue_final_message_cut_like_transformers(name, begun):
+    """The cut keeps the begun text's trailing whitespace, and is not taken inside the end-of-turn token
+    (`<|end_of_sentence|>` holds "end" and "s")."""
+    messages = [CHAT[1], {"role": "assistant", "content": begun}]
+    expected = reference(BUILTIN_TEMPLATES[name], messages, add_generation_prompt=False,
+                         continue_final_message=True)
+    assert expected.endswith("Assistant: " + begun)
+    template = ChatTemplate.builtin(name)
+    assert template.render(messages, add_generation_prompt=False, continue_final_message=True) == expected
+    parts = [CHAT[1], {"role": "assistant", "content": [{"type": "text", "text": begun}]}]
+    assert template.render(parts, add_generation_prompt=False, continue_final_message=True) == expected
+
+
 def test_checkpoint_template_wins(tmp_path, model_dir):
     custom = (
         "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}{% if add_generation_prompt %}"
@@ -144,6 +159,14 @@ def test_checkpoint_template_wins(tmp_path, model_dir):
         custom, CHAT[1:2], add_generation_prompt=True, bos_token="<s>"
     )
     assert template.render(CHAT[1:2]) == "<user>Where is the capital of China?<assistant><s>"
+
+
+def test_template_file_wins_over_tokenizer_config(tmp_path, model_dir):
+    """As transformers loads a checkpoint: chat_template.jinja over tokenizer_config.json's chat_template."""
+    for name in ("tokenizer.model", "special_tokens_map.json", "tokenizer_config.json"):
+        (tmp_path / name).write_bytes((model_dir / name).read_bytes())
+    (tmp_path / "chat_template.jinja").write_text("{% for m in messages %}[{{ m.content }}]{% endfor %}")
+    assert ChatTemplate.from_dir(tmp_path).render(CHAT[1:2]) == "[Where is the capital of China?]"
 
 
 def test_media_parts_become_placeholders():

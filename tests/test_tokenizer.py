@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import codecs
 import json
 import random
 from pathlib import Path
 
 import pytest
+import sentencepiece as spm
+from ernie_engine.output_processor import OutputProcessor
+from ernie_engine.outputs import CompletionOutput
+from ernie_engine.sampler import SampledToken
+from ernie_engine.sampling_params import SamplingParams
+from ernie_engine.sequence import Request, Sequence
 from ernie_engine.tokenizer import IncrementalDetokenizer, Tokenizer
 
 from scripts.make_random_model import ModelShape, make_model, weight_shapes
@@ -93,6 +100,21 @@ def test_ids_past_the_tokenizer_decode_to_nothing(tok):
     assert IncrementalDetokenizer(tok).step([tok.encode("a")[0], beyond]) == "a"
 
 
+def test_dummy_prefix_model_encodes_without_one(tok, model_dir, tmp_path):
+    """A sentencepiece model trained with add_dummy_prefix (Llama-style) encodes like one without: no space is
+    invented, and text starting with a newline does not merge into the vocabulary's "\\n\\n" piece."""
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        (tmp_path / name).write_bytes((model_dir / name).read_bytes())
+    # The same model with its NormalizerSpec's add_dummy_prefix (field 3 of field 3) set: protobuf merges it.
+    proto = (model_dir / "tokenizer.model").read_bytes() + b"\x1a\x02\x18\x01"
+    (tmp_path / "tokenizer.model").write_bytes(proto)
+    assert spm.SentencePieceProcessor(model_proto=proto).encode("a", out_type=str) == ["\u2581a"]
+    prefixed = Tokenizer.from_dir(tmp_path)
+    for text in ["\nfoo", "\n", "\n\nx, world", "<think>\n\nhi</think>\n", *MIXED]:
+        assert prefixed.encode(text) == tok.encode(text), text
+        assert prefixed.decode(prefixed.encode(text), skip_special_tokens=False) == text
+
+
 def detok_deltas(tok: Tokenizer, ids: list[int], skip: bool = True) -> list[str]:
     detok = IncrementalDetokenizer(tok, skip_special_tokens=skip)
     return [detok.step([i]) for i in ids] + [detok.finish()]
@@ -119,6 +141,71 @@ def test_detokenizer_holds_incomplete_utf8(tok):
     assert detok_deltas(tok, ids) == ["", "", "", "🙂", ""]
     truncated = detok_deltas(tok, ids[:2])
     assert truncated[:2] == ["", ""] and truncated[-1] == "\ufffd"  # only a cut stream ends in U+FFFD
+
+
+def stream(tok: Tokenizer, ids: list[int], **params) -> list[CompletionOutput]:
+    """The engine's per-token outputs for a completion that samples `ids` (until it finishes)."""
+    sampling = SamplingParams(max_tokens=len(ids), **params)
+    eos = frozenset(tok.eos_token_ids)
+    request = Request("r", [tok.bos_token_id], sampling, len(ids), eos | set(sampling.stop_token_ids), eos)
+    seq = Sequence.create(request, 0)
+    request.sequences = [seq]
+    processor = OutputProcessor(tok, max_model_len=1024)
+    processor.add(request)
+    outs = []
+    for token_id in ids:
+        seq.token_ids.append(token_id)
+        outs.append(processor.process([seq], [SampledToken(token_id)])[0].outputs[0])
+        if seq.is_finished:
+            break
+    return outs
+
+
+def test_stop_string_completed_before_min_tokens_does_not_stop(tok):
+    # "\n" is held back after token 2 (it may begin "\n\n"), but it ended before min_tokens: as vLLM, no stop.
+    ids = tok.encode("Hi") + tok.encode("\n") + tok.encode("there\nyou")
+    min_tokens = len(tok.encode("Hi\n")) + 1
+    outs = stream(tok, ids, stop=["\n", "\n\n"], min_tokens=min_tokens)
+    assert "".join(o.text for o in outs) == "Hi\nthere"
+    assert (outs[-1].finish_reason, outs[-1].stop_reason) == ("stop", "\n")
+
+
+def expected_stream(tok: Tokenizer, ids: list[int], stops: list[str], include: bool, min_tokens: int,
+                    skip: bool) -> tuple[str, int, str | None]:
+    """vLLM's rule: after each token from min_tokens on, the first stop string ending in its new text."""
+    decoder, text = codecs.getincrementaldecoder("utf-8")(errors="replace"), ""
+    for n, token_id in enumerate(ids, 1):
+        start = len(text)
+        text += "" if skip and tok.is_special(token_id) else decoder.decode(tok.token_bytes(token_id))
+        found = [(text.find(s, max(0, start - len(s) + 1)), s) for s in stops] if n >= min_tokens else []
+        hits = [(pos, s) for pos, s in found if pos >= 0]
+        if hits:
+            pos, stop = min(hits, key=lambda hit: hit[0])  # the earliest; on a tie, the first listed
+            return text[: pos + len(stop) if include else pos], n, stop
+    return text + decoder.decode(b"", final=True), len(ids), None
+
+
+def test_stop_strings_on_random_token_streams(tok):
+    """Random token ids (byte pieces, control tokens, text) and stop strings cut from their text (spanning
+    tokens, overlapping, inside a multi-byte character): the streamed deltas match vLLM's rule."""
+    rng = random.Random(0)
+    byte_ids = [i for i in range(tok.vocab_size) if tok.is_byte_token(i)]
+    specials = [tok.token_to_id(t) for t in ("<|begin_of_sentence|>", "<|IMAGE_START|>", "<think>")]
+    for _ in range(400):
+        ids = tok.encode(rng.choice(MIXED[:3])[: rng.randint(5, 40)])
+        for _ in range(rng.randint(0, 3)):
+            ids.insert(rng.randint(0, len(ids)), rng.choice(byte_ids + specials))
+        text = tok.decode(ids)
+        starts = [rng.randrange(len(text)) for _ in range(rng.randint(1, 3))]
+        stops = [text[a : a + rng.randint(1, 4)] for a in starts]
+        include, skip = rng.random() < 0.5, rng.random() < 0.7
+        min_tokens = min(rng.choice([0, 0, 2, 5]), len(ids))
+        outs = stream(tok, ids, stop=stops, include_stop_str_in_output=include, min_tokens=min_tokens,
+                      skip_special_tokens=skip)
+        want, num_tokens, stop = expected_stream(tok, ids, stops, include, min_tokens, skip)
+        assert "".join(o.text for o in outs) == want, (ids, stops)
+        assert len(outs) == outs[-1].num_output_tokens == num_tokens
+        assert (outs[-1].finish_reason, outs[-1].stop_reason) == ("stop" if stop else "length", stop)
 
 
 def test_generator_is_deterministic(tmp_path):

@@ -1,6 +1,6 @@
 """Chat prompts: the checkpoint's own jinja2 template, rendered the way transformers does, or a built-in one.
 
-The checkpoint's template (`chat_template` in tokenizer_config.json, or a `chat_template.jinja` file) always
+The checkpoint's template (a `chat_template.jinja` file, else `chat_template` in tokenizer_config.json) always
 wins. Two built-in ERNIE-4.5 templates serve as fallbacks and for generated checkpoints:
 
 * `ernie-4.5`: the 0.3B format (`<|begin_of_sentence|>`, system + "\\n", "User: ...\\n",
@@ -224,7 +224,7 @@ class ChatTemplate:
 
     @classmethod
     def from_dir(cls, model_dir: str | Path, fallback: str = "ernie-4.5") -> ChatTemplate:
-        """The checkpoint's template (tokenizer_config.json, then chat_template.jinja), else a built-in."""
+        """The checkpoint's template (chat_template.jinja, else tokenizer_config.json's), else a built-in."""
         model_dir = Path(model_dir)
         config_path = model_dir / "tokenizer_config.json"
         config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
@@ -233,13 +233,12 @@ class ChatTemplate:
             for k, v in config.items()
             if k.endswith("_token") and isinstance(v, str | dict)
         }
-        source = config.get("chat_template")
+        jinja = model_dir / "chat_template.jinja"
+        # As transformers (and so vLLM): the file wins over a template in tokenizer_config.json.
+        source = jinja.read_text(encoding="utf-8") if jinja.is_file() else config.get("chat_template")
         if isinstance(source, list):  # transformers' named-template form: [{"name": ..., "template": ...}]
             named = {t.get("name"): t.get("template") for t in source if isinstance(t, dict)}
             source = named.get("default")
-        jinja_path = model_dir / "chat_template.jinja"
-        if not source and jinja_path.is_file():
-            source = jinja_path.read_text(encoding="utf-8")
         if not source:
             return cls(BUILTIN_TEMPLATES[fallback], specials)
         return cls(source, specials)
@@ -270,7 +269,7 @@ class ChatTemplate:
         context = {**self.special_tokens, **template_kwargs}
         try:
             text = compile_template(self.source).render(
-                messages=normalize_messages(messages),
+                messages=normalize_messages(mark_final(messages) if continue_final_message else messages),
                 tools=tools or None,
                 add_generation_prompt=add_generation_prompt,
                 **context,
@@ -288,8 +287,35 @@ def check_continuation(add_generation_prompt: bool, continue_final_message: bool
                          "other: one opens a new assistant turn, the other continues the last message)")
 
 
+# transformers' marker: rendered right after the final message's text, it shows where the prompt must end.
+_FINAL_TAG = "CONTINUE_FINAL_MESSAGE_TAG "
+
+
+def mark_final(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Copies with `_FINAL_TAG` after the last message's (last) text, to render for `continue_final`."""
+    if not (isinstance(messages, list) and messages and isinstance(messages[-1], dict)):
+        return messages  # normalize_messages reports the bad shape
+    final = dict(messages[-1])
+    content = final.get("content")
+    if isinstance(content, str):
+        final["content"] = content + _FINAL_TAG
+    elif isinstance(content, list):
+        texts = [i for i, p in enumerate(content)
+                 if isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)]
+        if texts:
+            content = list(content)
+            content[texts[-1]] = {**content[texts[-1]], "text": content[texts[-1]]["text"] + _FINAL_TAG}
+            final["content"] = content
+    return [*messages[:-1], final]
+
+
 def continue_final(text: str, messages: list[dict[str, Any]]) -> str:
-    """The rendered prompt cut right after the last message's (last) text (its end-of-turn markup dropped)."""
+    """The rendered prompt cut right after the last message's (last) text (its end-of-turn markup dropped).
+
+    Rendered from `mark_final(messages)`, the cut is at the marker, as transformers does: the text keeps its
+    trailing whitespace unless the template trimmed it, and text the template puts after it (an end-of-turn
+    token that contains the same letters) cannot be taken for it. Without the marker: at the last occurrence
+    of the text, stripped."""
     content = messages[-1].get("content")  # the messages rendered: a list of objects
     if isinstance(content, list):
         texts = [p.get("text") for p in content if isinstance(p, dict) and p.get("type") == "text"]
@@ -297,6 +323,9 @@ def continue_final(text: str, messages: list[dict[str, Any]]) -> str:
     final = content.strip() if isinstance(content, str) else ""
     if not final:
         raise ValueError("continue_final_message needs text in the last message")
+    tag = text.rfind(_FINAL_TAG.strip())
+    if tag >= 0:
+        return text[:tag] if text.startswith(_FINAL_TAG, tag) else text[:tag].rstrip()
     end = text.rfind(final)
     if end < 0:
         raise ValueError("continue_final_message: the chat template does not show the last message's text")

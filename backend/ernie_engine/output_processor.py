@@ -97,12 +97,14 @@ class OutputProcessor:
         if token_id == self.think_end_id:
             state.in_reasoning = False
         is_stop_token = token_id in request.stop_token_ids and seq.num_output_tokens >= params.min_tokens
+        new_text = ""
         if not is_stop_token or params.include_stop_str_in_output:
-            state.pending += state.detokenizer.step([token_id])
+            new_text = state.detokenizer.step([token_id])
+            state.pending += new_text
         if is_stop_token:
             seq.finish("stop", None if token_id in request.eos_token_ids else token_id)
         elif params.stop and seq.num_output_tokens >= params.min_tokens:
-            self._check_stop_strings(seq, state)
+            self._check_stop_strings(seq, state, len(new_text))
         if not seq.is_finished and seq.grammar is not None and seq.grammar.is_complete:
             seq.finish("stop")
         if not seq.is_finished and (
@@ -114,11 +116,15 @@ class OutputProcessor:
         seq.forced_token_id = self._forced_token(seq, state)
         return self._completion(seq, state, token)
 
-    def _check_stop_strings(self, seq: Sequence, state: _SeqState) -> None:
+    def _check_stop_strings(self, seq: Sequence, state: _SeqState, new_len: int) -> None:
+        """Stop at the first stop string that ends in this step's new text. One ending in the text held back
+        was completed before min_tokens was reached (else an earlier step would have stopped): as in vLLM,
+        it does not count."""
         params = seq.params
+        new_start = len(state.pending) - new_len
         found: tuple[int, str] | None = None
         for stop in params.stop:
-            pos = state.pending.find(stop)
+            pos = state.pending.find(stop, max(0, new_start - len(stop) + 1))
             if pos >= 0 and (found is None or pos < found[0]):
                 found = (pos, stop)
         if found is None:

@@ -2,7 +2,7 @@
 
 Decoding is the plain concatenation of each token's bytes (`token_bytes`): sentencepiece's "▁" is a space,
 byte-fallback pieces `<0xNN>` are raw bytes, added tokens are their literal text. Encoding never inserts a
-dummy-prefix space (models trained with one get it stripped, like transformers' non-legacy mode), so
+dummy-prefix space (a model trained with one has it switched off, like transformers' non-legacy mode), so
 decode(encode(text)) == text and a streamed decode only has to hold back incomplete UTF-8 sequences.
 
 Special tokens (bos/eos/pad/unk/cls/sep, `<|...|>` control tokens) are skipped by `skip_special_tokens`;
@@ -23,6 +23,9 @@ import sentencepiece as spm
 
 _BYTE_PIECE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
 _SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token", "cls_token", "sep_token", "mask_token")
+# A serialized ModelProto field `normalizer_spec { add_dummy_prefix: false }`. Appended to a model, protobuf
+# merges it into the model's own normalizer spec: the dummy prefix is off, with no protobuf package needed.
+_NO_DUMMY_PREFIX = b"\x1a\x02\x18\x00"
 
 
 def _content(value: Any) -> str | None:
@@ -47,7 +50,6 @@ class Tokenizer:
     id_to_piece: list[str] = field(init=False)
     _token_bytes: list[bytes] = field(init=False, repr=False)
     _split_re: re.Pattern[str] | None = field(init=False, repr=False)
-    _dummy_prefix: bool = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         size = max([self.sp.get_piece_size() - 1, *self.added_tokens.values()]) + 1
@@ -59,7 +61,6 @@ class Tokenizer:
         self._token_bytes = [self._piece_bytes(i, p) for i, p in enumerate(pieces)]
         names = sorted(self.added_tokens, key=len, reverse=True)  # longest first: `</think>` before `<`...
         self._split_re = re.compile("(" + "|".join(map(re.escape, names)) + ")") if names else None
-        self._dummy_prefix = self.sp.encode("a", out_type=str)[0].startswith("\u2581")
 
     def _piece_bytes(self, token_id: int, piece: str) -> bytes:
         if token_id < self.sp.get_piece_size():
@@ -77,7 +78,7 @@ class Tokenizer:
         model_path = model_dir / "tokenizer.model"
         if not model_path.is_file():
             raise FileNotFoundError(f"no tokenizer.model in {model_dir}")
-        sp = spm.SentencePieceProcessor(model_file=str(model_path))
+        sp = spm.SentencePieceProcessor(model_proto=model_path.read_bytes() + _NO_DUMMY_PREFIX)
         config = _read_json(model_dir / "tokenizer_config.json")
         specials_map = {**_read_json(model_dir / "special_tokens_map.json"), **config}
         special_tokens = {k: c for k in _SPECIAL_KEYS if (c := _content(specials_map.get(k)))}
@@ -154,16 +155,8 @@ class Tokenizer:
             if i % 2:  # odd chunks are the captured added tokens
                 ids.append(self.added_tokens[chunk])
             elif chunk:
-                ids.extend(self._encode_plain(chunk))
+                ids.extend(self.sp.encode(chunk))
         return ids
-
-    def _encode_plain(self, text: str) -> list[int]:
-        if not self._dummy_prefix:
-            return self.sp.encode(text)
-        # Encode behind a "\n" sentinel and drop its pieces, so no dummy-prefix space is invented.
-        sentinel = self.sp.encode("\n")
-        ids = self.sp.encode("\n" + text)
-        return ids[len(sentinel) :] if ids[: len(sentinel)] == sentinel else ids
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         data = b"".join(
