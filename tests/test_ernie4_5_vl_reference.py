@@ -231,6 +231,10 @@ def test_continue_final_message(template) -> None:
     assert prompt.prompt.endswith("The picture shows") and IMAGE in prompt.prompt_token_ids
     with pytest.raises(ValueError, match="add_generation_prompt"):
         ours(messages, continue_final_message=True)
+    if template is not None:  # the cut is right after the text, not where its letters recur ("</assistant>")
+        messages[-1]["content"] = "ant "
+        assert ours(messages, add_generation_prompt=False, continue_final_message=True).prompt.endswith(
+            "<assistant>ant ")
 
 
 def test_limit_mm_per_prompt() -> None:

@@ -310,26 +310,19 @@ def mark_final(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def continue_final(text: str, messages: list[dict[str, Any]]) -> str:
-    """The rendered prompt cut right after the last message's (last) text (its end-of-turn markup dropped).
-
-    Rendered from `mark_final(messages)`, the cut is at the marker, as transformers does: the text keeps its
-    trailing whitespace unless the template trimmed it, and text the template puts after it (an end-of-turn
-    token that contains the same letters) cannot be taken for it. Without the marker: at the last occurrence
-    of the text, stripped."""
+    """The prompt rendered from `mark_final(messages)`, cut at the marker as transformers does: right after
+    the last message's (last) text, which keeps its trailing whitespace unless the template trimmed it; the
+    markup the template puts after it (its end of turn) is dropped."""
     content = messages[-1].get("content")  # the messages rendered: a list of objects
     if isinstance(content, list):
         texts = [p.get("text") for p in content if isinstance(p, dict) and p.get("type") == "text"]
         content = texts[-1] if texts else None
-    final = content.strip() if isinstance(content, str) else ""
-    if not final:
+    if not (isinstance(content, str) and content.strip()):
         raise ValueError("continue_final_message needs text in the last message")
     tag = text.rfind(_FINAL_TAG.strip())
-    if tag >= 0:
-        return text[:tag] if text.startswith(_FINAL_TAG, tag) else text[:tag].rstrip()
-    end = text.rfind(final)
-    if end < 0:
+    if tag < 0:
         raise ValueError("continue_final_message: the chat template does not show the last message's text")
-    return text[: end + len(final)]
+    return text[:tag] if text.startswith(_FINAL_TAG, tag) else text[:tag].rstrip()
 
 
 def _token_content(value: Any) -> str:

@@ -31,6 +31,7 @@ from ..chat_template import (
     check_continuation,
     compile_template,
     continue_final,
+    mark_final,
 )
 from .image_processor import ErnieVLImageProcessor, ImageProcessor, ProcessedImages, check_pixels
 from .media import MediaFetcher
@@ -279,7 +280,7 @@ class MultimodalProcessor:
             raise ValueError("messages must be a non-empty list")
         check_continuation(add_generation_prompt, continue_final_message)
         normalized, image_parts = [], []
-        for message in messages:
+        for message in mark_final(messages) if continue_final_message else messages:
             parts = _parts(message.get("content"))
             # The template puts a message's images before its text, so that is their prompt order.
             image_parts += [p for p in parts if p["type"] == "image"]
@@ -470,7 +471,8 @@ class ErnieVLProcessor:
         context = {**self.template.special_tokens, **template_kwargs}
         try:
             text = compile_template(self.template.source).render(
-                messages=messages, tools=tools or None, add_generation_prompt=add_generation_prompt, **context
+                messages=mark_final(messages) if continue_final_message else messages, tools=tools or None,
+                add_generation_prompt=add_generation_prompt, **context,
             )
         except jinja2.TemplateError as err:
             raise ValueError(f"chat template error: {err}") from None
