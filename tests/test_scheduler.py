@@ -126,6 +126,26 @@ def test_max_prefill_admits_whole_prefills_before_decodes():
     assert out.scheduled == {first2: 1, a2: 10, b2: 5}
 
 
+def test_max_prefill_leaves_the_running_their_blocks():
+    """Admitting a prefill that takes the block a decode needs in the same step would get it preempted
+    before it ever ran: a preemption counted, prefix hits counted that never served anything."""
+    sched = make_scheduler(num_blocks=4, max_tokens=64, enable_max_prefill=True)
+    cached = add(sched, make_request(9, "cached", base=100)).sequences[0]
+    step(sched)
+    sched.finish(cached)  # 2 full blocks stay cached (evictable), 2 blocks free
+    decode = add(sched, make_request(4, "decode")).sequences[0]
+    step(sched)  # 1 block; its next token needs a second
+    late = add(sched, make_request(9, "late", base=100)).sequences[0]  # 2 cached blocks + the last free one
+    out = step(sched)
+    assert out.scheduled == {decode: 1} and not out.preempted
+    assert sched.waiting[0] is late and late.num_cached_tokens == -1
+    assert sched.num_preemptions == 0 and sched.block_manager.prefix_hit_tokens == 0
+    sched.finish(decode)
+    decode.finish("length")
+    out = step(sched)
+    assert out.scheduled == {late: 1} and late.num_cached_tokens == sched.block_manager.prefix_hit_tokens == 8
+
+
 def test_siblings_wait_for_the_leader_then_share_its_prompt_blocks():
     sched = make_scheduler(max_tokens=64)
     request = add(sched, make_request(10, "n3", n=3))

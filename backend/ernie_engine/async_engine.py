@@ -100,7 +100,9 @@ class AsyncLLMEngine:
         self.engine = LLMEngine(config or EngineConfig(**config_kwargs))
         self._cond = threading.Condition()
         self._inbox: list[Request] = []
-        self._aborts: list[str] = []
+        # The streams, not their ids: an abort queued as its request finished must not end a new request
+        # given the same id before the step loop takes the abort.
+        self._aborts: list[RequestStream] = []
         self._streams: dict[str, RequestStream] = {}
         self._stopped = False
         self._thread = threading.Thread(target=self._run, name="ernie-engine-step", daemon=True)
@@ -134,7 +136,7 @@ class AsyncLLMEngine:
         """The request's stream ends with finish_reason "abort" (no-op once it has finished)."""
         with self._cond:
             if request_id in self._streams:
-                self._aborts.append(request_id)
+                self._aborts.append(self._streams[request_id])
                 self._cond.notify()
 
     def metrics(self) -> dict[str, Any]:
@@ -177,7 +179,8 @@ class AsyncLLMEngine:
                 if self._inbox and not engine.has_unfinished():
                     self._await_burst()
                 inbox, self._inbox = self._inbox, []
-                aborts, self._aborts = self._aborts, []
+                aborts = [s.request_id for s in self._aborts if self._streams.get(s.request_id) is s]
+                self._aborts = []
                 stopped = self._stopped
             for request in inbox:
                 self._admit(request)

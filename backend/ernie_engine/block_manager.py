@@ -107,11 +107,12 @@ class BlockManager:
 
     # Allocation -------------------------------------------------------------------------------------
 
-    def can_allocate(self, seq: Sequence, match: PrefixMatch, num_new_tokens: int) -> bool:
-        """Room for a waiting sequence: the matched prefix plus `num_new_tokens` computed after it."""
+    def can_allocate(self, seq: Sequence, match: PrefixMatch, num_new_tokens: int, reserved: int = 0) -> bool:
+        """Room for a waiting sequence: the matched prefix plus `num_new_tokens` computed after it, with
+        `reserved` free blocks left untouched."""
         num_tokens = match.num_blocks * self.block_size + num_new_tokens
         needed = self.blocks_needed(num_tokens) - match.num_blocks
-        return needed <= self.num_free_blocks - match.num_evictable
+        return needed <= self.num_free_blocks - match.num_evictable - reserved
 
     def allocate(self, seq: Sequence, match: PrefixMatch, num_new_tokens: int) -> None:
         assert not seq.block_table, "sequence already holds blocks"

@@ -5,7 +5,8 @@ One step mixes decodes and prefill chunks under two budgets: `max_num_seqs` runn
 FCFS from the head of the queue until one does not fit, so a step's cost never depends on how many
 requests wait. When KV blocks run out, the most recently arrived running sequence is preempted: its
 blocks are freed and it goes back to the front of the queue, to be recomputed (mostly from the prefix
-cache) later. With `enable_max_prefill`, whole prefills are admitted first and decodes take what is left.
+cache) later. With `enable_max_prefill`, whole prefills are admitted first and decodes take what is left
+of the token budget; KV blocks stay the running sequences' first claim.
 """
 
 from __future__ import annotations
@@ -63,7 +64,10 @@ class Scheduler:
         out = SchedulerOutput()
         budget = self.max_num_batched_tokens
         if self.enable_max_prefill:
-            budget = self._admit_waiting(out, budget, whole_prefills=True)
+            # Blocks held back for the running sequences' next tokens: else a decode finding none would
+            # preempt a prefill admitted in this very step (counted as preempted and cached, never run).
+            reserved = self._running_need(budget)
+            budget = self._admit_waiting(out, budget, whole_prefills=True, reserved=reserved)
             self._schedule_running(out, budget)
         else:
             budget = self._schedule_running(out, budget)
@@ -95,7 +99,17 @@ class Scheduler:
             break  # the sequence itself was preempted
         return budget
 
-    def _admit_waiting(self, out: SchedulerOutput, budget: int, whole_prefills: bool) -> int:
+    def _running_need(self, budget: int) -> int:
+        """New KV blocks the running sequences take if each gets its next chunk (`budget` tokens at most)."""
+        need = 0
+        for seq in self.running:
+            start = seq.num_computed_tokens
+            end = start + self._chunk(seq, start, min(seq.num_tokens - start, budget))
+            need += max(0, self.block_manager.blocks_needed(end) - len(seq.block_table))
+        return need
+
+    def _admit_waiting(self, out: SchedulerOutput, budget: int, whole_prefills: bool, reserved: int = 0
+                       ) -> int:
         bm = self.block_manager
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
@@ -109,7 +123,7 @@ class Scheduler:
             chunk_ok = self.enable_chunked_prefill and not (whole_prefills and out.scheduled)
             if num_new < remaining and not chunk_ok:
                 break
-            if not bm.can_allocate(seq, match, num_new):
+            if not bm.can_allocate(seq, match, num_new, reserved):
                 break
             self.waiting.popleft()
             bm.allocate(seq, match, num_new)
