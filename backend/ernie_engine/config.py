@@ -7,7 +7,10 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
+import math
+import numbers
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -128,17 +131,75 @@ def _parse_value(text: str, kind: type) -> Any:
             return True
         if text.lower() in ("0", "false", "no", "off", ""):
             return False
-        raise ValueError(f"expected a boolean, got {text!r}")
-    if kind is int:
-        return int(text)
-    if kind is float:
-        return float(text)
+        raise ValueError(f"expected a boolean (true / false), got {text!r}")
+    if kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            expected = "an integer" if kind is int else "a number"
+            raise ValueError(f"expected {expected}, got {text!r}") from None
     if kind is dict:
-        value = json.loads(text) if text else {}
+        try:
+            value = json.loads(text) if text else {}
+        except json.JSONDecodeError as err:
+            raise ValueError(f"expected a JSON object, got {text!r} ({err})") from None
         if not isinstance(value, dict):
             raise ValueError(f"expected a JSON object, got {text!r}")
         return value
     return text
+
+
+def _typed(value: Any, kind: type) -> Any:
+    """`value` as the field's type: strings parsed as in config.pbtxt (so `LLM(..., enable_prefix_caching=
+    "false")` means false, not a truthy string); other types must already match (an int is a float)."""
+    if isinstance(value, str) and kind is not str:
+        return _parse_value(value, kind)
+    if kind is float and isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return float(value)
+    if kind is int and isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        return int(value)
+    if kind in (str, bool, dict) and isinstance(value, kind):
+        return value
+    raise ValueError(f"expected {kind.__name__}, got {value!r} ({type(value).__name__})")
+
+
+_KINDS = {"int": int, "float": float, "bool": bool, "dict": dict, "str": str}
+LOAD_CHOICES = ("default", "default_v1")  # FastDeploy's loaders; both read checkpoints the same way here
+MM_MODALITIES = ("image", "video")
+MM_SETTINGS = ("enable_mm", "mm_processor_kwargs", "limit_mm_per_prompt")  # multimodal checkpoints only
+# Settings that must be >= 1, and >= 0 (0: derived, see the field comments).
+_POSITIVE = ("tensor_parallel_size", "max_num_seqs", "block_size", "kv_cache_max_host_bytes")
+_NON_NEGATIVE = (
+    "max_model_len", "max_num_batched_tokens", "kv_cache_memory_bytes", "num_gpu_blocks_override",
+)
+_FRACTIONS = ("gpu_memory_utilization", "kv_cache_host_fraction")  # in (0, 1]
+
+
+def _check_mm_settings(config: EngineConfig) -> None:
+    for modality, limit in config.limit_mm_per_prompt.items():
+        if modality not in MM_MODALITIES:
+            known = ", ".join(MM_MODALITIES)
+            raise ValueError(f"limit_mm_per_prompt: unknown modality {modality!r}; known: {known}")
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
+            raise ValueError(f"limit_mm_per_prompt: {modality!r} must be a count >= 0, got {limit!r}")
+    for key, value in config.mm_processor_kwargs.items():  # names are checked by the processor
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < value < math.inf:
+            raise ValueError(f"mm_processor_kwargs: {key!r} must be a positive number, got {value!r}")
+
+
+def device_ids(devices: str) -> list[str]:
+    """The ids of a `devices` list ("0,1,2,3"); ValueError for anything but distinct non-negative ints."""
+    ids = [d.strip() for d in devices.split(",") if d.strip()]
+    if not all(d.isdigit() for d in ids) or len(set(ids)) != len(ids):
+        raise ValueError(f"devices {devices!r} must list distinct device numbers, e.g. '0,1,2,3'")
+    return ids
+
+
+def check_checkpoint_folder(model_dir: Path) -> None:
+    """The files every checkpoint needs, all missing ones named at once (weights: the loader checks them)."""
+    missing = [name for name in ("config.json", "tokenizer.model") if not (model_dir / name).is_file()]
+    if missing:
+        raise FileNotFoundError(f"checkpoint folder {model_dir.resolve()} lacks {' and '.join(missing)}")
 
 
 @dataclass
@@ -155,7 +216,8 @@ class EngineConfig:
     kv_cache_memory_bytes: int = 0  # CPU budget for the KV cache; 0: a fraction of free host memory
     num_gpu_blocks_override: int = 0  # tests: an exact number of KV blocks
     # CPU KV sizing without kv_cache_memory_bytes: gpu_memory_utilization of this share of MemAvailable
-    # (read after the weights are loaded), capped at kv_cache_max_host_bytes.
+    # (read after the weights are loaded), capped at kv_cache_max_host_bytes but never below one sequence
+    # of max_model_len.
     kv_cache_host_fraction: float = 0.5
     kv_cache_max_host_bytes: int = 1 << 30
     quantization: str = ""  # "", "wint8", "wint4", "w4a8"
@@ -177,26 +239,54 @@ class EngineConfig:
     dtype: str = "auto"  # "auto": fp32 on CPU, bf16 on XPU
     logprobs_mode: str = "raw_logprobs"  # what logprobs report: sampler.LOGPROBS_MODES
 
+    def __post_init__(self) -> None:
+        """Types and ranges, each error naming the parameter and its value (checked before any loading)."""
+        for f in dataclasses.fields(self):
+            try:
+                setattr(self, f.name, _typed(getattr(self, f.name), _KINDS[str(f.type)]))
+            except ValueError as err:
+                raise ValueError(f"model parameter {f.name!r}: {err}") from None
+        self._check_ranges()
+        if self.load_choices not in LOAD_CHOICES:
+            raise ValueError(f"load_choices {self.load_choices!r} is not one of {', '.join(LOAD_CHOICES)}")
+        ids = device_ids(self.devices)
+        if ids and len(ids) < self.tensor_parallel_size:
+            raise ValueError(f"tensor_parallel_size {self.tensor_parallel_size} needs as many devices; "
+                             f"devices {self.devices!r} lists {len(ids)}")
+        if self.media_root and not Path(self.media_root).is_dir():
+            raise ValueError(f"media_root {self.media_root!r} is not a folder")
+        _check_mm_settings(self)
+
+    def _check_ranges(self) -> None:
+        for name in _POSITIVE + _NON_NEGATIVE:
+            low = 1 if name in _POSITIVE else 0
+            if getattr(self, name) < low:
+                raise ValueError(f"{name} must be >= {low}, got {getattr(self, name)}")
+        for name in _FRACTIONS:
+            if not 0 < getattr(self, name) <= 1:  # also refuses nan
+                raise ValueError(f"{name} must be in (0, 1], got {getattr(self, name)}")
+
     @classmethod
     def from_parameters(cls, params: dict[str, str], **overrides: Any) -> EngineConfig:
         """Build from config.pbtxt `parameters` (string values); unknown keys are an error."""
-        fields = {f.name: f for f in dataclasses.fields(cls)}
+        names = [f.name for f in dataclasses.fields(cls)]
         kwargs: dict[str, Any] = {}
         for key, text in params.items():
             name = key.replace("-", "_")
-            if name not in fields:
-                raise ValueError(f"unknown model parameter {key!r}; known: {', '.join(sorted(fields))}")
-            kind = {"int": int, "float": float, "bool": bool, "dict": dict}.get(str(fields[name].type), str)
-            try:
-                kwargs[name] = _parse_value(text, kind)
-            except ValueError as err:
-                raise ValueError(f"model parameter {key!r}: {err}") from None
-        kwargs.update(overrides)
-        return cls(**kwargs)
+            if name not in names:
+                close = difflib.get_close_matches(name, names, n=1)
+                hint = f"did you mean {close[0]!r}? " if close else ""
+                raise ValueError(f"unknown model parameter {key!r}; {hint}known: {', '.join(sorted(names))}")
+            if name in kwargs:
+                raise ValueError(f"model parameter {name!r} is given twice (dashes and underscores)")
+            kwargs[name] = text
+        return cls(**{**kwargs, **overrides})
 
     def resolve_model_path(self) -> Path:
         """`model` is a path, or a hub id looked up in the ERNIE_MODEL_ROOT folders (`:`-separated, as PATH:
         a root for the big checkpoints and the repository's own checkpoints, say)."""
+        if not self.model.strip():  # Path("") is the working directory
+            raise ValueError("model parameter 'model' is required: a checkpoint folder or a hub id")
         candidate = Path(os.path.expandvars(os.path.expanduser(self.model)))
         roots = [] if candidate.is_absolute() else os.environ.get("ERNIE_MODEL_ROOT", "").split(os.pathsep)
         looked = [candidate] + [Path(root) / self.model for root in roots if root]

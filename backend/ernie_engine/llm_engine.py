@@ -15,7 +15,8 @@ from typing import Any
 
 from .block_manager import BlockManager
 from .chat_template import ChatTemplate, media_part_types
-from .config import EngineConfig
+from .config import MM_SETTINGS, EngineConfig, check_checkpoint_folder
+from .device import default_device, resolve_dtype
 from .distributed.executor import TensorParallelExecutor
 from .metrics import EngineMetrics
 from .model_runner import ModelRunner
@@ -59,10 +60,10 @@ class LLMEngine:
     def __init__(self, config: EngineConfig):
         self.config = config
         model_dir = config.resolve_model_path()
+        check_checkpoint_folder(model_dir)
+        resolve_dtype(config.dtype, default_device())  # a bad dtype fails here, not once per spawned rank
         self.tokenizer = Tokenizer.from_dir(model_dir)
         self.chat_template = ChatTemplate.from_dir(model_dir)
-        if config.tensor_parallel_size < 1:
-            raise ValueError(f"tensor_parallel_size must be >= 1, got {config.tensor_parallel_size}")
         runner_class = TensorParallelExecutor if config.tensor_parallel_size > 1 else ModelRunner
         self.runner = runner_class(config, model_dir, vocab_limit=self.tokenizer.vocab_size)
         try:
@@ -93,6 +94,8 @@ class LLMEngine:
         self.mm_processor: EngineProcessor | None = None  # multimodal checkpoints: all messages go through it
         if hasattr(get_model_class(model_config.architecture), "embed_multimodal"):
             self.mm_processor = build_processor(model_config, model_dir, self.tokenizer, config)
+        elif given := [name for name in MM_SETTINGS if getattr(config, name)]:
+            raise ValueError(f"{', '.join(given)} set, but {model_config.architecture} takes text only")
         self.metrics = EngineMetrics()
         self.requests: dict[str, Request] = {}
         self._update_gauges()

@@ -49,6 +49,17 @@ def host_memory_available() -> int:
     raise RuntimeError("MemAvailable missing from /proc/meminfo")
 
 
+def kv_budget_source(config: EngineConfig) -> str:
+    """What sets the KV cache's size, for error messages."""
+    if config.num_gpu_blocks_override:
+        return f"num_gpu_blocks_override={config.num_gpu_blocks_override}"
+    if config.kv_cache_memory_bytes:
+        return f"kv_cache_memory_bytes={config.kv_cache_memory_bytes}"
+    return (f"gpu_memory_utilization={config.gpu_memory_utilization} of kv_cache_host_fraction="
+            f"{config.kv_cache_host_fraction} of available host memory, at most kv_cache_max_host_bytes="
+            f"{config.kv_cache_max_host_bytes}")
+
+
 def token_embedding(model: paddle.nn.Layer) -> paddle.nn.Embedding:
     """Text models hold it at the top, multimodal ones in their language model."""
     language_model = getattr(model, "language_model", None)
@@ -108,23 +119,44 @@ class ModelRunner:
 
     def num_kv_blocks(self, max_model_len: int) -> int:
         """From num_gpu_blocks_override, else kv_cache_memory_bytes, else a share of free host memory."""
-        config = self.config
-        if config.num_gpu_blocks_override:
-            return config.num_gpu_blocks_override
         block_bytes = self.kv_bytes_per_token() * self.block_size
-        if config.kv_cache_memory_bytes:
-            budget = config.kv_cache_memory_bytes
-        else:
-            if not paddle.get_device().startswith("cpu"):
-                logger.warning("KV cache sized from host memory: set kv_cache_memory_bytes on accelerators")
-            share = host_memory_available() * config.kv_cache_host_fraction * config.gpu_memory_utilization
-            # More than every sequence at full length is never used; the byte cap keeps tests and CPUs sane.
-            useful = config.max_num_seqs * max_model_len * block_bytes // self.block_size
-            budget = int(min(share, useful, config.kv_cache_max_host_bytes))
-        num_blocks = budget // block_bytes
+        num_blocks = self.config.num_gpu_blocks_override or self._kv_budget(max_model_len) // block_bytes
         if num_blocks < 1:
-            raise ValueError(f"KV cache budget of {budget} bytes holds no block of {block_bytes} bytes")
+            raise ValueError(f"the KV cache budget ({kv_budget_source(self.config)}) holds no block of "
+                             f"{block_bytes} bytes ({self.block_size} tokens)")
+        if self.config.max_model_len and not self.config.num_gpu_blocks_override:
+            self._check_one_sequence_fits(num_blocks, max_model_len, block_bytes)
+        need, available = num_blocks * block_bytes, host_memory_available()
+        if paddle.get_device() == "cpu" and need > available:
+            # Refused here rather than left to the OOM killer halfway through zeroing the cache.
+            raise ValueError(f"a KV cache of {num_blocks} blocks needs {need / 2**30:.2f} GiB but the host "
+                             f"has {available / 2**30:.2f} GiB available ({kv_budget_source(self.config)})")
         return num_blocks
+
+    def _check_one_sequence_fits(self, num_blocks: int, max_model_len: int, block_bytes: int) -> None:
+        """As vLLM: a max_model_len asked for must fit once (the engine lowers only a length left unset)."""
+        need_mib = -(-max_model_len // self.block_size) * block_bytes / 2**20
+        have_mib = num_blocks * block_bytes / 2**20
+        if have_mib < need_mib:
+            raise ValueError(
+                f"max_model_len {max_model_len} needs {need_mib:.1f} MiB of KV cache for one sequence, but "
+                f"the budget ({kv_budget_source(self.config)}) holds {have_mib:.1f} MiB "
+                f"({num_blocks * self.block_size} tokens): lower max_model_len or give the KV cache more "
+                "memory"
+            )
+
+    def _kv_budget(self, max_model_len: int) -> int:
+        config = self.config
+        if config.kv_cache_memory_bytes:
+            return config.kv_cache_memory_bytes
+        if not paddle.get_device().startswith("cpu"):
+            logger.warning("KV cache sized from host memory: set kv_cache_memory_bytes on accelerators")
+        share = host_memory_available() * config.kv_cache_host_fraction * config.gpu_memory_utilization
+        # More than every sequence at full length is never used. The byte cap keeps tests and CPUs sane, but
+        # never below one full-length sequence: a row's max_model_len must fit if the host share allows it.
+        one_sequence = -(-max_model_len // self.block_size) * self.block_size * self.kv_bytes_per_token()
+        useful = config.max_num_seqs * one_sequence
+        return int(min(share, max(min(useful, config.kv_cache_max_host_bytes), one_sequence)))
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
         mc = self.model_config
