@@ -430,6 +430,11 @@ class EngineMetricsExporter:
     under the others: tritonserver then crashes at their next update. Two instances of a model hold the same
     ones while a load with a new config replaces the old instance (or with an instance_group count > 1), so
     an exclusive lock per server and model decides which one exports; the others take over once it is free.
+    The exporter removes the lock file when it stops (else each server start leaves one per model in /tmp).
+
+    Once tritonserver is gone (killed, crashed), a metric call waits forever for its answer, holding the GIL
+    and the stub's message lock: the stub then never notices its parent died and stays, with its memory and
+    /dev/shm region. So updates stop as soon as the stub's parent is no longer the server.
     """
 
     def __init__(self, engine: AsyncLLMEngine, labels: dict[str, str]):
@@ -440,7 +445,9 @@ class EngineMetricsExporter:
         self.counters: dict[str, Any] = {}
         self.histograms: dict[str, Any] = {}
         self.last: dict[str, Any] = {}
-        self.lock = os.open(_export_lock_path(labels["model"]), os.O_RDONLY | os.O_CREAT, 0o644)
+        self.server_pid = os.getppid()
+        self.lock_path = _export_lock_path(labels["model"])
+        self.lock = _open_lock(self.lock_path)
         self._claim()  # at once, unless another instance exports (then _run retries)
         self.stopped = threading.Event()
         self.thread = threading.Thread(target=self._run, name="ernie-metrics", daemon=True)
@@ -454,6 +461,10 @@ class EngineMetricsExporter:
             fcntl.flock(self.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             return False
+        if not _is_file_at(self.lock, self.lock_path):  # the exporter before removed it: lock the current one
+            os.close(self.lock)
+            self.lock = _open_lock(self.lock_path)
+            return self._claim()
         self._create_metrics()
         return True
 
@@ -474,7 +485,7 @@ class EngineMetricsExporter:
         self.last = {n: 0 for n in COUNTERS} | {n: _empty_histogram(snapshot[n]) for n in HISTOGRAMS}
 
     def _run(self) -> None:
-        while not self.stopped.wait(METRICS_INTERVAL_S):
+        while not self.stopped.wait(METRICS_INTERVAL_S) and os.getppid() == self.server_pid:
             try:
                 if self._claim():
                     self.update(self.engine.metrics())
@@ -497,16 +508,31 @@ class EngineMetricsExporter:
     def stop(self) -> None:
         self.stopped.set()
         self.thread.join(timeout=5)
+        exporting = bool(self.families)
         # Release metrics before their families, while the stub still talks to the server: left to interpreter
         # exit, the teardown order is arbitrary and the stub crashes.
         for metrics in (self.gauges, self.counters, self.histograms, self.families):
             metrics.clear()
+        if exporting:  # removed while locked: an instance waiting on this file sees it is stale (_claim)
+            os.unlink(self.lock_path)
         os.close(self.lock)  # after the metrics are gone: another instance may create them now
 
 
 def _export_lock_path(model: str) -> str:
     """Per tritonserver (the stub's parent process) and model: other servers on this host export their own."""
     return os.path.join(tempfile.gettempdir(), f"ernie-metrics-{os.getppid()}-{model}.lock")
+
+
+def _open_lock(path: str) -> int:
+    return os.open(path, os.O_RDONLY | os.O_CREAT, 0o644)
+
+
+def _is_file_at(fd: int, path: str) -> bool:
+    """Whether `path` still names the file open as `fd`."""
+    try:
+        return os.path.samestat(os.fstat(fd), os.stat(path))
+    except FileNotFoundError:
+        return False
 
 
 def _empty_histogram(snapshot: dict[str, Any]) -> dict[str, Any]:

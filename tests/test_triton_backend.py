@@ -6,8 +6,10 @@ import importlib.util
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -408,6 +410,70 @@ def test_reload_with_a_new_config_keeps_the_server_up_and_exporting(triton_serve
         httpx.post(f"{url}/unload", timeout=120)
     assert "Signal (11)" not in log()
     assert_still_serving(triton_server)
+
+
+def server_pid(server: TritonServer) -> int:
+    port = server.http_url.rsplit(":", 1)[1]
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if f"--http-port={port}".encode() in cmdline.read_bytes().split(b"\0"):
+                return int(cmdline.parent.name)
+        except OSError:  # exited meanwhile
+            continue
+    raise AssertionError(f"no tritonserver process serves {server.http_url}")
+
+
+def test_metrics_lock_file_is_handed_over_then_removed(triton_server: TritonServer,
+                                                       ernie_random_checkpoint: Path):
+    # Every server start left one lock file per row in /tmp, forever. The exporter removes it on leaving; an
+    # instance waiting for it (a reload) then exports under a new file, not the removed one.
+    row = "ernie-test-lock-file"
+    params = {"model": str(ernie_random_checkpoint), **TEST_ROW_PARAMS}
+    lock = Path(tempfile.gettempdir()) / f"ernie-metrics-{server_pid(triton_server)}-{row}.lock"
+    url = f"{triton_server.http_url}/v2/repository/models/{row}"
+    log = triton_server.log_path.read_text
+    write_row(triton_server.repository, row, params)
+    assert httpx.post(f"{url}/load", timeout=120).status_code == 200
+    try:
+        assert lock.exists()
+        write_row(triton_server.repository, row, {**params, "max_num_seqs": "4"})
+        assert httpx.post(f"{url}/load", timeout=120).status_code == 200
+        assert wait_for(lambda: log().count(f"[ernie] {row}: engine stopped") == 1, timeout=30)
+        assert wait_for(lock.exists, timeout=10), "the new instance does not hold a lock file"
+    finally:
+        httpx.post(f"{url}/unload", timeout=120)
+    assert wait_for(lambda: log().count(f"[ernie] {row}: engine stopped") == 2, timeout=30)
+    assert not lock.exists()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_stubs_exit_when_tritonserver_is_killed(tmp_path: Path, ernie_random_checkpoint: Path):
+    # A stub outlived a killed (OOM, crash, SIGKILL) server forever, with its memory and /dev/shm region: the
+    # metrics exporter's next call waited for the dead server's answer holding the GIL, so the stub never
+    # acted on its parent's death.
+    row, repository = "ernie-test-killed", tmp_path / "models"
+    write_row(repository, row, {"model": str(ernie_random_checkpoint), **TEST_ROW_PARAMS})
+    with running_server(tmp_path, repository, row) as server:
+        pid = server_pid(server)
+        stubs = [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+        regions = [Path("/dev/shm", Path(f"/proc/{s}/cmdline").read_bytes().split(b"\0")[2].decode())
+                   for s in stubs]
+        try:
+            os.kill(pid, signal.SIGKILL)
+            time.sleep(1.5)  # a stub takes an unreaped parent for a live one: its exporter calls meanwhile
+            os.waitpid(pid, 0)  # then reaped, as its supervisor would
+            assert stubs and wait_for(lambda: not any(map(_alive, stubs)), timeout=15), "a stub outlived it"
+        finally:  # what a killed server leaves behind
+            for stub in filter(_alive, stubs):
+                os.kill(stub, signal.SIGKILL)
+            for leftover in [*regions, Path(tempfile.gettempdir(), f"ernie-metrics-{pid}-{row}.lock")]:
+                leftover.unlink(missing_ok=True)
 
 
 def test_histogram_replay_reproduces_the_engine_histogram():
