@@ -7,6 +7,7 @@ others, chunking, prefix hits, preemption and recompute) must not change them.
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import shutil
 import threading
@@ -398,6 +399,19 @@ def test_prompt_ids_of_padded_embedding_rows_are_refused(model_dir: Path, tmp_pa
     with pytest.raises(ValueError, match=rf"outside the vocabulary \(0..{padded.vocab_size - 1}\)"):
         padded.make_request("padded", prompt_token_ids=[5, padded.vocab_size], sampling_params=params)
     assert one(padded, [5, padded.vocab_size - 1], max_tokens=2, repetition_penalty=2.0).error is None
+
+
+def test_steps_leave_no_python_objects_behind(engine):
+    """A server steps for days: Paddle 3.3.1's to_tensor kept a Python list per host array it copied (five
+    per step), so the stub's memory grew without bound (device.device_tensor)."""
+    def objects_after(num_tokens: int) -> int:
+        one(engine, PROMPTS[3], max_tokens=num_tokens, ignore_eos=True)
+        gc.collect()
+        return len(gc.get_objects())
+
+    objects_after(8)  # warm-up: caches, lazily built state
+    before = objects_after(8)
+    assert objects_after(200) - before < 50
 
 
 def test_invalid_requests_are_rejected_eagerly(engine):

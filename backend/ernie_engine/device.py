@@ -14,6 +14,7 @@ import logging
 import os
 from pathlib import Path
 
+import numpy as np
 import paddle
 
 logger = logging.getLogger(__name__)
@@ -133,6 +134,15 @@ def keep_freed_memory() -> None:
     for option, value in _MALLOC_OPTIONS.items():
         if not mallopt(option, value):
             logger.warning("mallopt(%d, %d) was refused: prefill steps will page-fault more", option, value)
+
+
+def device_tensor(array: np.typing.ArrayLike) -> paddle.Tensor:
+    """`paddle.to_tensor(array)` on the current device, without its leak: Paddle 3.3.1 keeps a Python list for
+    every tensor it builds from host data (~1 KB per engine step, for as long as the server runs)."""
+    array = np.asarray(array)
+    tensor = paddle.empty(array.shape, dtype=array.dtype)
+    tensor.set_value(array)
+    return tensor
 
 
 def set_device(device: str | None = None) -> str:

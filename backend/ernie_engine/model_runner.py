@@ -23,7 +23,7 @@ import numpy as np
 import paddle
 
 from .config import EngineConfig, ModelConfig
-from .device import keep_freed_memory, kv_cache_dtype
+from .device import device_tensor, keep_freed_memory, kv_cache_dtype
 from .layers.attention import AttentionMetadata, KVCache
 from .layers.quant.config import QuantConfig
 from .layers.quant.kv_cache import Int8KVCache, kv_cache_bytes_per_token, read_static_kv_scales
@@ -200,7 +200,7 @@ class ModelRunner:
     def _logits(self, hidden: paddle.Tensor, rows: np.ndarray) -> paddle.Tensor:
         """Logits [len(rows), sampleable vocab] of some flat token rows (all of them: no gather)."""
         if len(rows) < hidden.shape[0]:
-            hidden = paddle.gather(hidden, paddle.to_tensor(rows))
+            hidden = paddle.gather(hidden, device_tensor(rows))
         return self.model.compute_logits(hidden)[:, : self.vocab_limit]
 
     def _prepare(
@@ -217,7 +217,7 @@ class ModelRunner:
         positions = step_positions(seqs, starts, context_lens)
         tables = [seq.block_table for seq in seqs]
         meta = AttentionMetadata.build(query_lens, context_lens, tables, self.block_size)
-        return paddle.to_tensor(input_ids), paddle.to_tensor(positions), meta
+        return device_tensor(input_ids), device_tensor(positions), meta
 
     def _multimodal_inputs(
         self, seqs: list[Sequence], query_lens: list[int], input_ids: paddle.Tensor
@@ -231,7 +231,7 @@ class ModelRunner:
         if self.vision_token_ids is not None:
             starts, ends = [s for _, s, _ in spans], [e for _, _, e in spans]
             mask = step_vision_mask(seqs, starts, ends, self.vision_token_ids)
-            extra["vision_mask"] = paddle.to_tensor(mask)
+            extra["vision_mask"] = device_tensor(mask)
         media = [seq.request.mm for seq, s, e in spans if seq.request.mm and seq.request.mm.has_media(s, e)]
         if media:
             self._encode_media([mm for mm in media if mm.embeds is None])
@@ -248,7 +248,7 @@ class ModelRunner:
         generated = seq.token_ids[max(start, seq.num_prompt_tokens) : end]
         sampled = [t for t in generated if t in self.placeholder_ids]
         if sampled:  # a placeholder id the model itself sampled is just that token's embedding
-            rows.append(token_embedding(self.model)(paddle.to_tensor(sampled)))
+            rows.append(token_embedding(self.model)(device_tensor(np.asarray(sampled, dtype=np.int64))))
         return rows
 
     def _encode_media(self, pending: list[MultimodalInputs]) -> None:

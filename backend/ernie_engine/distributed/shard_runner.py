@@ -18,7 +18,7 @@ import paddle
 from paddle import nn
 
 from ..config import EngineConfig, ModelConfig
-from ..device import cpu_weight_dtype, device_type, resolve_dtype
+from ..device import cpu_weight_dtype, device_tensor, device_type, resolve_dtype
 from ..layers import cpu_kernels
 from ..layers.attention import AttentionMetadata, KVCache
 from ..layers.parallel import gather_vocab_logits
@@ -113,7 +113,7 @@ class ShardRunner(ModelRunner):
         meta = AttentionMetadata.build(
             batch.query_lens, batch.context_lens, batch.block_tables, self.block_size
         )
-        ids, positions = paddle.to_tensor(batch.input_ids), paddle.to_tensor(batch.positions)
+        ids, positions = device_tensor(batch.input_ids), device_tensor(batch.positions)
         hidden = self.model(ids, positions, meta, self.kv_caches, **self._multimodal_inputs(batch, ids))
         scored = []
         if batch.score_rows is not None:
@@ -128,7 +128,7 @@ class ShardRunner(ModelRunner):
 
     def _rank0_logits(self, hidden: paddle.Tensor, rows: np.ndarray) -> np.ndarray | None:
         """The full-vocabulary logits of some token rows on rank 0 (None elsewhere); every rank takes part."""
-        local = self.model.compute_logits(paddle.gather(hidden, paddle.to_tensor(rows)))
+        local = self.model.compute_logits(paddle.gather(hidden, device_tensor(rows)))
         full = gather_vocab_logits(local, self.plan.vocab_shard_size, self.plan.config.vocab_size)
         return full[:, : self.vocab_limit].numpy() if self.plan.rank == 0 else None
 
@@ -136,7 +136,7 @@ class ShardRunner(ModelRunner):
         """ERNIE-4.5-VL's vision mask; the input embeddings when the step carries media."""
         extra: dict[str, Any] = {}
         if batch.vision_mask is not None:
-            extra["vision_mask"] = paddle.to_tensor(batch.vision_mask)
+            extra["vision_mask"] = device_tensor(batch.vision_mask)
         if batch.media is not None:
             extra["inputs_embeds"] = self._embed_with_media(ids, batch.media)
         return extra
@@ -148,6 +148,6 @@ class ShardRunner(ModelRunner):
         if embeds.shape[0] != media.num_rows:
             raise ValueError(f"vision pass gave {embeds.shape[0]} rows for {media.num_rows} placeholders")
         x = token_embedding(self.model)(ids)  # vocab-parallel: every rank takes part
-        rows = paddle.gather(embeds, paddle.to_tensor(media.embed_rows)).astype(x.dtype)
+        rows = paddle.gather(embeds, device_tensor(media.embed_rows)).astype(x.dtype)
         logger.debug("rank %d: vision pass over %d items", self.plan.rank, media.grid_thw.shape[0])
-        return paddle.scatter(x, paddle.to_tensor(media.token_rows), rows, overwrite=True)
+        return paddle.scatter(x, device_tensor(media.token_rows), rows, overwrite=True)

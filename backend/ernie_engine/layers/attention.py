@@ -24,6 +24,7 @@ import numpy as np
 import paddle
 import paddle.nn.functional as F
 
+from ..device import device_tensor
 from . import cpu_kernels
 from .quant.kv_cache import Int8KVCache
 
@@ -58,7 +59,7 @@ class AttentionMetadata:
     @cached_property
     def lens(self) -> paddle.Tensor:
         """[2, B] int64: query_lens then context_lens (built once per step, shared by every layer)."""
-        return paddle.to_tensor(np.asarray([self.query_lens, self.context_lens], dtype=np.int64))
+        return device_tensor(np.asarray([self.query_lens, self.context_lens], dtype=np.int64))
 
     @cached_property
     def query_index(self) -> paddle.Tensor:
@@ -68,13 +69,13 @@ class AttentionMetadata:
         starts = np.cumsum([0, *self.query_lens[:-1]])
         for b, (start, q_len) in enumerate(zip(starts, self.query_lens, strict=True)):
             index[b, :q_len] = np.arange(start, start + q_len)
-        return paddle.to_tensor(index.reshape(-1))
+        return device_tensor(index.reshape(-1))
 
     @cached_property
     def output_index(self) -> paddle.Tensor:
         """[T] int64: the padded position (b * max_q + i) of each flat token."""
         max_q = self.max_query_len
-        return paddle.to_tensor(
+        return device_tensor(
             np.concatenate([b * max_q + np.arange(q_len) for b, q_len in enumerate(self.query_lens)])
         )
 
@@ -88,7 +89,7 @@ class AttentionMetadata:
             visible = np.arange(max_kv)[None, :] <= (ctx_len - q_len + np.arange(q_len))[:, None]
             mask[b, 0, :q_len][visible] = 0.0
             mask[b, 0, q_len:, 0] = 0.0  # padded query rows see one key so softmax stays finite
-        return paddle.to_tensor(mask)
+        return device_tensor(mask)
 
     @classmethod
     def build(
@@ -120,8 +121,8 @@ class AttentionMetadata:
                 kv_index[b, :ctx_len] = ctx_slots
                 slots.append(ctx_slots[ctx_len - q_len :])
             start += q_len
-        slot_mapping = None if block_tables is None else paddle.to_tensor(np.concatenate(slots))
-        return cls(query_lens, context_lens, slot_mapping, paddle.to_tensor(kv_index.reshape(-1)))
+        slot_mapping = None if block_tables is None else device_tensor(np.concatenate(slots))
+        return cls(query_lens, context_lens, slot_mapping, device_tensor(kv_index.reshape(-1)))
 
 
 def qkv_attention_fused(

@@ -46,6 +46,7 @@ import paddle.nn.functional as F
 from paddle import nn
 
 from ..config import ModelConfig
+from ..device import device_tensor
 from ..layers.attention import AttentionMetadata, KVCache
 from ..layers.linear import Linear
 from ..layers.moe import SparseMoeBlock
@@ -239,7 +240,7 @@ class VisionTransformer(nn.Layer):
 
     def forward(self, pixel_values: paddle.Tensor, grid_thw: np.ndarray) -> paddle.Tensor:
         x = self.patch_embed(pixel_values)
-        rotary = self.rotary(paddle.to_tensor(vision_position_ids(grid_thw, self.merge)))
+        rotary = self.rotary(device_tensor(vision_position_ids(grid_thw, self.merge)))
         seqlens = frame_seqlens(grid_thw)
         for block in self.blocks:
             x = block(x, seqlens, rotary)
@@ -295,7 +296,7 @@ class VariableResolutionResampler(nn.Layer):
         x = self.spatial_linear(features.reshape([-1, features.shape[-1] * self.spatial_merge**2]))
         first, second = self.temporal_pairs(grid_thw)
         x = paddle.concat(
-            [paddle.gather(x, paddle.to_tensor(first)), paddle.gather(x, paddle.to_tensor(second))], axis=-1
+            [paddle.gather(x, device_tensor(first)), paddle.gather(x, device_tensor(second))], axis=-1
         )
         return self.after_norm(self.mlp(self.temporal_linear(x)))
 
@@ -414,7 +415,7 @@ class Ernie4_5_VLMoeForConditionalGeneration(VisionLanguageModel, nn.Layer):
         x = self.language_model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         if vision_mask is None:
             vision_mask = paddle.isin(
-                input_ids, paddle.to_tensor(self.vision_token_ids, dtype=input_ids.dtype)
+                input_ids, device_tensor(np.asarray(self.vision_token_ids, dtype=np.int64))
             )
         return self.language_model(x, positions, meta, kv_caches, vision_mask.astype("bool"))
 

@@ -40,6 +40,7 @@ import paddle.nn.functional as F
 from paddle import nn
 
 from ..config import ModelConfig
+from ..device import device_tensor
 from ..layers.attention import AttentionMetadata, KVCache
 from ..layers.linear import ZEROS, Linear
 from ..layers.rotary import MRotaryEmbedding
@@ -113,8 +114,8 @@ class SiglipEmbeddings(nn.Layer):
     def forward(self, pixel_values: paddle.Tensor, grid_thw: np.ndarray) -> paddle.Tensor:
         """[N, C, p, p] -> [N, hidden]: patch embedding + the position table resampled to each grid."""
         indices, weights = bilinear_position_taps(grid_thw, self.num_grid_per_side)
-        table = self.position_embedding(paddle.to_tensor(indices))  # [N, 4, hidden]
-        weights = paddle.to_tensor(weights, dtype=table.dtype).unsqueeze(-1)
+        table = self.position_embedding(device_tensor(indices))  # [N, 4, hidden]
+        weights = device_tensor(weights).astype(table.dtype).unsqueeze(-1)
         return self.patch_embedding(pixel_values) + (table * weights).sum(axis=1)
 
 
@@ -152,7 +153,7 @@ class SiglipVisionModel(nn.Layer):
 
     def forward(self, pixel_values: paddle.Tensor, grid_thw: np.ndarray) -> paddle.Tensor:
         x = self.embeddings(pixel_values, grid_thw)
-        rotary = self.rotary(paddle.to_tensor(vision_position_ids(grid_thw)))
+        rotary = self.rotary(device_tensor(vision_position_ids(grid_thw)))
         seqlens = frame_seqlens(grid_thw)
         for layer in self.encoder.layers:
             x = layer(x, seqlens, rotary)
@@ -181,7 +182,7 @@ class Projector(nn.Layer):
 
     def forward(self, features: paddle.Tensor, grid_thw: np.ndarray) -> paddle.Tensor:
         """[N, vision_hidden] -> [N / merge^2, text_hidden]."""
-        x = paddle.gather(self.pre_norm(features), paddle.to_tensor(self.merge_order(grid_thw)))
+        x = paddle.gather(self.pre_norm(features), device_tensor(self.merge_order(grid_thw)))
         x = x.reshape([-1, features.shape[-1] * self.merge**2])
         return self.linear_2(F.gelu(self.linear_1(x)))
 
@@ -294,5 +295,5 @@ class PaddleOCRVLForConditionalGeneration(VisionLanguageModel, nn.Layer):
         num_qk_heads = config.num_attention_heads + config.num_key_value_heads
         qk = (np.arange(num_qk_heads)[:, None] * head_dim + within).reshape(-1)
         order = np.concatenate([qk, np.arange(num_qk_heads * head_dim, qkv.shape[-1])])
-        return paddle.index_select(qkv, paddle.to_tensor(order), axis=-1)
+        return paddle.index_select(qkv, device_tensor(order), axis=-1)
 

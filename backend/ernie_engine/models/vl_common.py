@@ -19,6 +19,7 @@ import paddle
 from paddle import nn
 
 from ..config import ModelConfig
+from ..device import device_tensor
 from ..layers.attention import AttentionMetadata, KVCache
 from ..layers.linear import ZEROS, Linear
 from ..layers.norm import RMSNorm
@@ -88,7 +89,7 @@ class VisionLanguageModel:
         grid_thw = np.asarray(grid_thw, dtype=np.int64).reshape(-1, 3)
         if int(np.prod(grid_thw, axis=1).sum()) != pixel_values.shape[0]:
             raise ValueError(f"{pixel_values.shape[0]} patches do not match grid_thw {grid_thw.tolist()}")
-        pixels = paddle.to_tensor(pixel_values) if isinstance(pixel_values, np.ndarray) else pixel_values
+        pixels = device_tensor(pixel_values) if isinstance(pixel_values, np.ndarray) else pixel_values
         return pixels.astype(dtype), grid_thw
 
     def get_input_embeddings(
@@ -96,7 +97,7 @@ class VisionLanguageModel:
     ) -> paddle.Tensor:
         """Token embeddings [T, hidden]; the placeholders take the rows of `mm_embeds`, in order."""
         x = self.language_model.embed_tokens(input_ids)
-        is_media = paddle.isin(input_ids, paddle.to_tensor(self.placeholder_ids, dtype=input_ids.dtype))
+        is_media = paddle.isin(input_ids, device_tensor(np.asarray(self.placeholder_ids, dtype=np.int64)))
         num_placeholders = int(is_media.astype("int64").sum())
         num_embeds = 0 if mm_embeds is None else mm_embeds.shape[0]
         if num_placeholders != num_embeds:
