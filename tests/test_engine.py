@@ -259,6 +259,19 @@ def test_stop_strings_trim_or_keep_and_hold_back(engine):
     assert "".join(deltas) == full
 
 
+def test_unseeded_requests_draw_from_the_engine_seed(model_dir):
+    """vLLM's engine `seed`: the same unseeded requests, in the same order, sample the same tokens on every
+    run of the engine; another engine seed samples others, and the requests of one run differ."""
+    def sampled(engine_seed: int) -> list[list[int]]:
+        engine = make_engine(model_dir, seed=engine_seed)
+        outs = run(engine, PROMPTS[:2] * 2, SamplingParams(temperature=1.0, max_tokens=12, ignore_eos=True))
+        return [o.outputs[0].token_ids for o in outs]
+
+    first = sampled(7)
+    assert sampled(7) == first
+    assert sampled(8) != first and first[0] != first[2]  # the same prompt twice: two draws
+
+
 def test_bad_words_ban_the_greedy_choice(engine, alone):
     tok = engine.tokenizer
     first = alone[11][0]

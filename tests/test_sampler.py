@@ -17,7 +17,8 @@ EOS = 7
 def make_seq(prompt=(5,), output=(), index=0, request_id="r", bad_words_ids=(), **params) -> Sequence:
     sp = SamplingParams(**params).with_defaults({})
     request = Request(request_id, list(prompt), sp, max_tokens=100, stop_token_ids=frozenset({EOS}),
-                      eos_token_ids=frozenset({EOS}), bad_words_ids=[list(w) for w in bad_words_ids])
+                      eos_token_ids=frozenset({EOS}), bad_words_ids=[list(w) for w in bad_words_ids],
+                      seed=sp.seed)
     request.sequences = [Sequence.create(request, i) for i in range(index + 1)]
     seq = request.sequences[index]
     seq.token_ids += list(output)

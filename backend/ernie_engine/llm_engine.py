@@ -9,9 +9,12 @@ from __future__ import annotations
 import json
 import logging
 import numbers
+import threading
 import time
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from .block_manager import BlockManager
 from .chat_template import ChatTemplate, media_part_types
@@ -77,6 +80,10 @@ class LLMEngine:
         model_config = self.runner.model_config
         self.vocab_size = self.runner.vocab_limit
         self.sampling_defaults = generation_defaults(model_dir)
+        # Unseeded requests draw their seeds from the engine's (vLLM's `seed`): the same requests in the same
+        # order sample the same tokens on every run. make_request runs on callers' threads: hence the lock.
+        self._seeds = np.random.default_rng(config.seed)
+        self._seeds_lock = threading.Lock()
         eos = set(self.tokenizer.eos_token_ids) | set(model_config.eos_token_ids)
         self.eos_token_ids = frozenset(t for t in eos if 0 <= t < self.vocab_size)
         self.max_model_len = self._resolve_max_model_len()
@@ -305,6 +312,7 @@ class LLMEngine:
             request_id=request_id,
             prompt_token_ids=ids,
             params=params,
+            seed=params.seed if params.seed is not None else self._draw_seed(),
             max_tokens=params.max_tokens or self.max_model_len - n,
             stop_token_ids=stop_token_ids,
             eos_token_ids=eos,
@@ -318,6 +326,10 @@ class LLMEngine:
         for seq in request.sequences if grammar is not None else ():
             seq.grammar = grammar.copy()
         return request
+
+    def _draw_seed(self) -> int:
+        with self._seeds_lock:
+            return int(self._seeds.integers(2**63))
 
     def _bad_words_ids(self, words: list[str]) -> list[list[int]]:
         """Each word as tokenized alone and after a space (vLLM's two spellings), without duplicates."""

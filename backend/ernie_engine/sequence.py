@@ -38,6 +38,7 @@ class Request:
     stop_token_ids: frozenset[int]  # stop_token_ids plus eos unless ignore_eos
     eos_token_ids: frozenset[int]  # masked until min_tokens (also when ignore_eos)
     bad_words_ids: list[list[int]] = field(default_factory=list)
+    seed: int | None = None  # its sequences' sampling seed: params.seed, else one from the engine's seed
     prompt: str | None = None
     thinking: bool = False  # the prompt leaves the model thinking (its output starts with reasoning)
     has_tools: bool = False  # the request offered tools (else tool-call markup stays content)
@@ -81,7 +82,7 @@ class Sequence:
 
     @classmethod
     def create(cls, request: Request, index: int) -> Sequence:
-        seed = request.params.seed
+        seed = request.seed
         # numpy seeds are non-negative; vLLM's (torch's) may be any int64, so take its two's complement.
         rng = np.random.default_rng(None if seed is None else [int(seed) % 2**64, index])
         return cls(request=request, index=index, token_ids=list(request.prompt_token_ids), rng=rng)
