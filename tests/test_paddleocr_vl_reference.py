@@ -223,3 +223,10 @@ def test_greedy_decoding_through_paged_cache(reference, prompt) -> None:
     tokens = multimodal_paged_greedy(ours, config, prompt, split)
     assert len(set(expected)) > 8  # a decoding that varies, so the comparison means something
     assert tokens == expected
+
+
+def test_an_image_limit_of_zero_means_no_images() -> None:
+    """As vLLM and ERNIE-VL's processor: limit_mm_per_prompt {"image": 0} refuses images; unset, no limit."""
+    with pytest.raises(ValueError, match=r"at most 0 images per prompt, got \d"):
+        MultimodalProcessor(TOKENS, ImageProcessor.from_dict(PIXELS), max_images=0)(messages())
+    assert MultimodalProcessor(TOKENS, ImageProcessor.from_dict(PIXELS))(messages()).prompt_token_ids

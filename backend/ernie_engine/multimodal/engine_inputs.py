@@ -65,8 +65,8 @@ def _paddleocr_vl(
     if unknown:
         raise ValueError(f"limit_mm_per_prompt {unknown}: PaddleOCR-VL takes images only")
     loaded = MultimodalProcessor.from_dir(model_dir, tokenizer, **image_kwargs)
-    max_images = int(config.limit_mm_per_prompt.get("image", 0))
-    processor = MultimodalProcessor(tokenizer, loaded.image_processor, loaded.template, max_images, fetcher)
+    processor = MultimodalProcessor(tokenizer, loaded.image_processor, loaded.template,
+                                    config.limit_mm_per_prompt.get("image"), fetcher)
     return EngineProcessor(
         # Its template takes no options beyond where the prompt ends.
         lambda messages, tools, kwargs: processor(messages, kwargs.get("add_generation_prompt", True),

@@ -253,14 +253,14 @@ class MultimodalProcessor:
         tokenizer: TokenizerLike,
         image_processor: ImageProcessor,
         template: ChatTemplate | None = None,
-        max_images: int = 0,
+        max_images: int | None = None,
         fetcher: MediaFetcher | None = None,
     ) -> None:
         self.tokenizer = tokenizer
         self.image_processor = image_processor
         self.template = template or ChatTemplate(PADDLEOCR_VL_TEMPLATE)
         self.image_token_id = tokenizer.token_to_id(IMAGE_PLACEHOLDER)
-        self.max_images = max_images  # 0: unlimited (--limit-mm-per-prompt '{"image": N}')
+        self.max_images = max_images  # None: unlimited; 0: none (--limit-mm-per-prompt '{"image": N}')
         # None: data: URLs only; a MediaFetcher adds local files / downloads under the server's policy.
         self.fetcher = fetcher
 
@@ -285,7 +285,7 @@ class MultimodalProcessor:
             # The template puts a message's images before its text, so that is their prompt order.
             image_parts += [p for p in parts if p["type"] == "image"]
             normalized.append({**message, "content": parts})
-        if self.max_images:  # before anything is fetched or decoded
+        if self.max_images is not None:  # before anything is fetched or decoded
             check_media_limits({"image": len(image_parts)}, {"image": self.max_images})
         images = [load_image(p, self.fetcher) for p in image_parts]
         context = {**self.template.special_tokens}
