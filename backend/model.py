@@ -544,13 +544,17 @@ def replay_values(before: dict[str, Any], after: dict[str, Any]) -> list[float]:
     counted it in, and together they add up to the engine's growth in sum (the python backend can only
     `observe`, not copy bucket counts)."""
     bounds = list(after["buckets"])
-    lowers, uppers = [0.0, *bounds], [*bounds, bounds[-1] * 2]  # +Inf bucket: values are above the last bound
-    per_bucket = [b - a for b, a in zip(_per_bucket(after), _per_bucket(before), strict=True)]
-    slots = [(lo, hi) for lo, hi, n in zip(lowers, uppers, per_bucket, strict=True) for _ in range(max(n, 0))]
+    per_bucket = [max(b - a, 0) for b, a in zip(_per_bucket(after), _per_bucket(before), strict=True)]
+    growth = after["sum"] - before["sum"]
+    lowers = [0.0, *bounds]
+    low = sum(lo * n for lo, n in zip(lowers, per_bucket, strict=True))
+    # The +Inf bucket has no upper bound: wide enough for its values to take any excess over the lower bounds.
+    uppers = [*bounds, bounds[-1] + max(bounds[-1], growth - low)]
+    slots = [(lo, hi) for lo, hi, n in zip(lowers, uppers, per_bucket, strict=True) for _ in range(n)]
     if not slots:
         return []
-    low, high = sum(lo for lo, _ in slots), sum(hi for _, hi in slots)
-    share = (after["sum"] - before["sum"] - low) / (high - low) if high > low else 1.0
+    high = sum(hi for _, hi in slots)
+    share = (growth - low) / (high - low) if high > low else 1.0
     share = min(max(share, 1e-6), 1.0)  # > 0: a value equal to a lower bound would fall in the bucket below
     return [lo + share * (hi - lo) for lo, hi in slots]
 
