@@ -9,17 +9,21 @@ import numpy as np
 import paddle
 import pytest
 from ernie_engine.distributed import parallel_state
-from ernie_engine.layers.attention import AttentionMetadata
+from ernie_engine.layers.attention import AttentionMetadata, paged_attention
 from ernie_engine.layers.linear import Linear
-from ernie_engine.layers.quant.apply import quantize_linear, quantized_bytes
+from ernie_engine.layers.quant.apply import quantize_linear, quantize_model, quantized_bytes
 from ernie_engine.layers.quant.config import QuantConfig, normalize_method
-from ernie_engine.layers.quant.kv_cache import Int8KVCache, kv_cache_bytes_per_token
+from ernie_engine.layers.quant.kv_cache import Int8KVCache, kv_cache_bytes_per_token, static_step
 from ernie_engine.layers.quant.weights import (
     dequantize_weight,
+    load_prequantized,
     pack_int4,
+    quantize_activation,
     quantize_for_method,
     quantize_weight,
+    quantized_linear,
     unpack_int4,
+    unpack_weight_int,
     w4a8_matmul,
 )
 from ernie_engine.llm import LLM
@@ -136,6 +140,56 @@ def test_row_parallel_slice_gets_the_single_device_scales(monkeypatch, rows, gro
     np.testing.assert_array_equal(part.qweight.numpy(), whole.qweight.numpy()[: rows // 4])
 
 
+def test_halves_round_away_from_zero_as_paddle_weight_quantize():
+    """Paddle's `weight_quantize` (FastDeploy's wint8 / wint4) rounds with C `round`: 2.5 -> 3, -0.5 -> -1
+    (`paddle.round` gives 2 and 0). Ties are common with bf16 checkpoints; 0.49999997 still rounds to 0.
+    The same rounding quantizes W4A8 activations and C8 keys / values."""
+    ties = np.array([2.5, 0.5, -0.5, -2.5, 1.5, 4.5, -6.5, 0.49999997, -3.5], np.float32)
+    expected = np.array([3, 1, -1, -3, 2, 5, -7, 0, -4])
+    for bits, qmax in ((8, 127.0), (4, 7.0)):  # absmax = qmax: a step of exactly 1
+        w = np.append(ties, qmax).astype(np.float32)[:, None]  # [10, 1]
+        q = unpack_weight_int(quantize_weight(paddle.to_tensor(w), bits)).numpy()
+        np.testing.assert_array_equal(q[:-1, 0], expected)
+    x = paddle.to_tensor(np.append(ties, 127.0).astype(np.float32)[None, :])
+    np.testing.assert_array_equal(quantize_activation(x)[0].numpy()[0, :-1], expected)
+    cache = Int8KVCache.allocate(num_slots=2, num_kv_heads=1, head_dim=10)
+    cache.write(paddle.to_tensor([1]), x.reshape([1, 1, 10]), x.reshape([1, 1, 10]))
+    np.testing.assert_array_equal(cache.keys.numpy()[1, 0, :-1], expected)
+
+
+def test_non_finite_weights_and_scales_are_refused():
+    """A NaN or inf would turn its whole channel (or C8 head) into NaN or zeros: the load fails, naming it."""
+    class Block(paddle.nn.Layer):
+        def __init__(self) -> None:
+            super().__init__()
+            self.o_proj = Linear(8, 4)
+
+    for bad in (np.nan, np.inf):
+        w = np.ones((8, 4), np.float32)
+        w[3, 1] = bad
+        block = Block()
+        block.o_proj.weight.set_value(paddle.to_tensor(w))
+        with pytest.raises(ValueError, match="o_proj: weight holds NaN or inf"):
+            quantize_model(block, QuantConfig.build("wint4"))
+        with pytest.raises(ValueError, match="weight_scale holds NaN or inf"):
+            load_prequantized(paddle.ones([8, 4], dtype="int8"), paddle.to_tensor([1.0, bad, 1.0, 1.0]), 8)
+        with pytest.raises(ValueError, match="C8 scale holds NaN or inf"):
+            static_step(paddle.to_tensor([2.0, bad]), 2)
+
+
+@pytest.mark.parametrize("method", ["wint8", "wint4", "w4a8"])
+def test_quantized_linear_keeps_the_activation_dtype(method):
+    """bf16 activations (the XPU path: W4A8 runs this emulation there) give bf16 outputs for every method."""
+    layer = Linear(64, 16)
+    layer.weight.set_value(paddle.randn([64, 16]))
+    quantize_linear(layer, method, group_size=32)
+    x = paddle.randn([3, 64]).astype("bfloat16")
+    out = quantized_linear(layer, x)
+    assert out.dtype == paddle.bfloat16
+    expected = quantized_linear(layer, x.astype("float32")).astype("bfloat16")
+    np.testing.assert_array_equal(out.astype("float32").numpy(), expected.astype("float32").numpy())
+
+
 def test_group_scales_beat_per_channel_on_uneven_rows():
     w = _matrix(256, 48)
     per_channel = np.abs(dequantize_weight(quantize_weight(paddle.to_tensor(w), 4, -1)).numpy() - w).mean()
@@ -220,6 +274,41 @@ def test_c8_static_scales_within_half_step():
     k_hat, _ = cache.gather(slots)
     step = np.array([2.0, 5.0])[None, :, None] / 127.0
     assert (np.abs(k_hat.numpy() - k) <= step / 2 * (1 + REL)).all()
+
+
+def test_c8_long_chunked_context_stays_close_to_the_float_cache():
+    """600 tokens in scattered blocks, with all-zero keys / values over whole blocks and an outlier token:
+    no NaN; chunked prefill equals one prefill; the output equals attention over an fp32 cache holding the
+    dequantized values (int8 storage is the only error), and stays within 0.05 of the fp32 cache's."""
+    heads, kvh, dim, block, length = 8, 2, 64, 16, 600
+    table = RNG.permutation(length // block + 2).tolist()
+    slots = len(table) * block
+    q = paddle.to_tensor(RNG.standard_normal((length, heads, dim)).astype(np.float32))
+    k = (RNG.standard_normal((length, kvh, dim)) * 2).astype(np.float32)
+    v = RNG.standard_normal((length, kvh, dim)).astype(np.float32)
+    k[96:128], v[160:192], k[5, 0] = 0.0, 0.0, 50.0
+    k, v = paddle.to_tensor(k), paddle.to_tensor(v)
+
+    def attend(cache, chunks: list[int], keys: paddle.Tensor, values: paddle.Tensor) -> np.ndarray:
+        outs, start = [], 0
+        for n in chunks:
+            meta = AttentionMetadata.build([n], [start + n], [table], block)
+            part = slice(start, start + n)
+            outs.append(paged_attention(q[part], keys[part], values[part], meta, cache, dim**-0.5).numpy())
+            start += n
+        return np.concatenate(outs)
+
+    def fp32_cache() -> tuple[paddle.Tensor, paddle.Tensor]:
+        return paddle.zeros([slots, kvh, dim]), paddle.zeros([slots, kvh, dim])
+
+    c8 = Int8KVCache.allocate(slots, kvh, dim)
+    whole = attend(c8, [length], k, v)
+    assert np.isfinite(whole).all()
+    chunked = attend(Int8KVCache.allocate(slots, kvh, dim), [250, 1, 49, 300], k, v)
+    np.testing.assert_allclose(chunked, whole, rtol=0, atol=1e-5)
+    k_hat, v_hat = c8.gather(AttentionMetadata.build([length], [length], [table], block).slot_mapping)
+    np.testing.assert_allclose(attend(fp32_cache(), [length], k_hat, v_hat), whole, rtol=0, atol=1e-4)
+    assert np.abs(whole - attend(fp32_cache(), [length], k, v)).max() < 0.05
 
 
 def test_c8_bytes_per_token():

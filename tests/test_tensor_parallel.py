@@ -330,7 +330,9 @@ def test_prequantized_w4a8c8_tp2_matches_tp1(dense_dir: Path, tmp_path: Path):
     fp32_cache = greedy_logprobs(LLMEngine(engine_config(ckpt, 1)))
     assert any(fp32_cache[rid][0] != expected[rid][0] for rid in expected)  # the static C8 scales matter
     assert len(set(expected["p0"][0])) > 3
-    check_prequantized_tp(ckpt, 2, expected, kv_cache_dtype="int8")
+    # W4A8 rounds activations to int8 per token: a last-bit difference of a row-parallel sum can move one
+    # activation to the next int8 level (as one to the next bf16 value for wint4 below).
+    check_prequantized_tp(ckpt, 2, expected, atol=2e-2, kv_cache_dtype="int8")
 
 
 def test_prequantized_moe_with_group_scales_tp2_matches_tp1(tmp_path_factory: pytest.TempPathFactory):

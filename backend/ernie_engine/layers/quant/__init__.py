@@ -6,10 +6,12 @@ Methods (`EngineConfig.quantization`, case-insensitive): "" (none), "wint8", "wi
 
 Weights. A Linear holds its weight as [in, out]; stacked expert weights are [E, in, out]. Quantization is
 symmetric along the input axis with one fp32 scale per output channel, or per group of `group_size` input rows
-(wint4 only): scale = absmax / qmax (qmax 127 for int8, 7 for int4), q = clip(round(w / scale)), so every
-element's round-trip error is at most scale / 2. Int4 values are packed two per byte into int8 storage along
-the input axis: row 2i in the low nibble, row 2i+1 in the high nibble, giving [..., in/2, out]. Scales are
-stored as [..., G, out] (G = 1 per channel, else in / group_size). Only the projections named in
+(wint4 only): scale = absmax / qmax (qmax 127 for int8, 7 for int4), q = clip(round(w / scale)), halves
+away from zero as Paddle's `weight_quantize` (also for W4A8 activations and C8), so every element's
+round-trip error is at most scale / 2. A NaN or inf weight or scale fails the load, naming the layer.
+Int4 values are packed two per byte into int8 storage along the input axis: row 2i in the low nibble, row
+2i+1 in the high nibble, giving [..., in/2, out]. Scales are stored as [..., G, out] (G = 1 per channel,
+else in / group_size). Only the projections named in
 `QUANTIZED_SUFFIXES` are quantized; embeddings, norms, the MoE router (`mlp.gate`), lm_head and the vision
 tower stay in the model dtype, as FastDeploy does (`quantize_lm_head` opts the LM head in).
 

@@ -87,22 +87,31 @@ def quantize_model(model: nn.Layer, config: QuantConfig) -> None:
         untie_lm_head(model)
     count = 0
     for name, layer in model.named_sublayers():
-        if isinstance(layer, Linear):
-            method = layer.quant_method or config.method_for(name)
-            if layer.quant_method:
-                _finish_prequantized(layer, config.group_size)
-            elif method:
-                quantize_linear(layer, method, config.group_size)
-            count += bool(method)
-        elif isinstance(layer, GroupedExperts) and layer.quant_method:
-            _finish_prequantized_experts(layer)
-            count += 1
-        elif isinstance(layer, GroupedExperts) and config.moe_method:
-            quantize_experts(layer, config.moe_method, config.group_size)
-            count += 1
+        try:
+            count += _quantize_layer(name, layer, config)
+        except ValueError as err:  # name the layer: a checkpoint may hold NaN / inf weights
+            raise ValueError(f"{name}: {err}") from err
     logger.info(
         "quantized %d layers; resident quantized weights %.1f MB", count, quantized_bytes(model) / 2**20
     )
+
+
+def _quantize_layer(name: str, layer: nn.Layer, config: QuantConfig) -> bool:
+    """Quantize (or finish a pre-quantized) Linear or stacked-experts layer; whether it is quantized."""
+    if isinstance(layer, Linear):
+        method = layer.quant_method or config.method_for(name)
+        if layer.quant_method:
+            _finish_prequantized(layer, config.group_size)
+        elif method:
+            quantize_linear(layer, method, config.group_size)
+        return bool(method)
+    if isinstance(layer, GroupedExperts) and layer.quant_method:
+        _finish_prequantized_experts(layer)
+        return True
+    if isinstance(layer, GroupedExperts) and config.moe_method:
+        quantize_experts(layer, config.moe_method, config.group_size)
+        return True
+    return False
 
 
 def prepare_prequantized(

@@ -9,7 +9,7 @@ from pathlib import Path
 import paddle
 from safetensors import safe_open
 
-from .weights import MIN_SCALE, QMAX, round_half_away, tensor_nbytes
+from .weights import MIN_SCALE, QMAX, check_finite, round_half_away, tensor_nbytes
 
 
 @dataclass
@@ -71,6 +71,7 @@ class Int8KVCache:
 def static_step(absmax: paddle.Tensor, num_kv_heads: int) -> paddle.Tensor:
     """Checkpoint per-head absmax [kvh] (or a scalar) -> dequantization step [1, kvh, 1]."""
     absmax = absmax.astype("float32").reshape([-1])
+    check_finite(absmax, "C8 scale")  # an inf step dequantizes to NaN (0 * inf)
     if absmax.shape[0] == 1:
         absmax = absmax.expand([num_kv_heads])
     if absmax.shape[0] != num_kv_heads:

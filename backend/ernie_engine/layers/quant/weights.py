@@ -6,6 +6,7 @@ import functools
 import logging
 from dataclasses import dataclass
 
+import numpy as np
 import paddle
 from paddle import nn
 
@@ -60,8 +61,14 @@ def unpack_int4(packed: paddle.Tensor) -> paddle.Tensor:
     return stacked.reshape(packed.shape[:-2] + [packed.shape[-2] * 2, packed.shape[-1]])
 
 
+# The float32 just below 0.5: |x| + it rounds up exactly from halves (x = 0.49999997 stays below 1).
+_BELOW_HALF = float(np.nextafter(np.float32(0.5), np.float32(0)))
+
+
 def round_half_away(x: paddle.Tensor) -> paddle.Tensor:
-    return paddle.round(x)  # Paddle rounds halves away from zero (C `round`); references must match
+    """C `round` (halves away from zero), as Paddle's `weight_quantize` and FastDeploy round: `paddle.round`
+    rounds halves to even (2.5 -> 2). Exact for every float32 (floor and copysign are fast on CPU)."""
+    return paddle.copysign(paddle.floor(paddle.abs(x) + _BELOW_HALF), x)
 
 
 def quantize_weight(
@@ -82,12 +89,19 @@ def quantize_weight(
     absmax = grouped.abs().max(axis=-2, keepdim=True)  # [..., G, 1, out]
     if sharded_input and groups == 1:
         absmax = parallel_state.all_reduce_max(absmax)
+    check_finite(absmax, "weight")
     scale = paddle.clip(absmax / qmax, min=MIN_SCALE)
     q = paddle.clip(round_half_away(grouped / scale), -qmax, qmax).astype("int8")
     q = q.reshape(lead + [in_features, out_features])
     if bits == 4:
         q = pack_int4(q)
     return QuantizedWeight(q, scale.squeeze(-2), bits, in_features)
+
+
+def check_finite(t: paddle.Tensor, what: str) -> None:
+    """A NaN or inf would silently wipe its whole channel or head (scale NaN / inf, the other values 0)."""
+    if not bool(paddle.isfinite(t).all()):
+        raise ValueError(f"{what} holds NaN or inf values")
 
 
 def _num_groups(in_features: int, group_size: int, sharded_input: bool) -> int:
@@ -128,6 +142,7 @@ def load_prequantized(weight: paddle.Tensor, scale: paddle.Tensor, bits: int) ->
     """Wrap a checkpoint's `<name>.weight` (int8, packed for 4 bits) and `<name>.weight_scale`."""
     in_features = weight.shape[-2] * (2 if bits == 4 else 1)
     scale = scale.astype("float32")
+    check_finite(scale, "weight_scale")
     if scale.ndim == weight.ndim - 1:  # [..., out]: per channel
         scale = scale.unsqueeze(-2)
     if in_features % scale.shape[-2]:
@@ -171,7 +186,7 @@ def w4a8_matmul(x: paddle.Tensor, qw: QuantizedWeight, sharded_input: bool = Fal
         raise ValueError("w4a8 needs per-channel weight scales (group-wise partial sums are not integers)")
     xq, x_scale = quantize_activation(x.astype("float32"), sharded_input)
     acc = paddle.matmul(xq, unpack_weight_int(qw).astype("float32"))
-    return acc * x_scale * qw.scale.reshape([1, -1])
+    return (acc * x_scale * qw.scale.reshape([1, -1])).astype(x.dtype)  # bf16 in, bf16 out as the others
 
 
 def quantized_matmul(
