@@ -476,15 +476,19 @@ def test_stubs_exit_when_tritonserver_is_killed(tmp_path: Path, ernie_random_che
                 leftover.unlink(missing_ok=True)
 
 
-def test_histogram_replay_reproduces_the_engine_histogram():
+@pytest.mark.parametrize(("bounds", "batches"), [
+    (Histogram().buckets, ([0.003, 0.003, 0.09, 1.7], [700.0, 0.5, 0.0001])),
+    ((1.0, 10.0), ([0.5, 3600.0, 4.0], [25.0], [0.2, 7.0])),  # far above the last bound: the sum still holds
+])
+def test_histogram_replay_reproduces_the_engine_histogram(bounds: tuple[float, ...], batches: tuple):
     """The exporter can only `observe`: its replayed values must land in the engine's buckets with its sum."""
     sys.path.insert(0, str(triton_env.python_backend_dir()))  # the real triton_python_backend_utils
     spec = importlib.util.spec_from_file_location("ernie_backend_model", ROOT / "backend" / "model.py")
     backend = sys.modules[spec.name] = importlib.util.module_from_spec(spec)  # dataclasses look it up
     spec.loader.exec_module(backend)
-    engine, triton = Histogram(), Histogram()
+    engine, triton = Histogram(bounds), Histogram(bounds)
     before = engine.snapshot()
-    for batch in ([0.003, 0.003, 0.09, 1.7], [700.0, 0.5, 0.0001]):
+    for batch in batches:
         for value in batch:
             engine.observe(value)
         after = engine.snapshot()
