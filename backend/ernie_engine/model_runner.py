@@ -135,7 +135,7 @@ class ModelRunner:
 
     def _check_one_sequence_fits(self, num_blocks: int, max_model_len: int, block_bytes: int) -> None:
         """As vLLM: a max_model_len asked for must fit once (the engine lowers only a length left unset)."""
-        need_mib = -(-max_model_len // self.block_size) * block_bytes / 2**20
+        need_mib = self._sequence_bytes(max_model_len) / 2**20
         have_mib = num_blocks * block_bytes / 2**20
         if have_mib < need_mib:
             raise ValueError(
@@ -144,6 +144,10 @@ class ModelRunner:
                 f"({num_blocks * self.block_size} tokens): lower max_model_len or give the KV cache more "
                 "memory"
             )
+
+    def _sequence_bytes(self, max_model_len: int) -> int:
+        """The KV cache one sequence of max_model_len tokens takes, in whole blocks."""
+        return -(-max_model_len // self.block_size) * self.block_size * self.kv_bytes_per_token()
 
     def _kv_budget(self, max_model_len: int) -> int:
         config = self.config
@@ -154,7 +158,7 @@ class ModelRunner:
         share = host_memory_available() * config.kv_cache_host_fraction * config.gpu_memory_utilization
         # More than every sequence at full length is never used. The byte cap keeps tests and CPUs sane, but
         # never below one full-length sequence: a row's max_model_len must fit if the host share allows it.
-        one_sequence = -(-max_model_len // self.block_size) * self.block_size * self.kv_bytes_per_token()
+        one_sequence = self._sequence_bytes(max_model_len)
         useful = config.max_num_seqs * one_sequence
         return int(min(share, max(min(useful, config.kv_cache_max_host_bytes), one_sequence)))
 

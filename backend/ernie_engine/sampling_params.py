@@ -185,15 +185,21 @@ STRUCTURED_OUTPUT_KEYS = {"json": "guided_json", "regex": "guided_regex", "choic
 _IGNORED_STRUCTURED_OUTPUT_KEYS = {"backend", "disable_fallback", "disable_any_whitespace"}
 
 
-def _structured_outputs(name: str, raw: Any) -> dict[str, Any]:
-    """The set keys of a structured_outputs object (or its JSON text); ValueError names a wrong one."""
+def json_object(name: str, raw: Any, what: str = "an object") -> dict[str, Any]:
+    """A parameter given as an object or as its JSON text (Triton parameters are strings): the object."""
     if isinstance(raw, str):
         try:
             raw = json.loads(raw)
         except json.JSONDecodeError as err:
             raise ValueError(f"{name} is not valid JSON: {err}") from None
     if not isinstance(raw, dict):
-        raise ValueError(f"{name} must be an object, got {raw!r}")
+        raise ValueError(f"{name} must be {what}, got {raw!r}")
+    return raw
+
+
+def _structured_outputs(name: str, raw: Any) -> dict[str, Any]:
+    """The set keys of a structured_outputs object (or its JSON text); ValueError names a wrong one."""
+    raw = json_object(name, raw)
     unknown = sorted(set(raw) - STRUCTURED_OUTPUT_KEYS.keys() - _IGNORED_STRUCTURED_OUTPUT_KEYS)
     if unknown:
         raise ValueError(f"{name} key(s) not supported: {', '.join(unknown)} (supported: "

@@ -36,7 +36,7 @@ import llguidance
 import llguidance.numpy as llnp
 import numpy as np
 
-from .sampling_params import SamplingParams
+from .sampling_params import SamplingParams, json_object
 from .tokenizer import Tokenizer
 
 if TYPE_CHECKING:
@@ -82,14 +82,7 @@ class _Vocab:
 def constraint_key(params: SamplingParams) -> tuple[str, str] | None:
     """(kind, canonical text) of the request's constraint, or None; ValueError names a malformed one."""
     if params.guided_json is not None:
-        schema = params.guided_json
-        if isinstance(schema, str):
-            try:
-                schema = json.loads(schema)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"guided_json is not valid JSON: {err}") from None
-        if not isinstance(schema, dict):
-            raise ValueError("guided_json must be a JSON schema object")
+        schema = json_object("guided_json", params.guided_json, "a JSON schema object")
         return "json", json.dumps(schema, ensure_ascii=False)  # key order kept: it is the output order
     if params.guided_json_object:
         return "json", ANY_JSON_OBJECT

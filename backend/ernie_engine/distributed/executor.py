@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from ..config import EngineConfig, ModelConfig
+from ..config import EngineConfig, ModelConfig, device_ids
 from ..device import default_device, device_type
 from ..layers.quant.config import QuantConfig
 from ..sampler import PromptScoring, SampledToken, Sampler
@@ -74,7 +74,7 @@ def rank_devices(config: EngineConfig, world_size: int) -> tuple[str, list[str]]
     if kind == "cpu":
         return kind, ["cpu"] * world_size
     listed = config.devices or os.environ.get("XPU_VISIBLE_DEVICES", "")
-    ids = [d.strip() for d in listed.split(",") if d.strip()] or [str(i) for i in range(world_size)]
+    ids = device_ids(listed) or [str(i) for i in range(world_size)]
     if len(ids) < world_size:
         raise ValueError(f"tensor_parallel_size {world_size} needs {world_size} devices; devices lists {ids}")
     return kind, ids[:world_size]
