@@ -188,6 +188,16 @@ def test_media_parts_become_placeholders():
         apply_chat_template([{"role": "user", "content": [{"type": "input_audio"}]}])
 
 
+def test_text_parts_are_lines():
+    """vLLM joins a message's text parts with newlines; media markers attach as ERNIE-VL's template does."""
+    parts = [{"type": "text", "text": "First."}, {"type": "text", "text": "Second."},
+             {"type": "image_url", "image_url": {"url": "https://example.com/a.jpg"}},
+             {"type": "text", "text": "Third."}]
+    assert apply_chat_template([{"role": "user", "content": parts}]) == (
+        f"{BOS}User: First.\nSecond.{IMAGE_PLACEHOLDER}Third.\nAssistant: "
+    )
+
+
 @pytest.mark.parametrize("name", sorted(BUILTIN_TEMPLATES))
 def test_tools_and_tool_results(name):
     template = ChatTemplate.builtin(name)

@@ -10,8 +10,9 @@ wins. Two built-in ERNIE-4.5 templates serve as fallbacks and for generated chec
   default) or `<think>\\n</think>\\n` (`enable_thinking=False`), which is what the `ernie-45-vl(-thinking)`
   reasoning parsers expect.
 
-Message content given as a list of parts is flattened to text before rendering: text parts are joined and
-image/video parts become the ERNIE-VL placeholders below, which the multimodal processor expands later.
+Message content given as a list of parts is flattened to text before rendering: consecutive text parts are
+joined with "\\n" (as vLLM) and image/video parts become the ERNIE-VL placeholders below, which the multimodal
+processor expands later.
 """
 
 from __future__ import annotations
@@ -146,16 +147,20 @@ def content_to_text(content: Any) -> str:
     if not isinstance(content, list):
         raise ValueError(f"message content must be a string or a list of parts, got {type(content).__name__}")
     pieces = []
+    previous = None
     for part in content:
         kind = part.get("type") if isinstance(part, dict) else None
         if kind == "text":
-            pieces.append(str(part.get("text", "")))
+            # Consecutive text parts are lines, as vLLM joins them; media markers attach as ERNIE-VL's
+            # template writes them.
+            pieces.append(("\n" if previous == "text" else "") + str(part.get("text", "")))
         elif kind in MEDIA_PART_PLACEHOLDERS:
             pieces.append(MEDIA_PART_PLACEHOLDERS[kind])
         else:
             raise ValueError(
                 f"unsupported content part type {kind!r} (expected text, image_url or video_url)"
             )
+        previous = kind
     return "".join(pieces)
 
 
