@@ -167,6 +167,26 @@ def test_generation_config_defaults_fill_unset_fields(engine):
     assert request.params.top_k == 0 and request.params.repetition_penalty == 1.0
 
 
+def test_generation_config_max_new_tokens_is_the_default_max_tokens(model_dir: Path, tmp_path: Path):
+    """vLLM: max_new_tokens of generation_config.json is the default max_tokens (not a cap of the request's),
+    within max_model_len; min_tokens above the resolved max_tokens is refused."""
+    shutil.copytree(model_dir, tmp_path, dirs_exist_ok=True)
+    path = tmp_path / "generation_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "max_new_tokens": 3}))
+    engine = make_engine(tmp_path)
+
+    def produced(prompt: list[int], **params) -> int:
+        out = one(engine, prompt, temperature=0.0, ignore_eos=True, **params).outputs[0]
+        assert out.finish_reason == "length"
+        return len(out.token_ids)
+
+    assert produced(PROMPTS[0]) == 3
+    assert produced(PROMPTS[0], max_tokens=5) == 5
+    assert produced([7] * 510) == 2  # what is left of max_model_len (512)
+    with pytest.raises(ValueError, match="min_tokens 4 exceeds max_tokens 3"):
+        engine.make_request("m", prompt_token_ids=PROMPTS[0], sampling_params=SamplingParams(min_tokens=4))
+
+
 def test_truncation_params_reduce_to_greedy(engine, alone):
     for params in ({"top_k": 1}, {"top_p": 1e-6}, {"min_p": 1.0}):
         out = one(engine, PROMPTS[4], temperature=1.0, seed=7, max_tokens=10, **params)
@@ -225,6 +245,12 @@ def test_max_tokens_and_logprobs(engine, alone):
         assert lp.token_id == tok and lp.top_logprobs[0][0] == tok and len(lp.top_logprobs) == 2
         assert lp.logprob == pytest.approx(lp.top_logprobs[0][2]) and lp.logprob < 0
         assert lp.top_logprobs[0][2] >= lp.top_logprobs[1][2]
+    # vLLM's cumulative_logprob: the sampled tokens' logprobs summed, per completion; None when not asked.
+    assert out.cumulative_logprob == pytest.approx(sum(lp.logprob for lp in out.logprobs))
+    sampled = one(engine, PROMPTS[6], n=2, temperature=1.0, seed=3, max_tokens=4, logprobs=0).outputs
+    assert [c.cumulative_logprob for c in sampled] == pytest.approx(
+        [sum(lp.logprob for lp in c.logprobs) for c in sampled])
+    assert one(engine, PROMPTS[6], max_tokens=2).outputs[0].cumulative_logprob is None
 
 
 def test_stop_token_ids(engine, alone):
@@ -257,6 +283,27 @@ def test_stop_strings_trim_or_keep_and_hold_back(engine):
         deltas += [d.outputs[0].text for d in engine.step()]
     assert "".join(deltas[: k + 1]) == full[:cut]
     assert "".join(deltas) == full
+
+
+def test_min_tokens_keeps_its_tokens_text_from_stop_strings(engine, alone):
+    """vLLM: a stop string must end after the text of the first min_tokens tokens (it may start in it), as
+    eos may come only after min_tokens tokens; one ending in the min_tokens-th token's text does not stop."""
+    tok = engine.tokenizer
+
+    def first_seen_in_token(ids: list[int], k: int) -> bool:
+        """Token k's text is whole characters and first occurs as token k."""
+        text = tok.decode([ids[k - 1]])
+        return bool(text) and "\ufffd" not in tok.decode(ids[: k + 1]) and tok.decode(ids[:k]).find(
+            text) == len(tok.decode(ids[: k - 1]))
+
+    prompt, ids, k = next((PROMPTS[i], alone[i], k) for i in range(16) for k in range(1, 4)
+                          if first_seen_in_token(alone[i], k))
+    stop = tok.decode([ids[k - 1]])
+    before = one(engine, prompt, temperature=0.0, max_tokens=10, stop=[stop], min_tokens=k - 1).outputs[0]
+    assert before.token_ids == ids[:k] and before.stop_reason == stop
+    held = one(engine, prompt, temperature=0.0, max_tokens=10, stop=[stop], min_tokens=k).outputs[0]
+    assert held.token_ids[:k + 1] == ids[: k + 1]
+    assert held.text.startswith(tok.decode(ids[:k]))
 
 
 def test_unseeded_requests_draw_from_the_engine_seed(model_dir):
@@ -494,6 +541,12 @@ def test_llm_refuses_no_messages_and_survives_an_interrupt(model_dir, alone, mon
     assert not llm.engine.has_unfinished()  # else the next call meets outputs of requests it does not know
     assert tokens(llm.generate([PROMPTS[1], PROMPTS[2]], GREEDY)) == alone[1:3]
     assert tokens(llm.generate(list(np.array(PROMPTS[3])), GREEDY)) == alone[3:4]  # numpy ids: one prompt
+    # vLLM's prompt dicts (TokensPrompt / TextPrompt), alone or in a list.
+    assert tokens(llm.generate({"prompt_token_ids": PROMPTS[4]}, GREEDY)) == alone[4:5]
+    text = llm.engine.tokenizer.decode(PROMPTS[5])
+    assert tokens(llm.generate([{"prompt": text}, "x"], GREEDY))[0] == tokens(llm.generate(text, GREEDY))[0]
+    with pytest.raises(ValueError, match="prompt keys not supported: multi_modal_data"):
+        llm.generate({"prompt": "x", "multi_modal_data": {}})
     assert_no_leak(llm.engine)
 
 

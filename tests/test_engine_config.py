@@ -6,6 +6,7 @@ offline `LLM`, as vLLM's engine args); both paths are checked the same way, befo
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 from pathlib import Path
@@ -88,6 +89,22 @@ def test_checkpoint_folder_problems_are_named(random_model_dir: Path, tmp_path: 
     missing = f"{partial} lacks config.json and tokenizer.model"  # both at once
     with pytest.raises(FileNotFoundError, match=re.escape(missing)):
         LLMEngine(EngineConfig(model=str(partial)))
+
+
+@pytest.mark.parametrize(("values", "message"), [
+    ({"top_p": 0}, "top_p must be in (0, 1], got 0"),
+    ({"max_new_tokens": 0}, "max_tokens must be >= 1, got 0"),
+    ({"temperature": "hot"}, "temperature must be a finite number"),
+    (None, "Expecting property name enclosed in double quotes"),  # not JSON
+])
+def test_bad_generation_config_values_fail_at_load(random_model_dir: Path, tmp_path: Path,
+                                                   values: dict | None, message: str):
+    """They used to fail every request instead, naming a parameter the request never sent."""
+    shutil.copytree(random_model_dir, tmp_path, dirs_exist_ok=True)
+    path = tmp_path / "generation_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **values}) if values else "{top_p: 0}")
+    with pytest.raises(ValueError, match=re.escape(f"generation_config.json of {tmp_path}: {message}")):
+        LLMEngine(EngineConfig(model=str(tmp_path), num_gpu_blocks_override=8))
 
 
 def test_bad_dtype_fails_before_tensor_parallel_workers_start(random_model_dir: Path):

@@ -13,7 +13,9 @@ from .llm_engine import LLMEngine
 from .outputs import RequestOutput, merge_outputs
 from .sampling_params import SamplingParams
 
-Prompt = str | list[int]
+# Text, token ids, or vLLM's TextPrompt / TokensPrompt dicts: {"prompt": text} or {"prompt_token_ids": ids}.
+Prompt = str | list[int] | dict[str, Any]
+PROMPT_KEYS = {"prompt", "prompt_token_ids"}
 
 
 class LLM:
@@ -26,11 +28,10 @@ class LLM:
         prompts: Prompt | Sequence[Prompt],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
     ) -> list[RequestOutput]:
-        """Text prompts or token-id lists; one merged output per prompt, in order."""
-        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], numbers.Integral)):
+        """Text prompts, token-id lists or prompt dicts; one merged output per prompt, in order."""
+        if isinstance(prompts, str | dict) or (prompts and isinstance(prompts[0], numbers.Integral)):
             prompts = [prompts]
-        requests = [{"prompt": p} if isinstance(p, str) else {"prompt_token_ids": p} for p in prompts]
-        return self._run(requests, sampling_params)
+        return self._run([_prompt_kwargs(p) for p in prompts], sampling_params)
 
     def chat(
         self,
@@ -66,3 +67,13 @@ class LLM:
                 self.engine.abort(rid)
             raise
         return [merge_outputs(deltas[rid]) for rid in ids]
+
+
+def _prompt_kwargs(prompt: Prompt) -> dict[str, Any]:
+    if isinstance(prompt, str):
+        return {"prompt": prompt}
+    if not isinstance(prompt, dict):
+        return {"prompt_token_ids": prompt}
+    if unknown := sorted(prompt.keys() - PROMPT_KEYS):  # e.g. multi_modal_data: not taken here
+        raise ValueError(f"prompt keys not supported: {', '.join(unknown)} (give prompt or prompt_token_ids)")
+    return dict(prompt)

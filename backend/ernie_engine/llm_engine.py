@@ -42,12 +42,19 @@ NO_TOKEN_ERROR = ("the request's constraints (allowed_token_ids, bad_words, min_
 
 
 def generation_defaults(model_dir: Path) -> dict[str, Any]:
-    """Sampling defaults from generation_config.json (do_sample false means greedy)."""
+    """Sampling defaults from generation_config.json (do_sample false means greedy; max_new_tokens is the
+    default max_tokens, as vLLM's), checked here: a bad value would otherwise fail every request."""
     path = model_dir / "generation_config.json"
-    raw = json.loads(path.read_text()) if path.is_file() else {}
-    defaults = {k: raw[k] for k in NEUTRAL_DEFAULTS if raw.get(k) is not None}
-    if raw.get("do_sample") is False:
-        defaults["temperature"] = 0.0
+    try:
+        raw = json.loads(path.read_text()) if path.is_file() else {}
+        defaults = {k: raw[k] for k in NEUTRAL_DEFAULTS if raw.get(k) is not None}
+        if raw.get("do_sample") is False:
+            defaults["temperature"] = 0.0
+        if raw.get("max_new_tokens") is not None:
+            defaults["max_tokens"] = raw["max_new_tokens"]
+        SamplingParams(**defaults)
+    except ValueError as err:  # also invalid JSON
+        raise ValueError(f"{path.name} of {model_dir}: {err}") from None
     return defaults
 
 
@@ -65,6 +72,7 @@ class LLMEngine:
         model_dir = config.resolve_model_path()
         check_checkpoint_folder(model_dir)
         resolve_dtype(config.dtype, default_device())  # a bad dtype fails here, not once per spawned rank
+        self.sampling_defaults = generation_defaults(model_dir)
         self.tokenizer = Tokenizer.from_dir(model_dir)
         self.chat_template = ChatTemplate.from_dir(model_dir)
         runner_class = TensorParallelExecutor if config.tensor_parallel_size > 1 else ModelRunner
@@ -79,7 +87,6 @@ class LLMEngine:
         """Everything around the runner: lengths, KV cache, scheduler, output processing, media."""
         model_config = self.runner.model_config
         self.vocab_size = self.runner.vocab_limit
-        self.sampling_defaults = generation_defaults(model_dir)
         # Unseeded requests draw their seeds from the engine's (vLLM's `seed`): the same requests in the same
         # order sample the same tokens on every run. make_request runs on callers' threads: hence the lock.
         self._seeds = np.random.default_rng(config.seed)
@@ -297,6 +304,11 @@ class LLMEngine:
             if any(t >= self.vocab_size for t in getattr(params, name) or ()):
                 raise ValueError(f"{name} token ids must be below the vocabulary size {self.vocab_size}")
         grammar = self.structured_output.matcher_for(params, thinking)  # ValueError names a bad constraint
+        room = self.max_model_len - n
+        max_tokens = params.max_tokens or min(self.sampling_defaults.get("max_tokens", room), room)
+        if params.min_tokens > max_tokens:  # vLLM's check, on the resolved max_tokens
+            raise ValueError(f"min_tokens {params.min_tokens} exceeds max_tokens {max_tokens} (the default: "
+                             "generation_config.json's max_new_tokens or what max_model_len leaves)")
         params = params.with_defaults(self.sampling_defaults)
         eos = self.eos_token_ids
         stop_token_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else eos)
@@ -313,7 +325,7 @@ class LLMEngine:
             prompt_token_ids=ids,
             params=params,
             seed=params.seed if params.seed is not None else self._draw_seed(),
-            max_tokens=params.max_tokens or self.max_model_len - n,
+            max_tokens=max_tokens,
             stop_token_ids=stop_token_ids,
             eos_token_ids=eos,
             bad_words_ids=bad_words_ids,

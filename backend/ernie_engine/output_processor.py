@@ -29,6 +29,7 @@ class _SeqState:
     # A stop string can only start here, since streamed text never ends with a proper prefix of one.
     pending: str = ""
     in_reasoning: bool = False  # still before `</think>` (reasoning budget bookkeeping)
+    cumulative_logprob: float = 0.0  # of the sampled tokens (when logprobs are asked for)
 
 
 @dataclass
@@ -103,7 +104,9 @@ class OutputProcessor:
             state.pending += new_text
         if is_stop_token:
             seq.finish("stop", None if token_id in request.eos_token_ids else token_id)
-        elif params.stop and seq.num_output_tokens >= params.min_tokens:
+        elif params.stop and seq.num_output_tokens > params.min_tokens:
+            # As vLLM: the text of the first min_tokens tokens is never cut, so a stop string must end in a
+            # later token's text (it may start earlier).
             self._check_stop_strings(seq, state, len(new_text))
         if not seq.is_finished and seq.grammar is not None and seq.grammar.is_complete:
             seq.finish("stop")
@@ -118,8 +121,8 @@ class OutputProcessor:
 
     def _check_stop_strings(self, seq: Sequence, state: _SeqState, new_len: int) -> None:
         """Stop at the first stop string that ends in this step's new text. One ending in the text held back
-        was completed before min_tokens was reached (else an earlier step would have stopped): as in vLLM,
-        it does not count."""
+        was completed within the first min_tokens tokens (else an earlier step would have stopped): as in
+        vLLM, it does not count."""
         params = seq.params
         new_start = len(state.pending) - new_len
         found: tuple[int, str] | None = None
@@ -158,6 +161,8 @@ class OutputProcessor:
             self._parse(out, state, text, final=seq.is_finished)
         if seq.params.logprobs is not None and token.logprob is not None:
             out.logprobs = [self._logprob(token)]
+            state.cumulative_logprob += token.logprob
+            out.cumulative_logprob = state.cumulative_logprob
         if seq.is_finished:
             reason = seq.finish_reason
             called_tools = state.parser is not None and state.parser.has_tool_calls

@@ -29,6 +29,7 @@ class CompletionOutput:
     reasoning_text: str = ""  # new reasoning text (when a reasoning parser is configured)
     tool_calls: list[dict[str, Any]] = field(default_factory=list)  # OpenAI streaming tool_call deltas
     logprobs: list[TokenLogprob] | None = None  # one per new token, when asked
+    cumulative_logprob: float | None = None  # vLLM's: the sampled tokens' logprobs summed so far, when asked
     finish_reason: str | None = None  # "stop", "length", "abort", "tool_calls" once finished
     stop_reason: str | int | None = None  # the stop string or token id that ended it
     num_output_tokens: int = 0  # cumulative
@@ -61,6 +62,7 @@ def merge_outputs(deltas: list[RequestOutput]) -> RequestOutput:
             acc.tool_calls += out.tool_calls
             if out.logprobs is not None:
                 acc.logprobs = (acc.logprobs or []) + out.logprobs
+                acc.cumulative_logprob = out.cumulative_logprob
             acc.finish_reason = out.finish_reason or acc.finish_reason
             acc.stop_reason = out.stop_reason if out.stop_reason is not None else acc.stop_reason
             acc.num_output_tokens = max(acc.num_output_tokens, out.num_output_tokens)

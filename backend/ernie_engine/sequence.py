@@ -34,7 +34,8 @@ class Request:
     request_id: str
     prompt_token_ids: list[int]
     params: SamplingParams  # resolved: generation_config defaults already filled in
-    max_tokens: int  # params.max_tokens, or what is left of max_model_len
+    max_tokens: int  # params.max_tokens, else max_new_tokens of generation_config.json or what is left of
+    # max_model_len, whichever is less
     stop_token_ids: frozenset[int]  # stop_token_ids plus eos unless ignore_eos
     eos_token_ids: frozenset[int]  # masked until min_tokens (also when ignore_eos)
     bad_words_ids: list[list[int]] = field(default_factory=list)
