@@ -253,6 +253,21 @@ def test_max_tokens_and_logprobs(engine, alone):
     assert one(engine, PROMPTS[6], max_tokens=2).outputs[0].cumulative_logprob is None
 
 
+def test_step_and_token_latency_counts(engine):
+    """TPOT is observed per token after the first (FastDeploy's), not once per request as a mean; a step
+    that found nothing to run is not counted."""
+    before = engine.get_metrics()
+    steps = 0
+    engine.add_request("latency", prompt_token_ids=PROMPTS[2], sampling_params=GREEDY)
+    while engine.has_unfinished():
+        steps += bool(engine.step())
+    assert engine.step() == []
+    after = engine.get_metrics()
+    assert after["num_steps_total"] - before["num_steps_total"] == steps
+    tpot = after["time_per_output_token_seconds"]["count"] - before["time_per_output_token_seconds"]["count"]
+    assert tpot == GREEDY.max_tokens - 1
+
+
 def test_stop_token_ids(engine, alone):
     stop_at = alone[7][3]
     out = one(engine, PROMPTS[7], temperature=0.0, max_tokens=10, stop_token_ids=[stop_at]).outputs[0]
