@@ -14,7 +14,7 @@ from openai_frontend.metrics import FrontendMetrics
 
 GENERATION_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
 TOKENIZER_PATHS = frozenset({"/tokenize", "/detokenize", "/tokenizer_info"})
-_KNOWN_PATHS = GENERATION_PATHS | TOKENIZER_PATHS | {"/v1/models", "/health", "/metrics"}
+_KNOWN_PATHS = GENERATION_PATHS | TOKENIZER_PATHS | {"/v1/models", "/health", "/metrics", "/version"}
 RETRY_AFTER_S = "1"
 CLIENT_CLOSED = 499  # nginx's status for a client that left before its response ended (as non-streaming 499s)
 

@@ -284,10 +284,11 @@ def chat_response(state: RequestState, *, id: str, created: int, model: str, ret
                                   prompt_logprobs=scored)
 
 
-def completion_response(states: list[RequestState], req: CompletionRequest, *, id: str, created: int,
-                        model: str) -> CompletionResponse:
+def completion_response(states: list[RequestState], req: CompletionRequest, prefixes: list[str], *, id: str,
+                        created: int, model: str) -> CompletionResponse:
+    """`prefixes`: per prompt, the echoed text its choices start with."""
     choices = []
-    for state, prefix in zip(states, req.echo_prefixes(), strict=True):
+    for state, prefix in zip(states, prefixes, strict=True):
         for choice in sorted(state.choices.values(), key=lambda c: c.index):
             choices.append(CompletionChoice(
                 index=choice.index,

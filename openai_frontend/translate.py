@@ -14,7 +14,6 @@ from openai_frontend.schemas.openai import (
     ChatMessage,
     ChatTemplateInputs,
     CompletionRequest,
-    DetokenizeRequest,
     GenerationRequest,
     NamedToolChoice,
     TokenizeRequest,
@@ -167,18 +166,18 @@ def tokenize_payload(req: TokenizeRequest) -> dict[str, Any]:
     return {**payload, **_chat_inputs(req, req.tools)}
 
 
-def detokenize_payload(req: DetokenizeRequest) -> dict[str, Any]:
-    return {"task": "detokenize", "prompt_token_ids": req.tokens}
+def detokenize_payload(tokens: list[int]) -> dict[str, Any]:
+    return {"task": "detokenize", "prompt_token_ids": tokens}
 
 
 def completion_payloads(req: CompletionRequest) -> list[dict[str, Any]]:
     """One generate request per prompt; the choices of prompt p are indexed p * n + i."""
-    params = sampling_parameters(req, req.max_tokens, req.logprobs)
+    params = sampling_parameters(req, 1 if req.echo_only else req.max_tokens, req.logprobs)
     if req.echo and req.logprobs is not None:  # the echoed prompt's tokens get logprobs too
         params["prompt_logprobs"] = max(req.logprobs, req.prompt_logprobs or 0)
     common = {"stream": True, "sampling_parameters": json.dumps(params, ensure_ascii=False),
               **_flags(req, req.logprobs)}
     key = "prompt_token_ids" if req.prompts_are_token_ids else "text_input"
-    if req.echo and req.prompts_are_token_ids:  # the backend echoes them as text (the frontend cannot decode)
+    if req.echo and req.prompts_are_token_ids and not req.echo_only:  # the backend echoes them as text
         common["exclude_input_in_output"] = False
     return [{key: prompt, **common} for prompt in req.prompt_list()]

@@ -6,20 +6,29 @@ connection, which makes Triton cancel the request (the backend sees `response_se
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import httpx
 
 logger = logging.getLogger(__name__)
 
+# Triton 2.51 answers 400 once a model's stub process died (it stays READY and is never restarted): that is
+# the server's failure, not the request's.
+_STUB_DIED = re.compile(r"Stub process .* is not healthy")
+# How long a stream may stay silent before the model is asked whether its stub still lives: Triton leaves the
+# requests of a dead stub open forever.
+IDLE_PROBE_S = 5.0
+
 
 class TritonError(Exception):
-    """Triton answered with an error, could not be reached (status 503) or was not sent a body holding text
-    with no UTF-8 encoding (status 400)."""
+    """Triton answered with an error, could not be reached or lost the model's stub process (status 503), or
+    was not sent a body holding text with no UTF-8 encoding (status 400)."""
 
     def __init__(self, status_code: int, message: str) -> None:
         super().__init__(message)
@@ -43,14 +52,17 @@ def _error_message(body: bytes) -> str:
 
 
 class TritonStream:
-    """An open `generate_stream` response: iterate `events()`, always `aclose()`."""
+    """An open `generate_stream` response: iterate `events()`, always `aclose()`. `probe` raises when the
+    model can no longer answer (checked while the stream is silent)."""
 
-    def __init__(self, response: httpx.Response) -> None:
+    def __init__(self, response: httpx.Response, probe: Callable[[], Awaitable[None]]) -> None:
         self._response = response
+        self._probe = probe
 
     async def events(self) -> AsyncIterator[dict[str, Any]]:
+        lines = self._response.aiter_lines()
         try:
-            async for line in self._response.aiter_lines():
+            while (line := await self._next_line(lines)) is not None:
                 if not line.startswith("data:"):
                     continue
                 event = json.loads(line[len("data:"):])
@@ -60,6 +72,29 @@ class TritonStream:
                 yield event
         except httpx.TransportError as exc:
             raise TritonError(503, f"connection to tritonserver lost: {exc!r}") from exc
+
+    async def _next_line(self, lines: AsyncIterator[str]) -> str | None:
+        """The next line (None at the end). While none comes the model is probed every IDLE_PROBE_S, alongside
+        the read: a probe waiting for a pooled connection must not hold the stream up. The read is a task of
+        its own, as cancelling a read midway would break the stream."""
+        pending = asyncio.ensure_future(anext(lines, None))
+        probe: asyncio.Future | None = None
+        try:
+            while True:
+                waiting = {pending} if probe is None else {pending, probe}
+                done, _ = await asyncio.wait(waiting, timeout=IDLE_PROBE_S,
+                                             return_when=asyncio.FIRST_COMPLETED)
+                if pending in done:
+                    return pending.result()
+                if probe in done:
+                    probe.result()  # raises when the model cannot answer
+                    probe = None
+                elif probe is None:
+                    probe = asyncio.ensure_future(self._probe())
+        finally:
+            for task in (pending, probe):
+                if task is not None and not task.done():
+                    task.cancel()
 
     async def aclose(self) -> None:
         await self._response.aclose()
@@ -90,7 +125,8 @@ class TritonClient:
         if response.status_code != 200:
             body = await response.aread()
             await response.aclose()
-            raise TritonError(response.status_code, _error_message(body))
+            message = _error_message(body)
+            raise TritonError(503 if _STUB_DIED.search(message) else response.status_code, message)
         return response
 
     async def is_ready(self) -> bool:
@@ -125,4 +161,13 @@ class TritonClient:
     async def generate_stream(self, model: str, payload: dict[str, Any]) -> TritonStream:
         """Open `/generate_stream`; an error before the first response raises here."""
         response = await self._send("POST", f"/v2/models/{model}/generate_stream", json=payload, stream=True)
-        return TritonStream(response)
+        return TritonStream(response, lambda: self.check_alive(model))
+
+    async def check_alive(self, model: str) -> None:
+        """Raises TritonError(503) when `model` cannot answer any more (its stub died, Triton is gone)."""
+        try:
+            await self.generate(model, {"task": "tokenizer_info"})
+        except TritonError as exc:
+            if exc.status_code == 503:
+                logger.warning("%s cannot answer: %s", model, exc.message)
+                raise

@@ -9,7 +9,9 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 import re
+import signal
 import threading
 from pathlib import Path
 
@@ -62,6 +64,13 @@ def test_model_retrieve(client: openai.OpenAI, triton_server: TritonServer):
 def test_health_follows_triton(openai_frontend: Frontend):
     assert httpx.get(f"{openai_frontend.url}/health", timeout=10).status_code == 200
     assert httpx.head(f"{openai_frontend.url}/health", timeout=10).status_code == 200
+
+
+def test_version_as_vllm_reports_it(openai_frontend: Frontend):
+    pyproject = (Path(__file__).parent.parent / "pyproject.toml").read_text()
+    (version,) = re.findall(r'^version = "(.+)"$', pyproject, re.M)
+    response = httpx.get(f"{openai_frontend.url}/version", timeout=10)
+    assert response.status_code == 200 and response.json() == {"version": version}
 
 
 def test_health_and_requests_fail_with_503_when_triton_is_unreachable(tmp_path: Path):
@@ -315,6 +324,22 @@ def test_continue_final_message(openai_frontend: Frontend, client: openai.OpenAI
     assert "add_generation_prompt" in err.value.message
 
 
+def test_echo_with_max_tokens_0_answers_the_prompt_alone(client: openai.OpenAI):
+    """OpenAI's and vLLM's way to score a prompt: echo, logprobs and max_tokens 0 (it was a 400)."""
+    scored = client.completions.create(model="default", prompt=QUESTION, echo=True, logprobs=1, max_tokens=1,
+                                       temperature=0, extra_body={"return_token_ids": True}).choices[0]
+    ids, prompt_logprobs = scored.model_dump()["prompt_token_ids"], scored.logprobs.token_logprobs[:-1]
+    for prompt in (QUESTION, ids):
+        request = {"model": "default", "prompt": prompt, "echo": True, "logprobs": 1, "max_tokens": 0}
+        whole = client.completions.create(**request)
+        (choice,) = whole.choices
+        assert choice.text == QUESTION and choice.logprobs.token_logprobs == pytest.approx(prompt_logprobs)
+        assert choice.finish_reason == "length" and whole.usage.prompt_tokens == len(ids)
+        streamed = [c.choices[0] for c in client.completions.create(**request, stream=True) if c.choices]
+        assert "".join(c.text for c in streamed) == QUESTION
+        assert [t for c in streamed if c.logprobs for t in c.logprobs.tokens] == choice.logprobs.tokens
+
+
 def test_vllm_prompt_logprobs(client: openai.OpenAI):
     """vLLM's prompt_logprobs: per prompt token None (the first) or {token id: {logprob, rank, decoded_token}}
     with the token itself; the same numbers as the legacy echo shape."""
@@ -517,6 +542,38 @@ def test_client_disconnect_cancels_the_triton_request(openai_frontend: Frontend,
     assert "client went away, cancelling its Triton request" in openai_frontend.log_tail()
 
 
+def _stub_pid(model: str) -> int:
+    """The pid of the Python backend stub process serving `model`."""
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        with contextlib.suppress(OSError):
+            args = cmdline.read_bytes().split(b"\0")
+            if args[0].endswith(b"triton_python_backend_stub") and f"/{model}/1/".encode() in args[1]:
+                return int(cmdline.parent.name)
+    raise AssertionError(f"no stub process for {model}")
+
+
+def test_a_dead_backend_stub_ends_streams_with_503_not_a_hang(openai_frontend: Frontend,
+                                                                triton_server: TritonServer,
+                                                                ernie_random_checkpoint: Path):
+    """Triton keeps a dead stub's model READY, leaves its running requests open forever (the stream hung) and
+    answers new ones 400 (an invalid_request_error): both must say the server failed (503), and so must
+    /health (it said 200), as vLLM's does for a dead engine."""
+    with longer_context_row(triton_server, ernie_random_checkpoint, 320) as model:
+        url = f"{openai_frontend.base_url}/chat/completions"
+        body = {"model": model, "messages": MESSAGES, "max_tokens": 300, "ignore_eos": True}
+        with httpx.stream("POST", url, json={**body, "stream": True}, timeout=30) as response:
+            lines = (line for line in response.iter_lines() if line)
+            next(line for line in lines if line.startswith("data: {"))
+            os.kill(_stub_pid(model), signal.SIGKILL)
+            *_, error, done = lines
+        assert done == "data: [DONE]"
+        assert json.loads(error.removeprefix("data: "))["error"]["type"] == "service_unavailable"
+        refused = httpx.post(url, json=body, timeout=30)
+        assert refused.status_code == 503 and "not healthy" in error_of(refused)["message"]
+        assert httpx.get(f"{openai_frontend.url}/health", timeout=30).status_code == 503
+    assert httpx.get(f"{openai_frontend.url}/health", timeout=30).status_code == 200  # the dead row unloaded
+
+
 # ---- errors -------------------------------------------------------------------------------------
 
 
@@ -525,6 +582,8 @@ def test_client_disconnect_cancels_the_triton_request(openai_frontend: Frontend,
     ({"messages": "hello"}, "messages"),
     ({}, "messages"),
     ({"messages": MESSAGES, "n": 0}, "n"),
+    # The template got "None" for this text.
+    ({"messages": [{"role": "user", "content": [{"type": "text", "text": None}]}]}, "messages.0.content.0"),
 ])
 def test_invalid_requests_get_400(openai_frontend: Frontend, body: dict, param: str):
     response = httpx.post(f"{openai_frontend.base_url}/chat/completions", json=body, timeout=TIMEOUT)

@@ -264,6 +264,11 @@ def test_unknown_fields_are_ignored():
     {"messages": USER, "guided_regex": "a", "guided_choice": ["a"]},
     {"messages": USER, "response_format": {"type": "json_schema"}},
     {"messages": USER, "mm_processor_kwargs": {"image_max_pixels": 3136}},  # was silently ignored
+    # A text part's text went to the template as "None" / "5" / "" (OpenAI: 400).
+    {"messages": [{"role": "user", "content": [{"type": "text", "text": None}]}]},
+    {"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]},
+    {"messages": [{"role": "user", "content": [{"type": "text"}]}]},
+    {"messages": USER, "seed": 2**64},  # vLLM's bound: a 64-bit integer
 ])
 def test_invalid_chat_requests_are_rejected(fields):
     with pytest.raises(ValidationError):
@@ -280,6 +285,29 @@ def test_completion_prompt_forms():
     assert len(ids) == 1 and ids[0]["prompt_token_ids"] == [1, 2, 3] and "text_input" not in ids[0]
     batch = completion_payloads(CompletionRequest(prompt=[[1, 2], [3]]))
     assert [p["prompt_token_ids"] for p in batch] == [[1, 2], [3]]
+
+
+def test_unset_max_tokens_is_the_rest_of_the_context():
+    """As FastDeploy, whose seed example streams a completion without max_tokens (OpenAI and vLLM stop at 16);
+    echo with max_tokens 0 asks for one token, dropped by the router."""
+    for fields in ({}, {"max_tokens": None}):
+        (payload,) = completion_payloads(CompletionRequest.model_validate({"prompt": "hi", **fields}))
+        assert "max_tokens" not in sampling(payload)
+    (payload,) = completion_payloads(CompletionRequest(prompt="hi", echo=True, max_tokens=0))
+    assert sampling(payload)["max_tokens"] == 1
+    (payload,) = completion_payloads(CompletionRequest(prompt="hi", metadata={"max_tokens": 7}))
+    assert sampling(payload)["max_tokens"] == 7
+    assert "max_tokens" not in sampling(chat_payload(chat()))
+
+
+def test_echo_with_max_tokens_0_asks_for_one_token_and_no_backend_echo():
+    """OpenAI's and vLLM's prompt-only echo: one token is sampled (and dropped); the frontend decodes token-id
+    prompts itself, as the backend's echo would carry the sampled token's text too."""
+    (payload,) = completion_payloads(CompletionRequest(prompt=[1, 2], echo=True, max_tokens=0, logprobs=1))
+    assert sampling(payload)["max_tokens"] == 1 and sampling(payload)["prompt_logprobs"] == 1
+    assert "exclude_input_in_output" not in payload
+    with pytest.raises(ValidationError):
+        CompletionRequest(prompt="hi", max_tokens=0)  # without echo there is nothing to answer
 
 
 @pytest.mark.parametrize("fields", [{"prompt": []}, {"prompt": 5}, {"prompt": "x", "logprobs": 21},
@@ -418,7 +446,7 @@ def test_completion_response_indexes_prompts_and_echoes():
                                                         num_output_tokens=1, finish_reason="length",
                                                         output_token_ids=[p, i], prompt_token_ids=[1, 2, 3])))
     req = CompletionRequest(prompt=["A", "B"], n=2, echo=True, return_token_ids=True)
-    resp = completion_response(states, req, id="cmpl-1", created=1, model="m")
+    resp = completion_response(states, req, req.echo_prefixes(), id="cmpl-1", created=1, model="m")
     texts = [(c.index, c.text) for c in resp.choices]
     assert texts == [(0, "Ap0c0"), (1, "Ap0c1"), (2, "Bp1c0"), (3, "Bp1c1")]
     assert resp.choices[3].completion_token_ids == [1, 1] and resp.choices[3].prompt_token_ids == [1, 2, 3]

@@ -38,7 +38,7 @@ async def tokenize(body: TokenizeRequest, request: Request) -> TokenizeResponse:
 async def detokenize(body: DetokenizeRequest, request: Request) -> DetokenizeResponse:
     triton = request.app.state.triton
     model = await resolve_model(triton, body.model)
-    answer = await triton.generate(model, detokenize_payload(body))
+    answer = await triton.generate(model, detokenize_payload(body.tokens))
     return DetokenizeResponse(prompt=answer["text_output"])
 
 

@@ -45,6 +45,14 @@ class _Passthrough(BaseModel):
 
 class ContentPart(_Passthrough):
     type: str
+    text: str | None = None
+
+    @model_validator(mode="after")
+    def _text_has_text(self) -> ContentPart:
+        # As OpenAI: else the template would render a missing or null text as "" or "None".
+        if self.type == "text" and self.text is None:
+            raise ValueError("a text content part needs a string `text`")
+        return self
 
 
 class ChatMessage(_Passthrough):
@@ -112,7 +120,7 @@ class GenerationRequest(_Request):
     top_p: float | None = Field(default=None, ge=0, le=1)
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
-    seed: int | None = None
+    seed: Int64 | None = None
     stop: str | list[str] | None = None
     user: str | None = None
     top_k: int | None = None
@@ -204,6 +212,9 @@ Prompt = str | list[str] | list[int] | list[list[int]]
 
 class CompletionRequest(GenerationRequest):
     prompt: Prompt
+    # Unset: the rest of the context, as FastDeploy (OpenAI and vLLM default to 16 here); 0 with echo answers
+    # the prompt alone.
+    max_tokens: int | None = Field(default=None, ge=0)
     echo: bool = False
     logprobs: int | None = Field(default=None, ge=0, le=20)
     # OpenAI's, refused rather than ignored: an answer without them would be a different answer.
@@ -220,7 +231,15 @@ class CompletionRequest(GenerationRequest):
             raise ValueError("suffix is not supported")
         if self.best_of is not None and self.best_of != self.n:
             raise ValueError(f"best_of ({self.best_of}) other than n ({self.n}) is not supported")
+        if self.max_tokens == 0 and not self.echo:
+            raise ValueError("max_tokens must be at least 1 (0 only with echo, to answer the prompt alone)")
         return self
+
+    @property
+    def echo_only(self) -> bool:
+        """OpenAI's and vLLM's echo with max_tokens 0: the prompt alone (scored with logprobs). One token is
+        still sampled, then dropped."""
+        return self.echo and self.max_tokens == 0
 
     @property
     def prompts_are_token_ids(self) -> bool:
@@ -228,7 +247,8 @@ class CompletionRequest(GenerationRequest):
 
     def echo_prefixes(self) -> list[str]:
         """Per prompt, the echoed text this frontend puts before its choices: a text prompt when echoing.
-        Token-id prompts are echoed by the backend, which decodes them (`exclude_input_in_output`)."""
+        Token-id prompts are echoed by the backend, which decodes them (`exclude_input_in_output`), or with
+        echo_only by the completions router."""
         return [p if self.echo and isinstance(p, str) else "" for p in self.prompt_list()]
 
     def prompt_list(self) -> list[str] | list[list[int]]:
