@@ -40,7 +40,7 @@ from ernie_engine.outputs import CompletionOutput, RequestOutput, merge_outputs 
 from ernie_engine.sampling_params import SamplingParams  # noqa: E402
 
 FLAGS = ("stream", "exclude_input_in_output", "return_finish_reason", "return_num_input_tokens",
-         "return_num_output_tokens", "return_logprobs", "return_token_ids")
+         "return_num_output_tokens", "return_logprobs", "return_cumulative_logprob", "return_token_ids")
 INPUTS = [
     ("text_input", "TYPE_STRING", [1]),
     ("prompt_token_ids", "TYPE_INT64", [-1]),
@@ -61,6 +61,7 @@ OUTPUTS = [
     ("num_output_tokens", "TYPE_INT32"),
     ("num_cached_tokens", "TYPE_INT32"),
     ("logprobs", "TYPE_STRING"),
+    ("cumulative_logprob", "TYPE_FP32"),
     ("prompt_logprobs", "TYPE_STRING"),
     ("output_token_ids", "TYPE_INT64"),
     ("prompt_token_ids", "TYPE_INT64"),
@@ -158,7 +159,7 @@ class TritonPythonModel:
             watcher.cancel()
 
     async def _respond(self, sender, stream, parsed: ParsedRequest, request_id: str) -> None:
-        prefix = "" if parsed.flags["exclude_input_in_output"] else self._prompt_text(parsed.prompt)
+        prefix: str | None = None  # the echoed prompt, known at the first output
         streaming = parsed.flags["stream"]
         deltas: list[RequestOutput] = []  # kept for the single non-streaming response
         started: set[int] = set()
@@ -172,6 +173,9 @@ class TritonPythonModel:
             if last.error:
                 sender.send(error_response(last.error), flags=FINAL)
                 return
+            if prefix is None:
+                echo = not parsed.flags["exclude_input_in_output"]
+                prefix = self._prompt_text(parsed.prompt, last.prompt_token_ids) if echo else ""
             for completion in last.outputs:
                 if prefix and completion.index not in started:
                     completion.text = prefix + completion.text
@@ -193,11 +197,12 @@ class TritonPythonModel:
             merged = merge_outputs(deltas)
             sender.send(build_response(merged, merged.outputs, parsed.flags), flags=FINAL)
 
-    def _prompt_text(self, prompt: dict[str, Any]) -> str:
-        """The prompt as echoed by exclude_input_in_output=false: as sent, or the token ids decoded."""
-        if "prompt_token_ids" in prompt:
-            return self.engine.detokenize(prompt["prompt_token_ids"])
-        return prompt.get("prompt", "")
+    def _prompt_text(self, prompt: dict[str, Any], prompt_token_ids: list[int] | None) -> str:
+        """The prompt as echoed by exclude_input_in_output=false: a text prompt as sent, else the tokens the
+        engine ran on decoded (for messages, the rendered chat template)."""
+        if "prompt" in prompt:
+            return prompt["prompt"]
+        return self.engine.detokenize(prompt_token_ids) if prompt_token_ids else ""
 
     def finalize(self) -> None:
         # Triton drains in-flight requests before an unload; this aborts what a shutdown timeout left.
@@ -243,8 +248,8 @@ def parse_request(request) -> ParsedRequest:
     extra = json.loads(request.parameters() or "{}")
     raw.update({k: v for k, v in extra.items() if not k.startswith("triton_")})
     flags = {name: _bool(request, name, default=name == "exclude_input_in_output") for name in FLAGS}
-    if flags["return_logprobs"]:
-        raw.setdefault("logprobs", 0)  # at least the sampled tokens' logprobs
+    if (flags["return_logprobs"] or flags["return_cumulative_logprob"]) and raw.get("logprobs") is None:
+        raw["logprobs"] = 0  # at least the sampled tokens' logprobs (the engine sums them); null is unset
     prompt = {k: v for k, v in prompt.items() if v is not None}
     return ParsedRequest(prompt, SamplingParams.from_dict(raw), flags)
 
@@ -272,9 +277,14 @@ def tokenizer_task(engine: AsyncLLMEngine, request, task: str):
 
 
 def _chat_inputs(request) -> dict[str, Any]:
-    """The chat template's inputs as add_request and tokenize take them (None where not given)."""
-    return {"messages": _json(request, "messages", list), "tools": _json(request, "tools", list),
+    """The chat template's inputs as add_request and tokenize take them (None where not given). Tools and
+    template kwargs shape a chat prompt only: with a raw prompt they would be silently ignored."""
+    chat = {"messages": _json(request, "messages", list), "tools": _json(request, "tools", list),
             "chat_template_kwargs": _json(request, "chat_template_kwargs", dict)}
+    alone = [k for k in ("tools", "chat_template_kwargs") if chat[k] is not None]
+    if alone and chat["messages"] is None:
+        raise ValueError(f"{' and '.join(alone)} apply to messages only (no template renders a raw prompt)")
+    return chat
 
 
 def _token_ids(request) -> list[int] | None:
@@ -337,6 +347,9 @@ def build_response(out: RequestOutput, completions: list[CompletionOutput], flag
     if flags["return_logprobs"]:
         logprobs = [[_logprob(lp) for lp in c.logprobs or []] for c in completions]
         tensors["logprobs"] = _strings([json.dumps(lps) for lps in logprobs])
+    if flags["return_cumulative_logprob"]:  # the sum so far, as vLLM's; NaN where none was computed
+        cumulative = [np.nan if c.cumulative_logprob is None else c.cumulative_logprob for c in completions]
+        tensors["cumulative_logprob"] = np.array(cumulative, dtype=np.float32)
     if out.prompt_logprobs is not None:  # asked for with the prompt_logprobs sampling parameter
         tensors["prompt_logprobs"] = _strings([json.dumps([_logprob(lp) for lp in out.prompt_logprobs])])
     if flags["return_token_ids"]:

@@ -210,6 +210,24 @@ def test_sampling_parameters_take_effect(triton_server: TritonServer):
     assert PROMPT in generate(triton_server, echo).json()["text_output"]
 
 
+def test_cumulative_logprob_as_vllm_backend(triton_server: TritonServer):
+    """vLLM backend clients ask `return_cumulative_logprob`: the sampled tokens' logprobs summed so far
+    (the input was refused as unexpected)."""
+    sampling = {"max_tokens": 4, "ignore_eos": True}
+    flags = {"return_cumulative_logprob": True, "return_logprobs": True}
+    body = generate(triton_server, request(sampling, **flags)).json()
+    total = sum(lp["logprob"] for lp in json.loads(body["logprobs"]))
+    assert body["cumulative_logprob"] == pytest.approx(total, rel=1e-5) and total < 0, body
+    # Alone, and with logprobs null (unset): computed all the same, never NaN (not JSON).
+    alone = generate(triton_server, request({**sampling, "n": 2, "logprobs": None},
+                                            return_cumulative_logprob=True)).json()
+    assert len(alone["cumulative_logprob"]) == 2 and all(c < 0 for c in alone["cumulative_logprob"]), alone
+    payload = request(sampling, stream=True, **flags)
+    events = sse_events(generate(triton_server, payload, stream=True))
+    running = np.cumsum([json.loads(e["logprobs"])[0]["logprob"] for e in events])
+    assert [e["cumulative_logprob"] for e in events] == pytest.approx(running.tolist(), rel=1e-5), events
+
+
 def test_tokenizer_tasks(triton_server: TritonServer):
     def task(name: str, **payload) -> dict:
         response = generate(triton_server, {"task": name, **payload})
@@ -245,6 +263,13 @@ def test_messages_use_the_chat_template(triton_server: TritonServer):
                                           text_input="Where is the capital of China?")).json()
     assert body["num_output_tokens"] == 4
     assert body["num_input_tokens"] > raw["num_input_tokens"], "the template adds role markup"
+    # exclude_input_in_output=false echoes the rendered chat prompt (it echoed nothing for messages).
+    ids = generate(triton_server, {"task": "tokenize", "messages": messages}).json()["prompt_token_ids"]
+    rendered = generate(triton_server, {"task": "detokenize", "prompt_token_ids": ids}).json()["text_output"]
+    for stream in (False, True):
+        echo = {**payload, "exclude_input_in_output": False, "stream": stream}
+        events = sse_events(generate(triton_server, echo, stream=True))
+        assert "Where is the capital of China?" in rendered and events[0]["text_output"].startswith(rendered)
 
 
 def test_cancelled_grpc_stream_aborts_the_engine_request(triton_server: TritonServer,
@@ -307,6 +332,12 @@ BAD_INPUTS = {
     "neither prompt nor messages": ({"text_input": None}, "exactly one of"),
     "messages not a list": ({"text_input": None, "messages": '{"role": "user"}'}, "messages must be a JSON"),
     "empty task": ({"task": ""}, "tokenizer_info (got '')"),
+    # A raw prompt goes through no chat template: these were silently ignored.
+    "tools without messages": ({"tools": '[{"type": "function", "function": {"name": "f"}}]'},
+                               "tools apply to messages only"),
+    "template kwargs without messages": ({"chat_template_kwargs": '{"enable_thinking": true}'},
+                                         "chat_template_kwargs apply to messages only"),
+    "tokenize tools without messages": ({"task": "tokenize", "tools": "[]"}, "tools apply to messages only"),
 }
 
 
