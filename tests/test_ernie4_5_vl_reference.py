@@ -11,6 +11,9 @@ needs torchvision, see tests/test_video.py for the video rules).
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +21,7 @@ import paddle
 import pytest
 import torch
 from ernie_engine.chat_template import ChatTemplate
+from ernie_engine.layers import vision
 from ernie_engine.layers.attention import AttentionMetadata
 from ernie_engine.loader import load_model
 from ernie_engine.multimodal import ErnieVLImageProcessor, ErnieVLProcessor, VideoProcessor
@@ -331,3 +335,52 @@ def test_greedy_decoding_through_paged_cache(reference, image_prompt) -> None:
     tokens = multimodal_paged_greedy(ours, config, prompt, split)
     assert len(set(expected)) > 8  # a decoding that varies, so the comparison means something
     assert tokens == expected
+
+
+def test_video_logits_match_transformers_when_encoded_in_frame_groups(reference, video_prompt,
+                                                                      monkeypatch) -> None:
+    """The vision pass run over a few frames at a time (as for a long video) gives the same logits."""
+    monkeypatch.setattr(vision, "MAX_VISION_PATCHES", 50)  # the image, then the video's 24-patch frame pairs
+    model, saved, _ = reference
+    ours, _ = load_model(saved, dtype="float32", device="cpu")
+    with torch.no_grad():
+        expected = model(**reference_inputs(video_prompt)).logits[0].numpy()
+    assert np.abs(our_logits(ours, video_prompt) - expected).max() < 1e-4
+
+
+# A fresh process (its VmHWM, the peak RSS, moves with this vision pass only): a video of 16 frames of 1024
+# patches, at most 2048 patches per pass.
+VISION_MEMORY_SCRIPT = """
+import json, re, sys
+import numpy as np
+import paddle
+from ernie_engine.config import ModelConfig
+from ernie_engine.layers import vision
+from ernie_engine.models.ernie4_5_vl import Ernie4_5_VLMoeForConditionalGeneration
+
+def high_water_mb():
+    with open("/proc/self/status") as status:
+        return int(re.search(r"VmHWM:\\s+(\\d+) kB", status.read())[1]) / 1024
+
+vision.MAX_VISION_PATCHES = 2048
+model = Ernie4_5_VLMoeForConditionalGeneration(ModelConfig.from_dict(json.loads(sys.stdin.read())))
+pixels = paddle.zeros([16 * 32 * 32, 3 * 14 * 14])
+base = high_water_mb()
+with paddle.no_grad():
+    model.embed_multimodal(pixels, np.array([[16, 32, 32]]))
+print(high_water_mb() - base)
+"""
+
+
+def test_vision_pass_memory_is_bounded(reference) -> None:
+    """The vision encoder and resampler ran every frame of a request's media in one pass: their activations
+    grew with the video (~300 MB here; ~14 GB for a 30-frame video at the seed's pixel limits, which ends the
+    server on CPU)."""
+    _, _, paddle_dir = reference
+    config = json.loads((paddle_dir / "config.json").read_text())
+    config["vision_config"] |= {"depth": 1, "embed_dim": 256, "mlp_ratio": 4, "num_heads": 4}
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": f"{root / 'backend'}:{root}"}
+    out = subprocess.run([sys.executable, "-c", VISION_MEMORY_SCRIPT], input=json.dumps(config), env=env,
+                         capture_output=True, text=True, timeout=120, check=True)
+    assert float(out.stdout.split()[-1]) < 200

@@ -6,6 +6,9 @@ from __future__ import annotations
 import base64
 import http.server
 import io
+import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -13,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from ernie_engine.chat_template import ChatTemplate
 from ernie_engine.multimodal import (
     ErnieVLImageProcessor,
     ErnieVLProcessor,
@@ -48,6 +52,14 @@ class Handler(http.server.BaseHTTPRequestHandler):
                     time.sleep(0.1)
             except (BrokenPipeError, ConnectionResetError):
                 pass  # the client gave up, as it should
+        elif self.path == "/slow-headers":
+            self.wfile.write(b"HTTP/1.1 200 OK\r\n")  # then one header line every 0.1 s, never the body
+            try:
+                for i in range(30):
+                    self.wfile.write(b"X-Pad-%d: y\r\n" % i)
+                    time.sleep(0.1)
+            except (BrokenPipeError, ConnectionResetError):
+                pass
         elif self.path == "/to-elsewhere":
             self.send_response(302)
             self.send_header("Location", "http://example.com/image.png")
@@ -150,6 +162,15 @@ def test_download_size_and_time_limits(server: str) -> None:
     assert time.monotonic() - started < 1.5
 
 
+def test_download_time_limit_covers_the_headers(server: str) -> None:
+    """A host trickling header lines, each within the read timeout, held the fetch (and a request thread)
+    for as long as it kept trickling: the time limit is for the whole download."""
+    started = time.monotonic()
+    with pytest.raises(ValueError, match="took longer than 0.5 s"):
+        MediaFetcher(allowed_hosts=("127.0.0.1",), timeout_s=0.5).fetch(f"{server}/slow-headers")
+    assert time.monotonic() - started < 1.5
+
+
 class Tokens:
     def encode(self, text: str) -> list[int]:
         return [3 + ord(c) % 250 for c in text]
@@ -199,6 +220,18 @@ def test_oversized_and_unreadable_images_are_clear_value_errors(monkeypatch: pyt
     assert "BytesIO" not in str(refused.value)
 
 
+def test_broken_image_data_is_a_value_error() -> None:
+    """A PNG whose second data chunk is damaged opens, then fails to decode with Pillow's SyntaxError ("broken
+    PNG file"): it was a 500 "internal error", not a 400 naming the problem."""
+    noise = np.random.default_rng(0).integers(0, 255, (200, 200, 3), dtype=np.uint8)
+    png = bytearray(base64.b64decode(png_url(Image.fromarray(noise)).split(",")[1]))
+    second_idat = png.index(b"IDAT", png.index(b"IDAT") + 4)
+    png[second_idat : second_idat + 4] = b"\xedh\xea1"
+    url = "data:image/png;base64," + base64.b64encode(png).decode()
+    with pytest.raises(ValueError, match="cannot decode image: broken PNG file"):
+        load_image({"type": "image_url", "image_url": {"url": url}})
+
+
 def test_both_processors_take_image_parts_holding_urls() -> None:
     """`{"type": "image", "image": <url>}` as ERNIE-4.5-VL takes it: PaddleOCR-VL's processor too."""
     url = png_url(Image.new("RGB", (56, 56), (10, 200, 30)))
@@ -223,3 +256,73 @@ def test_media_markers_in_message_text_are_refused() -> None:
     ernie = ErnieVLProcessor(Tokens(), ids, ErnieVLImageProcessor(), VideoProcessor(font=None))
     with pytest.raises(ValueError, match="message text holds the media marker '<\\|image@placeholder\\|>'"):
         ernie([assistant_image, *image_message({"type": "text", "text": "x <|image@placeholder|> y"})])
+
+
+# A checkpoint template rendering tool calls as tool-calling templates do: the arguments object as JSON.
+TOOL_CALL_TEMPLATE = (
+    "{% for m in messages %}{% if m.content is string %}{{ m.content }}{% elif m.content %}"
+    "{% for p in m.content %}{{ p.text if p.type == 'text' else '<|IMAGE_START|><|image@placeholder|>"
+    "<|IMAGE_END|>' }}{% endfor %}{% endif %}{% for c in m.tool_calls or [] %}"
+    "<tool_call>{{ c.function.arguments | tojson }}</tool_call>{% endfor %}{% endfor %}"
+)
+
+
+def test_messages_reach_the_checkpoint_template_as_for_text_models() -> None:
+    """ERNIE-4.5-VL with its own template got messages unchecked (a message that is no object was a 500) and
+    tool-call arguments as the JSON string the client sent, which a template's `tojson` quoted once more;
+    text prompts (and vLLM) hand templates the arguments object."""
+    ids = dict.fromkeys(("image_start_token_id", "image_end_token_id", "video_start_token_id",
+                         "video_end_token_id"), 1) | {"image_token_id": 300, "video_token_id": 303}
+    ernie = ErnieVLProcessor(Tokens(), ids, ErnieVLImageProcessor(), VideoProcessor(font=None),
+                             template=ChatTemplate(TOOL_CALL_TEMPLATE))
+    call = {"id": "c1", "type": "function", "function": {"name": "zoom", "arguments": '{"x": 1}'}}
+    image = {"type": "image_url", "image_url": {"url": png_url(Image.new("RGB", (56, 56)))}}
+    messages = [*image_message(image), {"role": "assistant", "content": None, "tool_calls": [call]}]
+    assert '<tool_call>{"x": 1}</tool_call>' in ernie(messages).prompt
+    ocr = MultimodalProcessor(CharTokens({IMAGE_PLACEHOLDER: 300}), ImageProcessor(min_pixels=56 * 56))
+    for processor in (ernie, ocr):
+        with pytest.raises(ValueError, match="messages\\[1\\] must be an object with a string 'role'"):
+            processor([messages[0], "hi"])
+
+
+# Run in a fresh process, whose peak RSS only the images move; the PNG's data URL on stdin. (VmHWM: ru_maxrss
+# starts from the parent's RSS at fork.)
+PEAK_MEMORY_SCRIPT = """
+import re, sys
+from ernie_engine.multimodal import (ErnieVLImageProcessor, ErnieVLProcessor, ImageProcessor,
+                                     MultimodalProcessor, VideoProcessor)
+from ernie_engine.multimodal.processor import IMAGE_PLACEHOLDER
+from tests.media_utils import CharTokens
+
+part = {"type": "image_url", "image_url": {"url": sys.stdin.read()}}
+ids = dict.fromkeys(("image_start_token_id", "image_end_token_id", "video_start_token_id",
+                     "video_end_token_id"), 1)
+small = {"min_pixels": 56 * 56, "max_pixels": 56 * 56 * 4}
+ernie = ErnieVLProcessor(CharTokens({}), ids | {"image_token_id": 300, "video_token_id": 303},
+                         ErnieVLImageProcessor(**small), VideoProcessor(font=None))
+ocr = MultimodalProcessor(CharTokens({IMAGE_PLACEHOLDER: 300}), ImageProcessor(**small))
+
+def high_water_kb():
+    with open("/proc/self/status") as status:
+        return int(re.search(r"VmHWM:\\s+(\\d+) kB", status.read())[1])
+
+def peak_mb(processor, count):
+    processor([{"role": "user", "content": [part] * count + [{"type": "text", "text": "?"}]}])
+    return (high_water_kb() - base) / 1024
+
+base = high_water_kb()
+print(peak_mb(ernie, 1), peak_mb(ernie, 6), peak_mb(ocr, 6))
+"""
+
+
+def test_a_requests_images_are_decoded_one_at_a_time() -> None:
+    """Every image of a request was decoded before any was resized: ten 40-megapixel PNGs of 100 KB each held
+    1.2 GB (more with no image limit). Each full-size original now lives only until its own resize."""
+    url = png_url(Image.new("RGB", (4000, 3000), (10, 200, 30)))  # 36 MB decoded, 50 KB sent
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": f"{root / 'backend'}:{root}"}
+    out = subprocess.run([sys.executable, "-c", PEAK_MEMORY_SCRIPT], input=url, env=env, capture_output=True,
+                         text=True, timeout=120, check=True)
+    one, six_ernie, six_ocr = (float(v) for v in out.stdout.split())
+    assert one > 30  # the measure sees one decoded image
+    assert six_ernie < 2 * one and six_ocr < 2 * one, (one, six_ernie, six_ocr)

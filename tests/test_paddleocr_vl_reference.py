@@ -10,12 +10,16 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import paddle
 import pytest
 import torch
+from ernie_engine.layers import vision
 from ernie_engine.layers.attention import AttentionMetadata
 from ernie_engine.loader import load_model
 from ernie_engine.multimodal import ImageProcessor, MultimodalProcessor, mrope_positions
@@ -230,3 +234,47 @@ def test_an_image_limit_of_zero_means_no_images() -> None:
     with pytest.raises(ValueError, match=r"at most 0 images per prompt, got \d"):
         MultimodalProcessor(TOKENS, ImageProcessor.from_dict(PIXELS), max_images=0)(messages())
     assert MultimodalProcessor(TOKENS, ImageProcessor.from_dict(PIXELS))(messages()).prompt_token_ids
+
+
+def test_logits_match_with_the_vision_encoder_in_pieces(reference, prompt, monkeypatch) -> None:
+    """The vision encoder run one image at a time, its attention a few queries at a time (as for many or
+    large images), gives the same logits."""
+    monkeypatch.setattr(vision, "MAX_SCORE_ELEMENTS", 7 * 16 * 4)  # 4 heads: a few queries per call
+    monkeypatch.setattr(vision, "MAX_VISION_PATCHES", 1)  # each image (frame) alone
+    model, saved, _ = reference
+    ours, _ = load_model(saved, dtype="float32", device="cpu")
+    with torch.no_grad():
+        expected = model(**reference_inputs(prompt)).logits[0].numpy()
+    ids = paddle.to_tensor(prompt.prompt_token_ids)
+    embeds = ours.get_input_embeddings(ids, ours.embed_multimodal(prompt.images.pixel_values,
+                                                                  prompt.images.grid_thw))
+    meta = AttentionMetadata.build([len(prompt.prompt_token_ids)])
+    hidden = ours(ids, paddle.to_tensor(prompt.positions), meta, None, inputs_embeds=embeds)
+    assert np.abs(ours.compute_logits(hidden).numpy() - expected).max() < 1e-4
+
+
+# A fresh process (its VmHWM, the peak RSS, moves with this attention call only): one image of 2000 patches.
+ATTENTION_MEMORY_SCRIPT = """
+import re
+import paddle
+from ernie_engine.layers.vision import packed_attention
+
+def high_water_mb():
+    with open("/proc/self/status") as status:
+        return int(re.search(r"VmHWM:\\s+(\\d+) kB", status.read())[1]) / 1024
+
+q, k, v = (paddle.randn([2000, 16, 8]) for _ in range(3))
+base = high_water_mb()
+packed_attention(q, k, v, [2000], 8**-0.5)
+print(high_water_mb() - base)
+"""
+
+
+def test_vision_attention_memory_is_bounded() -> None:
+    """One image's attention held its whole score matrix, twice: 2000 patches x 16 heads took 500 MB, the
+    12k patches of a 1536 x 1536 image (PaddleOCR-VL's largest) ~18 GB, which ends the server on CPU."""
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": f"{root / 'backend'}:{root}"}
+    out = subprocess.run([sys.executable, "-c", ATTENTION_MEMORY_SCRIPT], env=env, capture_output=True,
+                         text=True, timeout=120, check=True)
+    assert float(out.stdout.split()[-1]) < 250  # scores 2000 x 2000 x 16 in fp32 are 244 MB

@@ -31,7 +31,7 @@ from ernie_engine.multimodal.processor import split_mm_processor_kwargs
 from ernie_engine.multimodal.video import draw_timestamp, timestamp_text
 from PIL import Image, ImageDraw, ImageFont
 
-from tests.media_utils import CharTokens
+from tests.media_utils import CharTokens, write_mp4
 
 FONT = Path("/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf")
 VIDEO, VIDEO_START, VIDEO_END = 303, 304, 305
@@ -221,3 +221,15 @@ def test_videos_changing_size_or_too_large_are_refused(monkeypatch: pytest.Monke
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
     with pytest.raises(ValueError, match="a video frame is 64x48 pixels, over the limit of 1000 pixels"):
         processor.decode(write_ts((64, 48), 4))
+
+
+def test_a_video_stream_of_an_unknown_codec_is_a_value_error() -> None:
+    """A damaged mp4 whose video track names no codec FFmpeg knows: reading its size raised AttributeError
+    (a 500 "internal error"), not a 400 naming the problem."""
+    mp4 = bytearray(write_mp4(num_frames=4))
+    vmhd = mp4.index(b"vmhd")
+    mp4[vmhd - 4] = 207  # the video header box now spans the rest of the track: its codec goes unread
+    with av.open(io.BytesIO(mp4)) as container:
+        assert container.streams.video[0].codec_context is None
+    with pytest.raises(ValueError, match="cannot decode video: its codec is unknown"):
+        VideoProcessor(font=None).decode(bytes(mp4))

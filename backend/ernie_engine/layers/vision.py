@@ -11,17 +11,59 @@ projection, `FusedQKVVisionAttention`, and uses quick-GELU MLPs).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import paddle
 import paddle.nn.functional as F
 from paddle import nn
 
+from ..device import device_type
 from .linear import ZEROS, Linear
 
 
 def frame_seqlens(grid_thw: np.ndarray) -> list[int]:
     """Patches per attention block: each frame (t) of each image attends within itself."""
     return [int(h * w) for t, h, w in np.asarray(grid_thw).tolist() for _ in range(int(t))]
+
+
+# Patches one vision pass (encoder and projector) takes. The encoder's activations hold ~20 floats of hidden
+# width per patch at once: a 30-frame video at the seed's limits (143k patches, hidden 1280) took ~14 GB on
+# CPU in one pass.
+MAX_VISION_PATCHES = 8192
+
+
+def frame_groups(grid_thw: np.ndarray, unit: int = 1) -> list[np.ndarray]:
+    """The pack as consecutive groups of at most MAX_VISION_PATCHES patches (a larger piece alone): each item
+    split into pieces of `unit` frames (grid (unit, h, w)), a still image (t = 1) whole."""
+    groups: list[list[tuple[int, int, int]]] = [[]]
+    size = 0
+    for t, h, w in np.asarray(grid_thw).tolist():
+        frames = 1 if t == 1 else unit
+        for _ in range(int(t) // frames):
+            if groups[-1] and size + frames * h * w > MAX_VISION_PATCHES:
+                groups.append([])
+                size = 0
+            groups[-1].append((frames, h, w))
+            size += frames * h * w
+    return [np.asarray(group, dtype=np.int64).reshape(-1, 3) for group in groups]
+
+
+def encode_frame_groups(
+    encode: Callable[[paddle.Tensor, np.ndarray], paddle.Tensor],
+    pixels: paddle.Tensor,
+    grid_thw: np.ndarray,
+    unit: int = 1,
+) -> paddle.Tensor:
+    """`encode(patches, grids)` over the pack one `frame_groups` group at a time, outputs in pack order. The
+    encoders attend within a frame and place positions per frame, and the projectors merge within `unit`
+    frames, so this equals one pass, in less memory."""
+    outputs, start = [], 0
+    for grids in frame_groups(grid_thw, unit):
+        count = int(grids.prod(axis=1).sum())
+        outputs.append(encode(pixels[start : start + count], grids))
+        start += count
+    return outputs[0] if len(outputs) == 1 else paddle.concat(outputs)
 
 
 def cu_seqlens(grid_thw: np.ndarray) -> np.ndarray:
@@ -128,22 +170,29 @@ def apply_rotary_half(x: paddle.Tensor, cos: paddle.Tensor, sin: paddle.Tensor) 
     return (x32 * cos + rotate_half(x32) * sin).astype(x.dtype)
 
 
+# Attention scores (queries x keys x heads) one call may hold on CPU, whose kernel materialises them, twice:
+# a 1536 x 1536 px image (12k patches, 16 heads) in one call would need ~18 GB. 64 MB of fp32 per call.
+MAX_SCORE_ELEMENTS = 1 << 24
+
+
 def packed_attention(
     q: paddle.Tensor, k: paddle.Tensor, v: paddle.Tensor, seqlens: list[int], scale: float
 ) -> paddle.Tensor:
     """Bidirectional attention within each block of a packed sequence: q/k/v [N, H, D] -> [N, H, D].
 
-    Block by block keeps memory at one image's square instead of the pack's; on XPU a varlen flash kernel
-    taking `cu_seqlens` does the same in one call.
+    Block by block; on CPU each block's queries in chunks of at most MAX_SCORE_ELEMENTS scores (a query's
+    softmax spans all keys of its block, so chunking changes nothing). XPU's attention kernel needs no chunks
+    (a varlen flash kernel taking `cu_seqlens` would do all blocks in one call).
     """
-    if len(seqlens) == 1:
-        return F.scaled_dot_product_attention(q[None], k[None], v[None], scale=scale)[0]
+    on_cpu = device_type(paddle.get_device()) == "cpu"
+    blocks = zip(paddle.split(q, seqlens), paddle.split(k, seqlens), paddle.split(v, seqlens), strict=True)
     outputs = []
-    for q_i, k_i, v_i in zip(
-        paddle.split(q, seqlens), paddle.split(k, seqlens), paddle.split(v, seqlens), strict=True
-    ):
-        outputs.append(F.scaled_dot_product_attention(q_i[None], k_i[None], v_i[None], scale=scale)[0])
-    return paddle.concat(outputs, axis=0)
+    for q_i, k_i, v_i in blocks:
+        step = max(1, MAX_SCORE_ELEMENTS // (k_i.shape[0] * k_i.shape[1])) if on_cpu else q_i.shape[0]
+        for start in range(0, q_i.shape[0], step):
+            queries = q_i[start : start + step][None]
+            outputs.append(F.scaled_dot_product_attention(queries, k_i[None], v_i[None], scale=scale)[0])
+    return outputs[0] if len(outputs) == 1 else paddle.concat(outputs, axis=0)
 
 
 class VisionAttention(nn.Layer):

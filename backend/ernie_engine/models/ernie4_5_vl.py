@@ -56,6 +56,7 @@ from ..layers.vision import (
     FusedQKVVisionAttention,
     VisionMLP,
     VisionRotaryEmbedding,
+    encode_frame_groups,
     frame_seqlens,
     vision_position_ids,
 )
@@ -400,6 +401,9 @@ class Ernie4_5_VLMoeForConditionalGeneration(VisionLanguageModel, nn.Layer):
             raise ValueError(
                 f"videos need an even number of frames (pad with the last frame), got grids {odd}"
             )
+        return encode_frame_groups(self._embed, pixels, grid_thw, unit=self.vision_config.temporal_merge_size)
+
+    def _embed(self, pixels: paddle.Tensor, grid_thw: np.ndarray) -> paddle.Tensor:
         return self.resampler_model(self.vision_model(pixels, grid_thw), grid_thw)
 
     def forward(

@@ -50,6 +50,7 @@ from ..layers.vision import (
     VisionMLP,
     VisionRotaryEmbedding,
     bilinear_position_taps,
+    encode_frame_groups,
     frame_seqlens,
     vision_position_ids,
 )
@@ -233,6 +234,9 @@ class PaddleOCRVLForConditionalGeneration(VisionLanguageModel, nn.Layer):
         """Packed patches [N, C, p, p] of the images with grids [num_images, 3] -> [N / merge^2, hidden]."""
         dtype = self.visual.embeddings.patch_embedding.weight.dtype
         pixels, grid_thw = self.packed_pixels(pixel_values, grid_thw, dtype)
+        return encode_frame_groups(self._embed, pixels, grid_thw)
+
+    def _embed(self, pixels: paddle.Tensor, grid_thw: np.ndarray) -> paddle.Tensor:
         return self.projector(self.visual(pixels, grid_thw), grid_thw)
 
     def forward(

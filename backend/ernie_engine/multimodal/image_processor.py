@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -159,7 +160,8 @@ class ImageProcessor:
         t, h, w = (int(v) for v in grid_thw)
         return t * h * w // (self.merge_size * self.merge_size)
 
-    def __call__(self, images: list[Image.Image]) -> ProcessedImages:
+    def __call__(self, images: Iterable[Image.Image]) -> ProcessedImages:
+        """Each image in turn (a generator may decode them one at a time)."""
         patches, grids = [], []
         for image in images:
             pixels = self._pixels(image)

@@ -12,14 +12,17 @@ Everything refused or broken raises ValueError with a message fit for the client
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
+import concurrent.futures
 import logging
 import re
-import time
 import urllib.parse
+from collections.abc import Coroutine
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -102,33 +105,47 @@ class MediaFetcher:
 
     def _download(self, url: str) -> bytes:
         self._check_host(url)
-        deadline = time.monotonic() + self.timeout_s
         try:
-            with httpx.Client(timeout=self.timeout_s, follow_redirects=False) as client:
-                for _ in range(MAX_REDIRECTS + 1):
-                    with client.stream("GET", url) as response:
-                        if not response.is_redirect:
-                            return self._read_body(url, response, deadline)
-                        url = str(response.url.join(response.headers.get("location", "")))
-                    self._check_host(url)  # a redirect must not leave the allow-list
-        except httpx.TimeoutException:
+            # One deadline for connecting, headers and body: read timeouts alone let a host that trickles
+            # bytes hold the fetch (and the request's thread) indefinitely. Cancelling a coroutine is what
+            # interrupts a blocked read.
+            return _run(asyncio.wait_for(self._get(url), self.timeout_s))
+        except (TimeoutError, httpx.TimeoutException):
             raise ValueError(f"fetching media {url!r} took longer than {self.timeout_s:g} s") from None
         except httpx.HTTPError as err:
             raise ValueError(f"fetching media {url!r} failed: {err}") from None
+
+    async def _get(self, url: str) -> bytes:
+        async with httpx.AsyncClient(timeout=self.timeout_s, follow_redirects=False) as client:
+            for _ in range(MAX_REDIRECTS + 1):
+                async with client.stream("GET", url) as response:
+                    if not response.is_redirect:
+                        return await self._read_body(url, response)
+                    url = str(response.url.join(response.headers.get("location", "")))
+                self._check_host(url)  # a redirect must not leave the allow-list
         raise ValueError(f"fetching media {url!r}: more than {MAX_REDIRECTS} redirects")
 
-    def _read_body(self, url: str, response: httpx.Response, deadline: float) -> bytes:
+    async def _read_body(self, url: str, response: httpx.Response) -> bytes:
         if response.status_code >= 400:
             raise ValueError(f"fetching media {url!r} failed: HTTP {response.status_code}")
         declared = response.headers.get("content-length")
         if declared and declared.isdigit():
             self._check_size(int(declared), f"media at {url!r}")
         chunks, size = [], 0
-        for chunk in response.iter_bytes():
+        async for chunk in response.aiter_bytes():
             size += len(chunk)
             self._check_size(size, f"media at {url!r}")
-            if time.monotonic() > deadline:
-                raise ValueError(f"fetching media {url!r} took longer than {self.timeout_s:g} s")
             chunks.append(chunk)
         logger.debug("fetched %d bytes of media from %s", size, url)
         return b"".join(chunks)
+
+
+def _run(coro: Coroutine[Any, Any, bytes]) -> bytes:
+    """Run `coro` to completion from synchronous code: on this thread, or on a helper thread when this one
+    already runs an event loop (e.g. the offline LLM in a notebook)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coro)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, coro).result()

@@ -16,8 +16,10 @@ import hashlib
 import io
 import json
 import re
-from collections.abc import Callable
+import struct
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -32,6 +34,7 @@ from ..chat_template import (
     compile_template,
     continue_final,
     mark_final,
+    normalize_messages,
 )
 from .image_processor import ErnieVLImageProcessor, ImageProcessor, ProcessedImages, check_pixels
 from .media import MediaFetcher
@@ -79,6 +82,16 @@ PADDLEOCR_VL_TEMPLATE = """\
 IMAGE_FORMATS = "PNG, JPEG, WebP, GIF, BMP, TIFF, ..."
 # Why a rendered prompt can hold fewer media than the messages: the template leaves some roles' media out.
 DROPPED_MEDIA = " (the chat template leaves out media in some roles, e.g. assistant: put media in user turns)"
+
+
+# A media item, or a zero-argument loader of it: processors decode each item only when its turn comes and drop
+# the full-size original once it is resized, so a request's memory holds one decoded original at a time (ten
+# 40-megapixel PNGs of 100 KB each decode to 1.2 GB) rather than all of them.
+Media = Image.Image | VideoFrames | Callable[[], Image.Image | VideoFrames]
+
+
+def loaded(item: Media) -> Image.Image | VideoFrames:
+    return item() if callable(item) else item
 
 
 class TokenizerLike(Protocol):
@@ -214,7 +227,19 @@ def decode_image(read: Callable[[], bytes], what: str = "image") -> Image.Image:
         raise ValueError(f"cannot decode {what}: not a format Pillow reads ({IMAGE_FORMATS})") from None
     except (OSError, Image.DecompressionBombError) as err:  # the latter: Image.open's own, higher limit
         raise ValueError(f"cannot decode {what}: {err}") from None
+    except (SyntaxError, EOFError, IndexError, TypeError, struct.error) as err:
+        # Damaged data Pillow's decoders trip on while loading (the errors Image.open itself reports as
+        # "cannot identify"), e.g. SyntaxError("broken PNG file").
+        raise ValueError(f"cannot decode {what}: {err}") from None
     return image
+
+
+def _checked(messages: Any, parts: Callable[[Any], Any]) -> list[dict[str, Any]]:
+    """Messages checked and normalised as text prompts' are (objects with a role, tool-call arguments as
+    objects, as vLLM hands them to templates), their content through `parts` instead of flattened to text."""
+    normalized = normalize_messages(messages)
+    return [{**message, "content": parts(raw.get("content"))}
+            for message, raw in zip(normalized, messages, strict=True)]
 
 
 def check_text(text: str, markers: re.Pattern[str]) -> str:
@@ -274,20 +299,16 @@ class MultimodalProcessor:
         return cls(tokenizer, ImageProcessor.from_dir(model_dir, **image_kwargs), template)
 
     def render(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
-               continue_final_message: bool = False) -> tuple[str, list]:
-        """The prompt text (one placeholder per image) and the images in prompt order."""
-        if not isinstance(messages, list) or not messages:
-            raise ValueError("messages must be a non-empty list")
+               continue_final_message: bool = False) -> tuple[str, list[Media]]:
+        """The prompt text (one placeholder per image) and the images in prompt order (loaders: fetched and
+        decoded by `from_prompt`, one at a time)."""
         check_continuation(add_generation_prompt, continue_final_message)
-        normalized, image_parts = [], []
-        for message in mark_final(messages) if continue_final_message else messages:
-            parts = _parts(message.get("content"))
-            # The template puts a message's images before its text, so that is their prompt order.
-            image_parts += [p for p in parts if p["type"] == "image"]
-            normalized.append({**message, "content": parts})
+        normalized = _checked(mark_final(messages) if continue_final_message else messages, _parts)
+        # The template puts a message's images before its text, so that is their prompt order.
+        image_parts = [p for message in normalized for p in message["content"] if p["type"] == "image"]
         if self.max_images is not None:  # before anything is fetched or decoded
             check_media_limits({"image": len(image_parts)}, {"image": self.max_images})
-        images = [load_image(p, self.fetcher) for p in image_parts]
+        images = [partial(load_image, p, self.fetcher) for p in image_parts]
         context = {**self.template.special_tokens}
         text = compile_template(self.template.source).render(
             messages=normalized, add_generation_prompt=add_generation_prompt, **context
@@ -301,13 +322,14 @@ class MultimodalProcessor:
         text, images = self.render(messages, add_generation_prompt, continue_final_message)
         return self.from_prompt(text, images)
 
-    def from_prompt(self, text: str, images: list[Image.Image]) -> MultimodalPrompt:
-        """A rendered prompt with one IMAGE_PLACEHOLDER per image, and the images in that order."""
+    def from_prompt(self, text: str, images: Sequence[Media]) -> MultimodalPrompt:
+        """A rendered prompt with one IMAGE_PLACEHOLDER per image, and the images (or their loaders) in that
+        order."""
         segments = text.split(IMAGE_PLACEHOLDER)
         if len(segments) - 1 != len(images):
             raise ValueError(f"prompt has {len(segments) - 1} image placeholders for {len(images)} images"
                              f"{DROPPED_MEDIA}")
-        processed = self.image_processor(images) if images else None
+        processed = self.image_processor(loaded(image) for image in images) if images else None
         ids = self.tokenizer.encode(segments[0])
         for i, segment in enumerate(segments[1:]):
             # Placeholder runs are inserted as ids: the same as tokenizing the expanded text, whose special
@@ -441,17 +463,15 @@ class ErnieVLProcessor:
         add_generation_prompt: bool = True,
         **template_kwargs: Any,
     ) -> MultimodalPrompt:
-        if not isinstance(messages, list) or not messages:
-            raise ValueError("messages must be a non-empty list")
-        messages = [{**m, "content": _ernie_parts(m.get("content"))} for m in messages]
+        messages = _checked(messages, _ernie_parts)
         contents = [m["content"] for m in messages if isinstance(m["content"], list)]
         parts = [p for content in contents for p in content if p["type"] != "text"]
         kinds = [_MEDIA_KINDS[p["type"]] for p in parts]
         check_media_limits({k: kinds.count(k) for k in ("image", "video")}, self.limits)
         text = self.render(messages, tools, add_generation_prompt, **template_kwargs)
         pairs = list(zip(parts, kinds, strict=True))
-        images = [load_image(p, self.fetcher) for p, kind in pairs if kind == "image"]
-        videos = [self._video(p) for p, kind in pairs if kind == "video"]
+        images = [partial(load_image, p, self.fetcher) for p, kind in pairs if kind == "image"]
+        videos = [partial(self._video, p) for p, kind in pairs if kind == "video"]
         return self.from_prompt(text, images, videos)
 
     def render(
@@ -476,12 +496,15 @@ class ErnieVLProcessor:
             )
         except jinja2.TemplateError as err:
             raise ValueError(f"chat template error: {err}") from None
+        except TypeError as err:  # e.g. a template concatenating a non-string field
+            raise ValueError(f"chat template could not render these messages: {err}") from None
         return continue_final(text, messages) if continue_final_message else text
 
     def from_prompt(
-        self, text: str, images: list[Image.Image], videos: list[VideoFrames]
+        self, text: str, images: Sequence[Media], videos: Sequence[Media]
     ) -> MultimodalPrompt:
-        """A rendered prompt and its media in marker order -> ids (markers expanded), pixels, positions."""
+        """A rendered prompt and its media (or their loaders) in marker order -> ids (markers expanded),
+        pixels, positions."""
         markers = [ERNIE_MARKERS[m] for m in _ERNIE_MARKER.findall(text)]
         if markers.count("image") != len(images) or markers.count("video") != len(videos):
             raise ValueError(
@@ -494,7 +517,7 @@ class ErnieVLProcessor:
         for kind, segment in zip(markers, segments[1:], strict=True):
             # Placeholder runs go in as ids: special tokens surround every marker, so this equals tokenizing
             # the expanded text, without building a string of thousands of placeholders.
-            item = self._process(kind, next(pending[kind]))
+            item = self._process(kind, loaded(next(pending[kind])))
             ids += [self.token_ids[f"{kind}_token_id"]] * self._num_tokens(kind, item.grid_thw[0])
             ids += self.tokenizer.encode(segment)
             items.append(item)

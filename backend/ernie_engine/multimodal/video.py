@@ -117,6 +117,8 @@ def decode_video(data: bytes, sampler: VideoProcessor) -> VideoFrames:
         if not container.streams.video:
             raise ValueError("the media has no video stream")
         stream = container.streams.video[0]
+        if stream.codec_context is None:  # a damaged or exotic track: nothing to decode it with
+            raise ValueError("cannot decode video: its codec is unknown")
         width, height = stream.width, stream.height
         check_pixels(width, height, "a video frame")
         rate = stream.average_rate or stream.guessed_rate
