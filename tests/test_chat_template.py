@@ -186,6 +186,9 @@ def test_media_parts_become_placeholders():
     )
     with pytest.raises(ValueError, match="input_audio"):
         apply_chat_template([{"role": "user", "content": [{"type": "input_audio"}]}])
+    for text in ({"text": None}, {"text": 5}, {}):  # rendered as "None", "5" and "" before
+        with pytest.raises(ValueError, match="string 'text'"):
+            apply_chat_template([{"role": "user", "content": [{"type": "text", **text}]}])
 
 
 def test_text_parts_are_lines():

@@ -134,13 +134,15 @@ def test_kv_cache_dtype_follows_the_weights(model_dir):
 
 def test_abort_mid_generation_frees_every_block(model_dir):
     engine = make_engine(model_dir, enable_prefix_caching=False)
-    engine.add_request("a", prompt_token_ids=PROMPTS[10], sampling_params=SamplingParams(max_tokens=100))
+    engine.add_request("a", prompt_token_ids=PROMPTS[10],
+                       sampling_params=SamplingParams(max_tokens=100, logprobs=0))
     engine.add_request("b", prompt_token_ids=PROMPTS[3], sampling_params=GREEDY)
-    for _ in range(4):
-        engine.step()
+    streamed = [o for _ in range(4) for o in engine.step() if o.request_id == "a"]
     used = engine.block_manager.num_used_blocks
     out = engine.abort("a")
     assert out.finished and out.outputs[0].finish_reason == "abort"
+    # The final output carries the running cumulative logprob on (it was None: NaN through Triton).
+    assert out.outputs[0].cumulative_logprob == streamed[-1].outputs[0].cumulative_logprob < 0
     assert engine.block_manager.num_used_blocks < used
     while engine.has_unfinished():
         engine.step()

@@ -111,8 +111,9 @@ def test_allowed_token_ids_mask_everything_else():
     logits = [0, 0, 0, 9.0, 8.0, 0, 0, 0]
     assert sample_one(logits, make_seq(temperature=0.0, allowed_token_ids=[1, 4])).token_id == 4
     assert set(draw_counts(PEAKED, temperature=5.0, allowed_token_ids=[2, 5])) == {2, 5}
-    with pytest.raises(ValueError, match="allowed_token_ids"):
-        SamplingParams(allowed_token_ids=[])
+    for bad in ([], 5, 1.5, True):  # scalars raised TypeError ("'int' object is not iterable"): a 500
+        with pytest.raises(ValueError, match="allowed_token_ids"):
+            SamplingParams.from_dict({"allowed_token_ids": bad})
 
 
 @pytest.mark.parametrize(("params", "message"), [

@@ -151,9 +151,11 @@ def content_to_text(content: Any) -> str:
     for part in content:
         kind = part.get("type") if isinstance(part, dict) else None
         if kind == "text":
+            if not isinstance(part.get("text"), str):  # as OpenAI: else the template got "None" or "5"
+                raise ValueError(f"a text content part needs a string 'text', got {part.get('text')!r}")
             # Consecutive text parts are lines, as vLLM joins them; media markers attach as ERNIE-VL's
             # template writes them.
-            pieces.append(("\n" if previous == "text" else "") + str(part.get("text", "")))
+            pieces.append(("\n" if previous == "text" else "") + part["text"])
         elif kind in MEDIA_PART_PLACEHOLDERS:
             pieces.append(MEDIA_PART_PLACEHOLDERS[kind])
         else:

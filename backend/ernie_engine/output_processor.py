@@ -76,16 +76,25 @@ class OutputProcessor:
 
     def abort(self, request: Request, error: str | None = None) -> RequestOutput:
         """Finish every unfinished sequence with "abort" (and `error` when the engine failed)."""
+        state = self._states.get(request.request_id) or _RequestState(request, sent_first=True)
         outs = []
         for seq in request.sequences:
             if not seq.is_finished:
                 seq.finish("abort")
                 outs.append(CompletionOutput(seq.index, finish_reason="abort",
-                                             num_output_tokens=seq.num_output_tokens))
-        state = self._states.get(request.request_id) or _RequestState(request, sent_first=True)
+                                             num_output_tokens=seq.num_output_tokens,
+                                             cumulative_logprob=self._cumulative_logprob(state, seq)))
         out = self._output(state, outs)
         out.error = error
         return out
+
+    @staticmethod
+    def _cumulative_logprob(state: _RequestState, seq: Sequence) -> float | None:
+        """The running sum a final abort output carries on (None when logprobs were not asked for)."""
+        if seq.params.logprobs is None:
+            return None
+        seq_state = state.seqs.get(seq.index)
+        return seq_state.cumulative_logprob if seq_state is not None else 0.0
 
     # Per token --------------------------------------------------------------------------------------
 

@@ -88,8 +88,10 @@ class SamplingParams:
             if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Real)
                                       or not math.isfinite(value)):
                 raise ValueError(f"{name} must be a finite number, got {value!r}")
-        if not isinstance(self.stop_token_ids, list | tuple):
-            raise ValueError(f"stop_token_ids must be a list of token ids, got {self.stop_token_ids!r}")
+        for name in ("stop_token_ids", "allowed_token_ids"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, list | tuple):
+                raise ValueError(f"{name} must be a list of token ids, got {value!r}")
 
     def _validate(self) -> None:
         def unset_or(value: Any, ok: Callable[[Any], bool]) -> bool:
