@@ -172,12 +172,13 @@ def test_stop_string_completed_before_min_tokens_does_not_stop(tok):
 
 def expected_stream(tok: Tokenizer, ids: list[int], stops: list[str], include: bool, min_tokens: int,
                     skip: bool) -> tuple[str, int, str | None]:
-    """vLLM's rule: after each token from min_tokens on, the first stop string ending in its new text."""
+    """vLLM's rule: after each token past the first min_tokens, the first stop string ending in its new
+    text."""
     decoder, text = codecs.getincrementaldecoder("utf-8")(errors="replace"), ""
     for n, token_id in enumerate(ids, 1):
         start = len(text)
         text += "" if skip and tok.is_special(token_id) else decoder.decode(tok.token_bytes(token_id))
-        found = [(text.find(s, max(0, start - len(s) + 1)), s) for s in stops] if n >= min_tokens else []
+        found = [(text.find(s, max(0, start - len(s) + 1)), s) for s in stops] if n > min_tokens else []
         hits = [(pos, s) for pos, s in found if pos >= 0]
         if hits:
             pos, stop = min(hits, key=lambda hit: hit[0])  # the earliest; on a tie, the first listed
