@@ -25,6 +25,7 @@ from ernie_engine.loader import (
 )
 from ernie_engine.models.registry import get_model_class
 from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
 
 from tests.reference_utils import edit_checkpoint, make_tiny_checkpoint, run_flat, torch_logits
 
@@ -145,6 +146,26 @@ def test_mtp_and_tied_lm_head_are_skipped_knowingly(checkpoint: Path, pristine, 
     with caplog.at_level(logging.INFO, logger="ernie_engine.loader"):
         assert_loads_and_matches(checkpoint, pristine[layout][1])
     assert "skipping 3 checkpoint tensors" in caplog.text
+
+
+@pytest.mark.parametrize("checkpoint", [PADDLE, TRANSFORMERS], indirect=True)
+def test_tied_config_with_a_distinct_lm_head_uses_it_as_transformers(
+    checkpoint: Path, pristine, request, tmp_path: Path
+):
+    """config.json says tie_word_embeddings, but the checkpoint holds an LM head that is not the embedding
+    table: transformers then does not tie (the config is wrong) and its logits come from the stored head."""
+    head = torch.randn(200, 48, generator=torch.Generator().manual_seed(1)) * 48**-0.5
+    hf_dir = tmp_path / "hf"
+    shutil.copytree(pristine[TRANSFORMERS][0], hf_dir)
+    edit_checkpoint(hf_dir, lambda tensors: tensors.update({"lm_head.weight": head}))
+    reference = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    assert reference.config.tie_word_embeddings and not np.allclose(
+        torch_logits(reference, PROMPT), torch_logits(pristine[TRANSFORMERS][1], PROMPT), atol=1e-2
+    )
+    layout = request.node.callspec.params["checkpoint"]
+    stored = head.t().contiguous() if layout == PADDLE else head  # -Paddle Linear: [in, out]
+    edit_checkpoint(checkpoint, lambda tensors: tensors.update({"lm_head.weight": stored}))
+    assert_loads_and_matches(checkpoint, reference)
 
 
 @pytest.mark.parametrize("checkpoint", [PADDLE], indirect=True)
@@ -281,3 +302,36 @@ def test_pieces_read_ranges_in_parameter_orientation(checkpoint: Path, request):
     with Checkpoint(checkpoint) as ckpt:
         value = ckpt.read(piece, paddle.float32)
     assert value.dtype == paddle.float32 and np.array_equal(value.numpy(), expected.numpy())
+
+
+MOE = {
+    "model_type": "ernie4_5_moe",
+    "vocab_size": 200,
+    "hidden_size": 48,
+    "intermediate_size": 96,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 16,
+    "moe_num_experts": 6,
+    "moe_k": 2,
+    "moe_intermediate_size": 32,
+    "moe_layer_start_index": 1,
+}
+
+
+@pytest.mark.parametrize("layout", [PADDLE, TRANSFORMERS])
+def test_moe_without_correction_bias_when_not_aux_free(tmp_path: Path, layout: str):
+    """A MoE trained with an auxiliary loss (`moe_use_aux_free: false`) ships no router correction bias:
+    transformers fills it with zeros (vLLM builds none), so the router is plain top-k, not a load error."""
+    reference = make_tiny_checkpoint(tmp_path, MOE, layout=layout, seed=3)
+    biased = torch_logits(reference, PROMPT)
+    edit_checkpoint(tmp_path, lambda t: [t.pop(k) for k in list(t) if k.endswith("e_score_correction_bias")])
+    with pytest.raises(ValueError, match=r"missing tensor .*layers\.1\.mlp\.moe_statics"):
+        load_model(tmp_path, device="cpu")  # no moe_use_aux_free key: released MoEs ship the bias
+    raw = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps(raw | {"moe_use_aux_free": False}))
+    with torch.no_grad():
+        reference.model.layers[1].mlp.gate.moe_statics.e_score_correction_bias.zero_()
+    assert np.abs(torch_logits(reference, PROMPT) - biased).max() > 1e-3  # the bias did change routing
+    assert_loads_and_matches(tmp_path, reference)

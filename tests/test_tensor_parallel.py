@@ -10,10 +10,15 @@ MoE with group-wise int4 experts) compare greedy tokens and their logprobs throu
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
+import shutil
 import signal
 import subprocess
+import threading
 import time
+from contextlib import suppress
 from pathlib import Path
 
 import numpy as np
@@ -168,6 +173,24 @@ def test_moe_tp2_and_tp4_match_tp1(moe_dir: Path):
     check_tp(moe_dir, 4, logits, outputs)  # one query head per rank, KV heads replicated
 
 
+def test_tied_config_with_a_distinct_lm_head_tp2(dense_dir: Path, tmp_path: Path):
+    """Each rank unties as one device does (transformers' rule) when the checkpoint's LM head is not the
+    embedding table, and holds its vocabulary columns of that head."""
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(dense_dir, ckpt)
+    head = torch.randn(64, 302, generator=torch.Generator().manual_seed(1)) * 0.5  # -Paddle [in, out]
+    edit_checkpoint(ckpt, lambda tensors: tensors.update({"lm_head.weight": head}))
+    model, config = load_model(ckpt, device="cpu")
+    assert model.lm_head is not None
+    _, expected = paged_greedy(model, config, PROMPTS, 4, block_size=BLOCK)
+    engine = LLMEngine(engine_config(ckpt, 2))
+    try:
+        for got, want in zip(executor_greedy(engine.runner, PROMPTS, 4), expected, strict=True):
+            np.testing.assert_allclose(got, want, atol=TOL, rtol=0)
+    finally:
+        engine.shutdown()
+
+
 @pytest.mark.parametrize("model, quantization", [("dense", "wint8"), ("moe", "wint4"), ("moe", "w4a8")])
 def test_quantized_at_load_tp2_matches_tp1(dense_dir: Path, moe_dir: Path, model: str, quantization: str):
     """Row-parallel layers (o_proj, down_proj, experts' down_proj) quantized per rank must get the single
@@ -250,6 +273,69 @@ def test_killed_worker_fails_the_request_and_the_health_check(dense_dir: Path):
         # New requests fail at once instead of waiting for a model that is gone.
         late = list(engine.add_request("late", prompt_token_ids=PROMPTS[0], sampling_params=params))
         assert late[-1].error
+    finally:
+        engine.shutdown()
+
+
+def test_an_error_on_one_rank_breaks_the_group_and_fails_the_step(dense_dir: Path):
+    """A rank that raises leaves the others blocked in the next collective until gloo gives up, with another
+    error: the group is broken, so the step must fail with WorkerFailure (naming the first error) and the
+    executor report unhealthy, not go on as after an error every rank shares. Here rank 0 alone scores
+    prompt rows, 256 at a time, and a target outside the vocabulary makes it raise after the first gather
+    while rank 1 waits in the second one."""
+    engine = LLMEngine(engine_config(dense_dir, 2))
+    try:
+        executor = engine.runner
+        ids = np.random.default_rng(0).integers(3, 300, size=300).astype(np.int64)
+        targets = ids[1:].copy()
+        targets[0] = executor.vocab_limit + 5
+        batch = StepBatch(ids, np.arange(300, dtype=np.int64), [300], [300], [list(range(19))],
+                          sample_rows=np.array([299]), greedy=np.array([True]),
+                          score_rows=np.arange(299, dtype=np.int64), score_targets=targets, score_top=0)
+        started = time.monotonic()
+        with pytest.raises(WorkerFailure, match=r"rank 0: step failed: IndexError"):
+            executor.run(batch)
+        assert time.monotonic() - started < 60  # gloo's timeout (30 s), not STEP_TIMEOUT_S
+        with pytest.raises(WorkerFailure):
+            engine.check_health()
+    finally:
+        engine.shutdown()
+    assert wait_for(lambda: not any(pid_alive(pid) for pid in executor.worker_pids), timeout=10)
+
+
+def test_a_rank_loading_half_a_minute_late_still_quantizes_with_the_others(
+    dense_dir: Path, caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture
+):
+    """Quantizing row-parallel weights at load takes collectives, which gloo abandons after 30 s: a rank that
+    finishes loading its shard that much later than the others (a cold disk, a busy host; here stopped for
+    32 s right after joining the group) must not fail the start-up."""
+    caplog.set_level(logging.INFO, logger="ernie_engine")  # the workers log at the engine's level
+    made: list = []
+
+    def start() -> None:
+        try:
+            made.append(LLMEngine(engine_config(dense_dir, 2, quantization="wint8")))
+        except Exception as err:  # reported by the assertion below
+            made.append(err)
+
+    threading.Thread(target=start, daemon=True).start()
+    logged: list[str] = []  # the workers' stderr
+
+    def rank1_joined() -> bool:
+        logged.append(capfd.readouterr().err)
+        return "rank 1 of 2 joined the process group" in "".join(logged)
+
+    assert wait_for(rank1_joined, 60, interval=0.01)
+    rank1 = int(re.search(r"rank 1 is pid (\d+)", caplog.text)[1])
+    os.kill(rank1, signal.SIGSTOP)
+    time.sleep(32)
+    with suppress(ProcessLookupError):  # stopped for good when the start-up failed
+        os.kill(rank1, signal.SIGCONT)
+    assert wait_for(lambda: bool(made), 60)
+    engine = made[0]
+    assert isinstance(engine, LLMEngine), engine
+    try:
+        assert len(generate(engine)["greedy-0"]) == NEW_TOKENS
     finally:
         engine.shutdown()
 

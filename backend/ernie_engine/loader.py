@@ -17,7 +17,9 @@ Pre-quantized experts (-Paddle layout, docs/QUANTIZATION.md) are planned the sam
 Fused parameters are described as their parts in both layouts (three ranges of the -Paddle qkv tensor, three
 transformers tensors), so a tensor-parallel `shard` hook can narrow every part to one rank's heads and read
 only that slice (`safe_open(...).get_slice`). Nothing is read before the whole plan has been checked against
-the checkpoint headers: missing, unexpected and mis-shaped tensors are reported together by name.
+the checkpoint headers: missing, unexpected and mis-shaped tensors are reported together by name. Two
+exceptions follow transformers: a tied config whose checkpoint holds a different LM head is untied
+(`model_config`), and a MoE declaring `moe_use_aux_free: false` may omit its router correction biases.
 """
 
 from __future__ import annotations
@@ -66,6 +68,8 @@ _NOT_LINEAR = ("embed_tokens.weight",)
 _STACKED_EXPERTS = re.compile(
     r"^(?P<experts>.+\.experts)\.(?P<name>up_gate_proj|down_proj)(?P<scale>_scale)?$"
 )
+# The aux-free router bias; optional when config.json says `moe_use_aux_free: false`.
+_CORRECTION_BIAS = "moe_statics.e_score_correction_bias"
 _MAX_LISTED = 20  # problems listed in one error message
 _LARGE_NUMEL = 100_000_000  # checkpoints from this many values on log their progress every 10%
 
@@ -403,7 +407,7 @@ def load_weights(
     shapes = full_shapes or {name: tuple(p.shape) for name, p in params.items()}
     with Checkpoint(model_dir) as checkpoint:
         layout = layout or detect_layout(checkpoint.names())
-        specs = plan_parameters(shapes, config, layout, shard)
+        specs = _without_absent_correction_bias(plan_parameters(shapes, config, layout, shard), checkpoint)
         for spec in specs:
             model_shape = tuple(params[spec.param].shape)[0 if spec.index is None else 1 :]
             if model_shape != spec.shape:
@@ -422,6 +426,27 @@ def load_weights(
         time.monotonic() - started,
     )
     return layout
+
+
+def _without_absent_correction_bias(specs: list[ParamSpec], checkpoint: Checkpoint) -> list[ParamSpec]:
+    """The specs minus the MoE routers' correction biases a checkpoint trained with an auxiliary loss omits.
+
+    Only when config.json says `moe_use_aux_free: false`: such a bias stays zero (transformers fills the
+    missing tensor with zeros, vLLM builds no bias), i.e. plain top-k. Every released ERNIE-4.5 MoE ships
+    its bias, so without that key a missing one is still an error.
+    """
+    raw = json.loads((checkpoint.model_dir / "config.json").read_text())
+    if raw.get("moe_use_aux_free") is not False:
+        return specs
+
+    def absent(spec: ParamSpec) -> bool:
+        return spec.param.endswith(_CORRECTION_BIAS) and spec.pieces[0].tensor not in checkpoint.tensor_file
+
+    kept = [spec for spec in specs if not absent(spec)]
+    if len(kept) < len(specs):
+        logger.info("moe_use_aux_free is false: %d MoE layers route without a correction bias",
+                    len(specs) - len(kept))
+    return kept
 
 
 def fill_parameters(params: dict[str, paddle.Tensor], specs: list[ParamSpec], checkpoint: Checkpoint) -> None:
@@ -478,7 +503,7 @@ def load_model(
     `quantization` (see layers/quant): float weights are quantized after loading; a pre-quantized
     checkpoint's int weights are loaded as they are.
     """
-    config = ModelConfig.from_dir(model_dir)
+    config = model_config(model_dir)
     device = set_device(device)
     requested_dtype, dtype = dtype, resolve_dtype(dtype, device)
     model = build_model(config, dtype)
@@ -520,6 +545,50 @@ def prepare_prequantized_shard(
             expert0 = _paddle_shape(checkpoint, f"{stacked['experts']}.0.{stacked['name']}.{stored}")
             full[name] = (buffer.shape[0], *expert0)  # every rank holds every expert
     return full
+
+
+def model_config(model_dir: str | Path) -> ModelConfig:
+    """The checkpoint's config.json, untied when the checkpoint contradicts `tie_word_embeddings`.
+
+    transformers' rule: a tied config whose checkpoint holds an `lm_head.weight` different from the embedding
+    table is wrong, and the stored LM head is used (an equal copy is just redundant). Tying anyway would
+    serve other logits than transformers does from the same files.
+    """
+    config = ModelConfig.from_dir(model_dir)
+    if not config.tie_word_embeddings or hasattr(get_model_class(config.architecture), "load_checkpoint"):
+        return config  # multimodal models map their own tensor names
+    with Checkpoint(model_dir) as checkpoint:
+        embed = next((f"{p}embed_tokens.weight" for p in ("ernie.", "model.")
+                      if f"{p}embed_tokens.weight" in checkpoint.tensor_file), None)
+        if "lm_head.weight" not in checkpoint.tensor_file or embed is None:
+            return config
+        if _same_table(checkpoint, embed, "lm_head.weight"):
+            return config
+    logger.warning(
+        "config.json ties the word embeddings, but the checkpoint's lm_head.weight differs from %s: using "
+        "the stored LM head, as transformers does (set tie_word_embeddings false)",
+        embed,
+    )
+    return dataclasses.replace(config, tie_word_embeddings=False)
+
+
+def _same_table(checkpoint: Checkpoint, embed: str, lm_head: str, rows: int = 4096) -> bool:
+    """Whether `lm_head` ([vocab, hidden], or [hidden, vocab] as a -Paddle Linear) equals the embedding
+    [vocab, hidden]; compared a block of rows at a time, so a differing head costs one block."""
+    vocab, hidden = checkpoint.shape(embed)
+    transposed = {(hidden, vocab): True, (vocab, hidden): False}.get(checkpoint.shape(lm_head))
+    if transposed is None:
+        return False
+    for start in range(0, vocab, rows):
+        stop = min(start + rows, vocab)
+        a = checkpoint.read(Piece(embed, (vocab, hidden), start=start, stop=stop), paddle.float32)
+        b = checkpoint.read(
+            Piece(lm_head, checkpoint.shape(lm_head), transpose=transposed, start=start, stop=stop),
+            paddle.float32,
+        )
+        if not bool(paddle.equal_all(a, b)):
+            return False
+    return True
 
 
 def checkpoint_dtype(model_dir: str | Path) -> str:

@@ -207,9 +207,13 @@ class TensorParallelExecutor:
             if pending and (dead := self._dead_worker()):
                 raise self._fail(dead)
         errors = [payload for status, payload in replies.values() if status != "ok"]
-        if errors and (len(errors) < self.world_size or what == "start"):
-            raise self._fail("; ".join(errors))  # some ranks went on: the group is out of step
-        if errors:  # every rank refused the same command: nothing is out of step, the engine may go on
+        # Only the same error on every rank leaves the group in step (each stopped at the same point), and
+        # the engine may go on. Ranks that went on past a failed one wait in a collective until gloo gives
+        # up (30 s), and their error differs: the group is then broken.
+        same = len({error.split(": ", 1)[-1] for error in errors}) == 1  # "rank N: " differs
+        if errors and (len(errors) < self.world_size or what == "start" or not same):
+            raise self._fail("; ".join(errors))
+        if errors:
             raise RuntimeError(errors[0])
         return [replies[rank][1] for rank in range(self.world_size)]
 

@@ -16,10 +16,12 @@ import time
 
 import paddle
 import paddle.distributed as dist
+from paddle.base import core
 
 logger = logging.getLogger(__name__)
 
 STORE_TIMEOUT_S = 60.0
+MEET_TIMEOUT_S = 900.0  # as the executor's start-up deadline
 _world_size = 1
 
 
@@ -51,6 +53,23 @@ def _wait_for_store(endpoint: str, timeout: float) -> None:
         except OSError:
             time.sleep(0.05)
     # Not up yet: init_parallel_env keeps retrying on its own.
+
+
+def meet(tag: str, timeout: float = MEET_TIMEOUT_S) -> None:
+    """Wait until every rank has reached `tag` (once per group), through the rendezvous store.
+
+    gloo's collectives give up after 30 s: ranks that may drift further apart (loading their shards at
+    different speeds) meet here before their first collective.
+    """
+    if _world_size == 1:
+        return
+    store = core.create_or_get_global_tcp_store()
+    store.add(tag, 1)
+    deadline = time.monotonic() + timeout
+    while store.add(tag, 0) < _world_size:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the other ranks did not reach {tag!r} within {timeout:.0f} s")
+        time.sleep(0.05)
 
 
 def world_size() -> int:

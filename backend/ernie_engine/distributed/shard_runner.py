@@ -28,6 +28,7 @@ from ..layers.quant.kv_cache import read_static_kv_scales
 from ..loader import build_model, checkpoint_dtype, load_weights, prepare_prequantized_shard
 from ..model_runner import ModelRunner, float_kv_cache_dtype, token_embedding, vision_token_ids
 from ..sampler import score_prompt_rows
+from . import parallel_state
 from .messages import StepBatch, StepMedia, StepResult
 from .sharding import ShardPlan
 
@@ -55,6 +56,7 @@ def load_shard(model_dir: Path, plan: ShardPlan, dtype: str | None, quant: Quant
     else:
         load_weights(model, model_dir, plan.config, shard=plan.shard, full_shapes=shapes)
     plan.drop_partial_biases(model)
+    parallel_state.meet("loaded")  # quantizing row-parallel weights takes collectives
     quantize_model(model, quant)
     if device_type(device) == "cpu":
         bf16 = cpu_weight_dtype(dtype, checkpoint_dtype(model_dir)) == "bfloat16"

@@ -17,8 +17,9 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-from ..config import EngineConfig, ModelConfig
+from ..config import EngineConfig
 from ..device import set_device
+from ..loader import model_config
 from . import parallel_state
 from .shard_runner import ShardRunner, resident_bytes
 from .sharding import ShardPlan
@@ -34,7 +35,7 @@ def _start(spec: dict[str, Any]) -> ShardRunner:
     rank, world_size, model_dir = spec["rank"], spec["world_size"], Path(spec["model_dir"])
     set_device(spec["device"])
     parallel_state.init_process_group(rank, world_size)
-    plan = ShardPlan(ModelConfig.from_dir(model_dir), rank, world_size)
+    plan = ShardPlan(model_config(model_dir), rank, world_size)
     return ShardRunner(EngineConfig(**spec["engine_config"]), model_dir, plan, spec["vocab_limit"])
 
 
