@@ -34,6 +34,7 @@ from ernie_engine import EngineConfig, LLMEngine, SamplingParams  # noqa: E402
 from ernie_engine.layers.attention import AttentionMetadata  # noqa: E402
 
 DEFAULT_CACHE = ROOT / "checkpoints" / "random-0.3b"
+MAX_MODEL_LEN = 1024
 
 
 def ensure_checkpoint(path: Path) -> Path:
@@ -139,21 +140,38 @@ def bare_ratio(engine: LLMEngine, prompt_len: int, max_tokens: int) -> float:
     return 16 * level_seconds(1) / level_seconds(16)
 
 
-def main(argv: list[str] | None = None) -> None:
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise ValueError(text)
+    return value
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     formatter = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=formatter)
     parser.add_argument("--model", type=Path, default=DEFAULT_CACHE, help="checkpoint (built if absent)")
-    parser.add_argument("--quick", action="store_true", help="concurrency 1, 4, 16 and fewer tokens")
-    parser.add_argument("--prompt-len", type=int, default=32)
+    parser.add_argument("--quick", action="store_true",
+                        help="concurrency 1, 4, 16 and 12 output tokens unless --max-tokens says")
+    parser.add_argument("--prompt-len", type=positive_int, default=32)
     # Issue 13's output length: a throughput ratio over 16-token answers mostly measures prefill.
-    parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--rounds", type=int, default=3, help="runs of every level; the median is printed")
+    parser.add_argument("--max-tokens", type=positive_int, help="default 64 (12 with --quick)")
+    parser.add_argument("--rounds", type=positive_int, default=3,
+                        help="runs of every level; the median is printed")
     args = parser.parse_args(argv)
+    args.max_tokens = args.max_tokens or (12 if args.quick else 64)
+    if args.prompt_len + args.max_tokens > MAX_MODEL_LEN:
+        parser.error(f"--prompt-len + --max-tokens must fit the engine's max_model_len {MAX_MODEL_LEN}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     levels = [1, 4, 16] if args.quick else [1, 4, 16, 64]
-    max_tokens = 12 if args.quick else args.max_tokens
+    max_tokens = args.max_tokens
     model = ensure_checkpoint(args.model)
-    engine = LLMEngine(EngineConfig(model=str(model), max_model_len=1024, max_num_seqs=64,
+    engine = LLMEngine(EngineConfig(model=str(model), max_model_len=MAX_MODEL_LEN, max_num_seqs=64,
                                     max_num_batched_tokens=2048, kv_cache_memory_bytes=512 << 20))
     run_concurrency(engine, 2, args.prompt_len, 4, seed=0)  # warm-up: first-call kernel setup is not timed
     # Fresh prompts for every level of every round: none is served from an earlier one's prefix cache.

@@ -154,33 +154,70 @@ def bench_prefill_attention(repeats: int, seqs: int, query: int, cached: int) ->
     return median_time(attention_step(seqs, query, cached + query), repeats)
 
 
-def main() -> None:
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise ValueError(text)
+    return value
+
+
+def positive_ints(text: str) -> list[int]:
+    return [positive_int(n) for n in text.split(",")]
+
+
+def prefill_cases(text: str) -> list[tuple[int, int, int]]:
+    """SEQSxTOKENS[+CACHED],... -> (seqs, query tokens, cached tokens) per case."""
+    cases = []
+    for case in text.split(","):
+        shape, plus, cached = case.partition("+")
+        seqs, query = (positive_int(n) for n in shape.split("x"))  # ValueError unless exactly two
+        cached_tokens = int(cached) if plus else 0
+        if cached_tokens < 0:
+            raise ValueError(case)
+        cases.append((seqs, query, cached_tokens))
+    return cases
+
+
+def formats_subset(text: str) -> list[str]:
+    names = text.split(",")
+    if not set(names) <= set(FORMATS):
+        raise argparse.ArgumentTypeError(f"{text!r}: each must be one of {', '.join(FORMATS)}")
+    return [f for f in FORMATS if f in names]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--repeats", type=positive_int, default=15)
     parser.add_argument(
-        "--context", type=int, default=192, help="tokens per sequence for the attention bench"
+        "--context", type=positive_int, default=192, help="tokens per sequence for the attention bench"
     )
-    parser.add_argument("--rows", default="1,16,32", help="comma-separated M (decode batch sizes)")
+    parser.add_argument("--rows", type=positive_ints, default="1,16,32",
+                        help="comma-separated M (decode batch sizes)")
     parser.add_argument(
         "--prefill",
+        type=prefill_cases,
         default="16x128,4x256+768",
         help="comma-separated prefill attention cases: SEQSxTOKENS[+CACHED] (a chunk after CACHED tokens)",
     )
-    parser.add_argument("--formats", default=",".join(FORMATS), help=f"comma-separated subset of {FORMATS}")
+    parser.add_argument("--formats", type=formats_subset, default=",".join(FORMATS),
+                        help=f"comma-separated subset of {FORMATS}")
     parser.add_argument(
         "--cpu-time",
         action="store_true",
         help="time this process's CPU seconds, not wall time (ERNIE_CPU_KERNELS_THREADS=1: one core's rate)",
     )
-    args = parser.parse_args()
+    return parser.parse_args(argv)
+
+
+def main() -> None:
+    args = parse_args()
     keep_freed_memory()  # as the engine does: outputs reuse memory instead of page-faulting fresh pages
     if args.cpu_time:
         global clock
         clock = time.process_time
-    rows = [int(m) for m in args.rows.split(",")]
-    formats = [f for f in FORMATS if f in args.formats.split(",")]
+    rows, formats = args.rows, args.formats
     if not cpu_kernels.available():
         sys.exit("cpu kernels unavailable (see the log)")
     paddle.set_device("cpu")
@@ -199,10 +236,7 @@ def main() -> None:
         )
 
     print("\n## Paged attention, prefill (median ms; GFLOP/s = 4 D H sum of the keys each query sees / time)")
-    for case in args.prefill.split(","):
-        shape, _, cached = case.partition("+")
-        seqs, query = (int(n) for n in shape.split("x"))
-        cached = int(cached or 0)
+    for seqs, query, cached in args.prefill:
         seconds = bench_prefill_attention(args.repeats, seqs, query, cached)
         keys = seqs * sum(cached + i + 1 for i in range(query))
         gflops = 4 * HEAD_DIM * HEADS * keys / seconds / 1e9

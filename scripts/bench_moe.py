@@ -113,7 +113,7 @@ def bench_batch(layers: list[SparseMoeBlock], batch: int, steps: int) -> list[tu
     ]
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, nargs="+", default=[16], help="tokens per step (decode batch)")
     parser.add_argument("--layers", type=int, default=1)
@@ -124,7 +124,9 @@ def main() -> None:
         default="float32",
         help="expert and shared-expert weights: fp32 via Paddle, else repacked for the CPU kernels",
     )
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    if min(*args.batch, args.layers, args.steps) < 1:
+        parser.error("--batch, --layers and --steps must be at least 1")
     if args.weights != "float32" and not cpu_kernels.available():
         parser.error(f"--weights {args.weights} needs the CPU kernels (see the log for why they are off)")
 

@@ -125,6 +125,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--min-pixels", type=int, default=28 * 28 * 4, help="image_min_pixels")
     parser.add_argument("--kv-cache-mib", type=int, default=576, help="576: max_model_len 16384 in fp32")
     args = parser.parse_args(argv)
+    if min(*args.concurrency, args.rounds, args.max_tokens, args.width, args.height, args.kv_cache_mib) < 1:
+        parser.error("--concurrency, --rounds, --max-tokens, --width, --height, --kv-cache-mib: each >= 1")
     logging.basicConfig(level=logging.WARNING)
     checkpoint = ensure_checkpoint(args.checkpoint)
     started = time.perf_counter()

@@ -13,6 +13,10 @@
 #        START_TIMEOUT (600 s per peer server)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+if [[ "${1:-}" == -h || "${1:-}" == --help ]]; then
+  sed -n '2,/^set /s/^# \{0,1\}//p' scripts/bench_peers.sh
+  exit 0
+fi
 repo="$(pwd)"
 # shellcheck disable=SC1091
 source .venv/bin/activate

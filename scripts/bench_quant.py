@@ -298,6 +298,21 @@ def decode(args: argparse.Namespace) -> None:
         del model
 
 
+def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse up front what used to fail after the fp32 reference run (a traceback, or a division by zero)."""
+    try:
+        batches = [int(b) for b in args.batches.split(",")]
+        for spec in set(args.methods.split(",")) - {"bf16", "c8"}:
+            method, _, part = spec.partition("+")  # as run_method reads it
+            if not method or part not in ("", "lm_head"):
+                raise ValueError(f"unknown method {spec!r}")
+            QuantConfig.build(method)  # ValueError naming an unknown quantization
+    except ValueError as err:
+        parser.error(str(err))
+    if min(*batches, args.positions, args.seq_len, args.context, args.repeats) < 1:
+        parser.error("--batches, --positions, --seq-len, --context and --repeats must be at least 1")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -313,6 +328,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--context", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=20)
     args = parser.parse_args(argv)
+    check_args(parser, args)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     logging.getLogger("ernie_engine").setLevel(logging.WARNING)  # per-load INFO lines would bury the table
     paddle.set_flags({"FLAGS_use_mkldnn": True})

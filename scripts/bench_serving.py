@@ -405,6 +405,25 @@ def print_ratio(engine: list[Result], stack: list[Result]) -> None:
             print(f"stack / engine at c{r.concurrency}: {r.tok_s / base.tok_s:.2f}{mark}")
 
 
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise ValueError(text)
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise ValueError(text)
+    return value
+
+
+def concurrency_levels(text: str) -> list[int]:
+    """Comma-separated concurrency levels, each >= 1 (a level of 0 would wait forever)."""
+    return [positive_int(level) for level in text.split(",")]
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     formatter = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=formatter)
@@ -423,21 +442,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     row.add_argument("--max-num-seqs", type=int, default=128)
     row.add_argument("--max-num-batched-tokens", type=int, default=0, help="tokens per step (default: the "
                      "engine's)")
-    row.add_argument("--load-timeout", type=float, default=600, help="seconds for the row to load")
+    row.add_argument("--load-timeout", type=positive_float, default=600, help="seconds for the row to load")
     load = parser.add_argument_group("load")
-    load.add_argument("--concurrency", default="1,4,16,32", help="comma-separated levels")
-    load.add_argument("--num-requests", type=int, default=32)
-    load.add_argument("--prompt-len", type=int, default=128)
-    load.add_argument("--max-tokens", type=int, default=64)
+    load.add_argument("--concurrency", type=concurrency_levels, default="1,4,16,32",
+                      help="comma-separated levels")
+    load.add_argument("--num-requests", type=positive_int, default=32)
+    load.add_argument("--prompt-len", type=positive_int, default=128)
+    load.add_argument("--max-tokens", type=positive_int, default=64)
     load.add_argument("--token-range", type=int, nargs=2, default=[10, 3000], metavar=("LOW", "HIGH"))
     load.add_argument("--seed", type=int, default=0)
-    load.add_argument("--timeout", type=float, default=900, help="seconds per level before it is cut short")
+    load.add_argument("--timeout", type=positive_float, default=900,
+                      help="seconds per level before it is cut short")
     parser.add_argument("--json", type=Path, help="append the results as JSON lines to this file")
     args = parser.parse_args(argv)
     if not (args.base_url or args.serve or args.engine):
         parser.error("give --base-url, --serve and/or --engine")
     if (args.serve or args.engine) and not (args.model and Path(args.model).is_dir()):
         parser.error("--serve / --engine need --model CHECKPOINT_FOLDER")
+    if not 0 <= args.token_range[0] < args.token_range[1]:
+        parser.error(f"--token-range needs 0 <= LOW < HIGH, got {args.token_range}")
     if args.serve or args.engine:
         args.model = Path(args.model)
     return args
@@ -445,7 +468,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def run(args: argparse.Namespace) -> list[Result]:
     load = Load(args.num_requests, args.prompt_len, args.max_tokens, tuple(args.token_range), args.seed)
-    levels = [int(c) for c in args.concurrency.split(",")]
+    levels = args.concurrency
     results: dict[str, list[Result]] = {}
     if args.engine:
         label = f"{args.label}-engine" if args.label else "engine"

@@ -13,12 +13,14 @@ import sys
 from pathlib import Path
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     checkout_backend = Path(__file__).resolve().parent.parent / "backend"
     parser.add_argument("--backend", type=Path, default=checkout_backend,
                         help="the folder holding the ernie_engine package (default: backend/ here)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    if not (args.backend / "ernie_engine").is_dir():
+        parser.error(f"--backend {args.backend}: no ernie_engine package there")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     sys.path.insert(0, str(args.backend.resolve()))
     from ernie_engine.layers import cpu_kernels

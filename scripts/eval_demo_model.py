@@ -148,6 +148,20 @@ def valid_call(reply: Reply, city: str | None) -> bool:
     return named and arguments.get("unit") in ("c", "f")
 
 
+def check_counts(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Counts the corpus can supply, checked before the model loads (the corpus used to cut a larger --count
+    short while the summary claimed it, and a larger --weather-count failed after the capitals had run)."""
+    capitals = len(demo_corpus.held_out_capital_questions(count=sys.maxsize))
+    if not 1 <= args.count <= capitals:
+        parser.error(f"--count must be between 1 and {capitals} (the held-out capital questions), "
+                     f"got {args.count}")
+    # never-asked cities repeat; the trained ones are each asked once
+    weather = sys.maxsize if args.never_asked else len(demo_corpus.weather_cities())
+    if not 1 <= args.weather_count <= weather:
+        limit = "at least 1" if args.never_asked else f"between 1 and {weather} (the trained weather cities)"
+        parser.error(f"--weather-count must be {limit}, got {args.weather_count}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -159,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         "--never-asked", action="store_true", help="held-out weather cities never asked in training"
     )
     args = parser.parse_args(argv)
+    check_counts(parser, args)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     llm = LLM(args.model, max_model_len=1024, kv_cache_memory_bytes=64 << 20)
     checks: dict[str, bool] = {}

@@ -18,6 +18,10 @@
 # where /models/PaddlePaddle/ERNIE-4.5-0.3B-Paddle holds that row's checkpoint.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+if [[ "${1:-}" == -h || "${1:-}" == --help ]]; then
+  sed -n '2,/^set /s/^# \{0,1\}//p' scripts/install_backend.sh
+  exit 0
+fi
 
 deps=1
 if [[ "${1:-}" == "--no-deps" ]]; then

@@ -8,6 +8,10 @@
 #   env: LM_EVAL_DIR (.runtime/lm-eval: venv and task), TORCH_VERSION (2.13.0), LM_EVAL_ARGS (more lm_eval args)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+if [[ "${1:-}" == -h || "${1:-}" == --help ]]; then
+  sed -n '2,/^set /s/^# \{0,1\}//p' scripts/lm_eval_harness.sh
+  exit 0
+fi
 repo="$(pwd)"
 base_url="${1:-http://127.0.0.1:8188}"
 model="${2:-ernie-4.5-tiny}"

@@ -8,6 +8,23 @@
 # nvidia-cuda-runtime-cu12 (libcudart.so.12; no GPU is used).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+if [[ "${1:-}" == -h || "${1:-}" == --help ]]; then
+  sed -n '2,/^set /s/^# \{0,1\}//p' scripts/perf_analyzer.sh
+  exit 0
+fi
+# A range that gives no level (4:1) would measure nothing and still succeed.
+IFS=: read -r low high <<<"${CONCURRENCY:-1:4}"
+high="${high:-$low}"
+if ! [[ "$low" =~ ^[1-9][0-9]*$ && "$high" =~ ^[1-9][0-9]*$ ]] || ((low > high)); then
+  echo "perf_analyzer.sh: CONCURRENCY must be LOW:HIGH (or N) with 1 <= LOW <= HIGH, got '${CONCURRENCY:-}'" >&2
+  exit 2
+fi
+for name in REQUEST_COUNT MAX_TOKENS; do
+  if [[ -n "${!name:-}" && ! "${!name}" =~ ^[1-9][0-9]*$ ]]; then
+    echo "perf_analyzer.sh: $name must be a positive integer, got '${!name}'" >&2
+    exit 2
+  fi
+done
 # shellcheck disable=SC1091
 source .venv/bin/activate
 
@@ -43,8 +60,7 @@ PY
 
 # perf_analyzer takes --request-count (a bounded run, no open-ended stabilisation) for one concurrency at a
 # time: one run per concurrency level.
-IFS=: read -r low high <<<"${CONCURRENCY:-1:4}"
-for concurrency in $(seq "$low" "${high:-$low}"); do
+for concurrency in $(seq "$low" "$high"); do
   timeout 600 "$pa" -m "$model" -u "${GRPC_URL:-127.0.0.1:8001}" -i grpc --streaming \
     --input-data "$data" --concurrency-range "$concurrency" --request-count "${REQUEST_COUNT:-16}" "$@"
 done

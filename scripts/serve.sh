@@ -9,6 +9,18 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo="$(pwd)"
+if [[ "${1:-}" == -h || "${1:-}" == --help ]]; then
+  sed -n '2,/^set /s/^# \{0,1\}//p' scripts/serve.sh
+  exit 0
+fi
+# shellcheck disable=SC2206
+rows=(ernie-4.5-tiny "$@" ${ERNIE_MODELS:-})
+for row in "${rows[@]}"; do  # a misspelled row fails here, before anything is installed or started
+  if [[ "$row" == -* || "$row" == */* || ! -f "model_repository/$row/config.pbtxt" ]]; then
+    echo "serve.sh: no row '$row' in model_repository/ (rows: $(ls model_repository | paste -sd ' '))" >&2
+    exit 2
+  fi
+done
 
 bash scripts/setup.sh
 # shellcheck disable=SC1091
@@ -18,8 +30,6 @@ export ERNIE_MODEL_ROOT="${ERNIE_MODEL_ROOT:+$ERNIE_MODEL_ROOT:}$repo/checkpoint
 http_port="${HTTP_PORT:-8000}" grpc_port="${GRPC_PORT:-8001}" metrics_port="${METRICS_PORT:-8002}"
 openai_port="${OPENAI_PORT:-8188}"
 
-# shellcheck disable=SC2206
-rows=(ernie-4.5-tiny "$@" ${ERNIE_MODELS:-})
 mapfile -d '' server_argv < <(python scripts/triton_env.py args "$repo/model_repository" \
   "$http_port" "$grpc_port" "$metrics_port" "${rows[@]}")
 server_libs="$(python scripts/triton_env.py env | sed 's/^export LD_LIBRARY_PATH=//')"

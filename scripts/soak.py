@@ -57,6 +57,8 @@ def children(pid: int) -> list[int]:
 
 def process_stats(pid: int) -> dict[str, int | str]:
     status = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines())
+    if status["State"].split()[0] == "Z":  # a stub that died: Triton does not reap it, it has no fds nor RSS
+        return {"state": "exited"}
     fds = [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")]
     inodes = {fd[8:-1] for fd in fds if fd.startswith("socket:")}
     states = Counter(TCP_STATES.get(line.split()[3], line.split()[3])

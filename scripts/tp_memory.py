@@ -40,6 +40,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tp", type=int, nargs="+", default=[2], help="tensor-parallel sizes to measure")
     parser.add_argument("--dtype", default="auto")
     args = parser.parse_args(argv)
+    if not (args.model / "config.json").is_file():
+        parser.error(f"--model {args.model}: no checkpoint there (config.json)")
+    if min(args.tp) < 1:
+        parser.error(f"--tp sizes must be at least 1, got {args.tp}")
     logging.basicConfig(level=logging.WARNING)
 
     total = single_device_bytes(args.model, args.dtype)

@@ -137,7 +137,8 @@ def server_args(
 
 
 def model_state(http_url: str, model: str) -> tuple[str, str]:
-    """(state, reason) of a model from the repository index; ("", "") while the server does not answer."""
+    """(state, reason) of a model from the repository index; ("", "") while the server does not answer,
+    ("ABSENT", "") when the repository has no such model folder."""
     request = urllib.request.Request(f"{http_url}/v2/repository/index", data=b"{}", method="POST")
     try:
         with urllib.request.urlopen(request, timeout=5) as response:
@@ -147,7 +148,7 @@ def model_state(http_url: str, model: str) -> tuple[str, str]:
     for entry in index:
         if entry.get("name") == model:
             return entry.get("state", ""), entry.get("reason", "")
-    return "", ""
+    return "ABSENT", ""
 
 
 def wait_for_model(
@@ -163,32 +164,46 @@ def wait_for_model(
             return
         if state == "UNAVAILABLE":
             raise RuntimeError(f"model {model!r} failed to load: {reason}")
+        if state == "ABSENT":  # the index lists every folder of the repository: waiting cannot help
+            raise RuntimeError(f"model {model!r} is not in the model repository")
         time.sleep(0.25)
     raise TimeoutError(f"model {model!r} not ready after {timeout:.0f} s")
 
 
+# command -> (least, most) arguments after it
+ARITY = {"wait": (2, 3), "args": (4, None), "assemble": (0, 1), "env": (0, 0), "server": (0, 0),
+         "perf_analyzer": (0, 0)}
+
+
 def main(argv: list[str]) -> int:
-    command = argv[0] if argv else "env"
-    if command == "wait":  # wait HTTP_URL MODEL [TIMEOUT]
-        try:
-            wait_for_model(argv[1], argv[2], float(argv[3]) if len(argv) > 3 else 600)
-        except (RuntimeError, TimeoutError) as err:
-            print(err, file=sys.stderr)
-            return 1
-    elif command == "args":  # args REPOSITORY HTTP_PORT GRPC_PORT METRICS_PORT [MODEL ...], NUL-separated
-        ports = [int(port) for port in argv[2:5]]
-        print("\0".join(server_args(Path(argv[1]), *ports, models=tuple(argv[5:]))), end="")
-    elif command == "assemble":
-        print(assemble_backends(Path(argv[1]) if len(argv) > 1 else DEFAULT_BACKENDS))
-    elif command == "env":
-        print(f"export LD_LIBRARY_PATH={library_path()}")
-    elif command == "server":
-        print(tritonserver_bin())
-    elif command == "perf_analyzer":
-        print(perf_analyzer_bin())
-    else:
-        print(__doc__, file=sys.stderr)
+    command, rest = (argv[0], argv[1:]) if argv else ("env", [])
+    if command in ("-h", "--help"):
+        print(__doc__)
+        return 0
+    least, most = ARITY.get(command, (0, -1))  # an unknown command fits no count
+    if len(rest) < least or (most is not None and len(rest) > most):
+        print(f"triton_env.py: bad command line {argv}\n{__doc__}", file=sys.stderr)
         return 2
+    try:
+        if command == "wait":  # wait HTTP_URL MODEL [TIMEOUT]
+            wait_for_model(rest[0], rest[1], float(rest[2]) if len(rest) > 2 else 600)
+        elif command == "args":  # args REPOSITORY HTTP_PORT GRPC_PORT METRICS_PORT [MODEL ...], NUL-separated
+            ports = [int(port) for port in rest[1:4]]
+            print("\0".join(server_args(Path(rest[0]), *ports, models=tuple(rest[4:]))), end="")
+        elif command == "assemble":
+            print(assemble_backends(Path(rest[0]) if rest else DEFAULT_BACKENDS))
+        elif command == "env":
+            print(f"export LD_LIBRARY_PATH={library_path()}")
+        elif command == "server":
+            print(tritonserver_bin())
+        else:
+            print(perf_analyzer_bin())
+    except ValueError as err:  # a port or timeout that is not a number
+        print(f"triton_env.py {command}: {err}", file=sys.stderr)
+        return 2
+    except (RuntimeError, TimeoutError) as err:
+        print(err, file=sys.stderr)
+        return 1
     return 0
 
 

@@ -21,6 +21,7 @@ from scripts.eval_demo_model import (
     WEATHER_QUESTION,
     WEATHER_TEMPERATURE,
     chat,
+    main,
     states,
     valid_call,
     weather_round_trips,
@@ -73,3 +74,13 @@ def test_weather_held_out_questions(llm: LLM) -> None:
     assert sum(valid_call(call, None) for call, _ in results) >= 9, report
     stated = [answer is not None and states(answer.content, t) for _, t, (_, answer) in report]
     assert sum(stated) >= 8, report
+
+
+@pytest.mark.parametrize("argv", [["--count", "0"], ["--count", "365"], ["--weather-count", "136"],
+                                  ["--never-asked", "--weather-count", "0"]])
+def test_eval_refuses_counts_the_corpus_cannot_supply(argv: list[str], capsys: pytest.CaptureFixture[str]):
+    """Checked before the model loads: 0 questions was a traceback, more capitals than the corpus holds were
+    silently fewer (the summary claiming the count asked for), more weather cities a traceback at the end."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2 and argv[-2] in capsys.readouterr().err
