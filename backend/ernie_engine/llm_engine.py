@@ -430,9 +430,6 @@ class LLMEngine:
         if request.first_token_time is None:
             request.first_token_time = now
             self.metrics.observe("time_to_first_token_seconds", now - request.arrival_time)
-        else:  # per token, as FastDeploy's: the time since the request's previous token
-            self.metrics.observe("time_per_output_token_seconds", now - request.last_token_time)
-        request.last_token_time = now
         self.metrics.inc("generation_tokens_total", len(seqs))
         output = self.output_processor.process(seqs, tokens)[0]
         for seq in seqs:
@@ -458,6 +455,12 @@ class LLMEngine:
         del self.requests[request.request_id]
         self.metrics.inc("request_success_total")
         self.metrics.observe("e2e_request_latency_seconds", now - request.arrival_time)
+        # Once per request, its mean (vLLM's request_time_per_output_token): a per-token observation is one
+        # round trip to tritonserver each when exported, ~15 % of decode throughput at 32 streams.
+        num_out = max(seq.num_output_tokens for seq in request.sequences)
+        if num_out > 1 and request.first_token_time is not None:
+            tpot = (now - request.first_token_time) / (num_out - 1)
+            self.metrics.observe("time_per_output_token_seconds", tpot)
 
     def _update_gauges(self) -> None:
         bm = self.block_manager

@@ -49,7 +49,6 @@ class Request:
     arrival_time: float = field(default_factory=time.monotonic)
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
-    last_token_time: float = 0.0  # of the latest step that gave it tokens
     sequences: list[Sequence] = field(default_factory=list)
 
     @property
