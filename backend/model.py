@@ -17,16 +17,18 @@ UNAVAILABLE error naming the cause, and `HealthMonitor` unloads the model so tha
 from __future__ import annotations
 
 import asyncio
-import fcntl
+import errno
+import hashlib
 import json
+import logging
 import os
+import socket
 import sys
-import tempfile
 import threading
 import uuid
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
@@ -393,7 +395,8 @@ def error_response(message: str, code=None):
 # Health ------------------------------------------------------------------------------------------------
 
 class HealthMonitor:
-    """Polls `engine.check_health()`; on failure logs the cause and unloads this model, once.
+    """Polls `engine.check_health()`; on failure logs the cause and unloads this model, once. Also ends the
+    stub once tritonserver is gone (see `_exit_orphaned`).
 
     A Python backend cannot flip its model's readiness, and Triton 2.51 keeps a model whose stub process died
     READY (requests then fail with "Stub process ... is not healthy", no restart). Unloading itself through
@@ -407,17 +410,23 @@ class HealthMonitor:
     def __init__(self, engine: AsyncLLMEngine, name: str) -> None:
         self.engine = engine
         self.name = name
+        self.server_pid = os.getppid()
         self.stopped = threading.Event()
         self.thread = threading.Thread(target=self._run, name="ernie-health", daemon=True)
         self.thread.start()
 
     def _run(self) -> None:
+        serving = True
         while not self.stopped.wait(HEALTH_INTERVAL_S):
+            if os.getppid() != self.server_pid:  # reparented: the server exited, reaped or not
+                _exit_orphaned(self.name)
+            if not serving:
+                continue
             try:
                 self.engine.check_health()
             except Exception as err:
+                serving = False
                 self._unload(err)
-                return
 
     def _unload(self, cause: Exception) -> None:
         pb_utils.Logger.log_error(f"[ernie] {self.name}: the engine cannot serve any more ({cause}); "
@@ -434,6 +443,16 @@ class HealthMonitor:
             self.thread.join(timeout=5)
 
 
+def _exit_orphaned(name: str) -> NoReturn:
+    """Ends this stub: tritonserver is gone (killed, OOM, crashed). The stub's own check of its parent cannot
+    be relied on: a call to the server made meanwhile (`is_cancelled` at each output of a request) waits
+    forever for its answer, holding the lock the stub's exit path takes, so the stub (and a tensor-parallel
+    model's workers, which exit once their pipes close) would stay, with their memory."""
+    # Not pb_utils.Logger: its lines go through the dead server too.
+    logging.getLogger(__name__).error("[ernie] %s: tritonserver is gone; ending its backend stub", name)
+    os._exit(1)
+
+
 # Metrics -----------------------------------------------------------------------------------------------
 
 class EngineMetricsExporter:
@@ -443,7 +462,8 @@ class EngineMetricsExporter:
     under the others: tritonserver then crashes at their next update. Two instances of a model hold the same
     ones while a load with a new config replaces the old instance (or with an instance_group count > 1), so
     an exclusive lock per server and model decides which one exports; the others take over once it is free.
-    The exporter removes the lock file when it stops (else each server start leaves one per model in /tmp).
+    The lock is a socket name in Linux's abstract namespace, which the kernel frees with its socket: a lock
+    file in /tmp stayed behind, one per model, after each server or stub that ended without `finalize`.
 
     Once tritonserver is gone (killed, crashed), a metric call waits forever for its answer, holding the GIL
     and the stub's message lock: the stub then never notices its parent died and stays, with its memory and
@@ -459,8 +479,7 @@ class EngineMetricsExporter:
         self.histograms: dict[str, Any] = {}
         self.last: dict[str, Any] = {}
         self.server_pid = os.getppid()
-        self.lock_path = _export_lock_path(labels["model"])
-        self.lock = _open_lock(self.lock_path)
+        self.lock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self._claim()  # at once, unless another instance exports (then _run retries)
         self.stopped = threading.Event()
         self.thread = threading.Thread(target=self._run, name="ernie-metrics", daemon=True)
@@ -471,13 +490,11 @@ class EngineMetricsExporter:
         if self.families:
             return True
         try:
-            fcntl.flock(self.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return False
-        if not _is_file_at(self.lock, self.lock_path):  # the exporter before removed it: lock the current one
-            os.close(self.lock)
-            self.lock = _open_lock(self.lock_path)
-            return self._claim()
+            self.lock.bind(export_lock_name(self.server_pid, self.labels["model"]))
+        except OSError as err:
+            if err.errno == errno.EADDRINUSE:  # another instance exports
+                return False
+            raise
         self._create_metrics()
         return True
 
@@ -521,31 +538,18 @@ class EngineMetricsExporter:
     def stop(self) -> None:
         self.stopped.set()
         self.thread.join(timeout=5)
-        exporting = bool(self.families)
         # Release metrics before their families, while the stub still talks to the server: left to interpreter
         # exit, the teardown order is arbitrary and the stub crashes.
         for metrics in (self.gauges, self.counters, self.histograms, self.families):
             metrics.clear()
-        if exporting:  # removed while locked: an instance waiting on this file sees it is stale (_claim)
-            os.unlink(self.lock_path)
-        os.close(self.lock)  # after the metrics are gone: another instance may create them now
+        self.lock.close()  # after the metrics are gone: another instance may create them now
 
 
-def _export_lock_path(model: str) -> str:
-    """Per tritonserver (the stub's parent process) and model: other servers on this host export their own."""
-    return os.path.join(tempfile.gettempdir(), f"ernie-metrics-{os.getppid()}-{model}.lock")
-
-
-def _open_lock(path: str) -> int:
-    return os.open(path, os.O_RDONLY | os.O_CREAT, 0o644)
-
-
-def _is_file_at(fd: int, path: str) -> bool:
-    """Whether `path` still names the file open as `fd`."""
-    try:
-        return os.path.samestat(os.fstat(fd), os.stat(path))
-    except FileNotFoundError:
-        return False
+def export_lock_name(server_pid: int, model: str) -> bytes:
+    """Per tritonserver and model (other servers on this host export their own); a digest of the model name
+    keeps it within the socket address limit (108 bytes)."""
+    digest = hashlib.sha256(model.encode()).hexdigest()[:32]
+    return f"\0ernie-metrics-{server_pid}-{digest}".encode()
 
 
 def _empty_histogram(snapshot: dict[str, Any]) -> dict[str, Any]:

@@ -14,6 +14,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
 
 import httpx
 import numpy as np
@@ -454,27 +455,47 @@ def server_pid(server: TritonServer) -> int:
     raise AssertionError(f"no tritonserver process serves {server.http_url}")
 
 
-def test_metrics_lock_file_is_handed_over_then_removed(triton_server: TritonServer,
-                                                       ernie_random_checkpoint: Path):
-    # Every server start left one lock file per row in /tmp, forever. The exporter removes it on leaving; an
-    # instance waiting for it (a reload) then exports under a new file, not the removed one.
-    row = "ernie-test-lock-file"
+def backend_module() -> ModuleType:
+    """backend/model.py, imported with the real triton_python_backend_utils (no server: its helpers only)."""
+    if "ernie_backend_model" not in sys.modules:
+        sys.path.insert(0, str(triton_env.python_backend_dir()))
+        spec = importlib.util.spec_from_file_location("ernie_backend_model", ROOT / "backend" / "model.py")
+        module = sys.modules[spec.name] = importlib.util.module_from_spec(spec)  # dataclasses look it up
+        spec.loader.exec_module(module)
+    return sys.modules["ernie_backend_model"]
+
+
+def export_lock_held(server: TritonServer, row: str) -> bool:
+    """Whether an instance of `row` holds its metrics export lock (an abstract socket name, "@..." here)."""
+    name = backend_module().export_lock_name(server_pid(server), row)
+    return "@" + name[1:].decode() in Path("/proc/net/unix").read_text().split()
+
+
+def leftover_lock_files(pid: int) -> list[Path]:
+    return list(Path(tempfile.gettempdir()).glob(f"ernie-metrics-{pid}-*"))
+
+
+def test_metrics_export_lock_is_handed_over_then_released(triton_server: TritonServer,
+                                                          ernie_random_checkpoint: Path):
+    """One instance of a row exports at a time: a reload's new instance takes the lock once the old one has
+    released its metrics; the lock goes with the last instance and leaves no file behind."""
+    row = "ernie-test-lock"
     params = {"model": str(ernie_random_checkpoint), **TEST_ROW_PARAMS}
-    lock = Path(tempfile.gettempdir()) / f"ernie-metrics-{server_pid(triton_server)}-{row}.lock"
     url = f"{triton_server.http_url}/v2/repository/models/{row}"
     log = triton_server.log_path.read_text
     write_row(triton_server.repository, row, params)
     assert httpx.post(f"{url}/load", timeout=120).status_code == 200
     try:
-        assert lock.exists()
+        assert export_lock_held(triton_server, row)
         write_row(triton_server.repository, row, {**params, "max_num_seqs": "4"})
         assert httpx.post(f"{url}/load", timeout=120).status_code == 200
         assert wait_for(lambda: log().count(f"[ernie] {row}: engine stopped") == 1, timeout=30)
-        assert wait_for(lock.exists, timeout=10), "the new instance does not hold a lock file"
+        assert wait_for(lambda: export_lock_held(triton_server, row), timeout=10), "the new instance"
     finally:
         httpx.post(f"{url}/unload", timeout=120)
     assert wait_for(lambda: log().count(f"[ernie] {row}: engine stopped") == 2, timeout=30)
-    assert not lock.exists()
+    assert not export_lock_held(triton_server, row)
+    assert not leftover_lock_files(server_pid(triton_server))
 
 
 def _alive(pid: int) -> bool:
@@ -487,24 +508,36 @@ def _alive(pid: int) -> bool:
 def test_stubs_exit_when_tritonserver_is_killed(tmp_path: Path, ernie_random_checkpoint: Path):
     # A stub outlived a killed (OOM, crash, SIGKILL) server forever, with its memory and /dev/shm region: the
     # metrics exporter's next call waited for the dead server's answer holding the GIL, so the stub never
-    # acted on its parent's death.
+    # acted on its parent's death. Then with requests in flight: the next is_cancelled call (at each output)
+    # waited forever for the server's answer, holding the lock the stub's own exit path needs.
     row, repository = "ernie-test-killed", tmp_path / "models"
-    write_row(repository, row, {"model": str(ernie_random_checkpoint), **TEST_ROW_PARAMS})
+    params = {**TEST_ROW_PARAMS, "max_model_len": "4096", "num_gpu_blocks_override": "600"}
+    write_row(repository, row, {"model": str(ernie_random_checkpoint), **params})
     with running_server(tmp_path, repository, row) as server:
         pid = server_pid(server)
         stubs = [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
         regions = [Path("/dev/shm", Path(f"/proc/{s}/cmdline").read_bytes().split(b"\0")[2].decode())
                    for s in stubs]
+        streams = [GrpcStream(server) for _ in range(2)]
         try:
+            for stream in streams:  # seconds of decoding each, not streamed: no response is on its way
+                sampling = json.dumps({"max_tokens": 4000, "ignore_eos": True}).encode()
+                stream.send_inputs([_input("text_input", [PROMPT.encode()], "BYTES"),
+                                    _input("sampling_parameters", [sampling], "BYTES")])
+            assert wait_for(lambda: engine_metric(server, "generation_tokens_total") > 0, timeout=30)
             os.kill(pid, signal.SIGKILL)
             time.sleep(1.5)  # a stub takes an unreaped parent for a live one: its exporter calls meanwhile
             os.waitpid(pid, 0)  # then reaped, as its supervisor would
             assert stubs and wait_for(lambda: not any(map(_alive, stubs)), timeout=15), "a stub outlived it"
+            # A lock file in /tmp (the metrics export lock) stayed behind after every killed server.
+            assert not leftover_lock_files(pid)
         finally:  # what a killed server leaves behind
             for stub in filter(_alive, stubs):
                 os.kill(stub, signal.SIGKILL)
-            for leftover in [*regions, Path(tempfile.gettempdir(), f"ernie-metrics-{pid}-{row}.lock")]:
+            for leftover in [*regions, *leftover_lock_files(pid)]:
                 leftover.unlink(missing_ok=True)
+            for stream in streams:
+                stream.client.close()
 
 
 @pytest.mark.parametrize(("bounds", "batches"), [
@@ -513,10 +546,7 @@ def test_stubs_exit_when_tritonserver_is_killed(tmp_path: Path, ernie_random_che
 ])
 def test_histogram_replay_reproduces_the_engine_histogram(bounds: tuple[float, ...], batches: tuple):
     """The exporter can only `observe`: its replayed values must land in the engine's buckets with its sum."""
-    sys.path.insert(0, str(triton_env.python_backend_dir()))  # the real triton_python_backend_utils
-    spec = importlib.util.spec_from_file_location("ernie_backend_model", ROOT / "backend" / "model.py")
-    backend = sys.modules[spec.name] = importlib.util.module_from_spec(spec)  # dataclasses look it up
-    spec.loader.exec_module(backend)
+    backend = backend_module()
     engine, triton = Histogram(bounds), Histogram(bounds)
     before = engine.snapshot()
     for batch in batches:
@@ -555,6 +585,15 @@ def test_perf_analyzer_script(triton_server: TritonServer):
     throughput = re.findall(r"Concurrency: (\d+), throughput: ([\d.]+) infer/sec", result.stdout)
     assert [c for c, _ in throughput] == ["1", "2"], result.stdout[-3000:]
     assert all(float(t) > 0 for _, t in throughput)
+
+
+def test_waiting_for_a_row_the_repository_lacks_fails_at_once(triton_server: TritonServer):
+    """serve.sh and the fixtures wait for rows by name: one Triton's repository index does not list (a
+    misspelled name) used to be waited for until the timeout (serve.sh's LOAD_TIMEOUT: 600 s)."""
+    started = time.monotonic()
+    with pytest.raises(RuntimeError, match="'no-such-row' is not in the model repository"):
+        triton_env.wait_for_model(triton_server.http_url, "no-such-row", 30)
+    assert time.monotonic() - started < 10
 
 
 def test_installed_backend_serves_the_real_model_repository(tmp_path: Path, ernie_random_checkpoint: Path):
