@@ -305,14 +305,8 @@ def test_pieces_read_ranges_in_parameter_orientation(checkpoint: Path, request):
 
 
 MOE = {
+    **{k: v for k, v in CONFIG.items() if k != "rope_parameters"},
     "model_type": "ernie4_5_moe",
-    "vocab_size": 200,
-    "hidden_size": 48,
-    "intermediate_size": 96,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "head_dim": 16,
     "moe_num_experts": 6,
     "moe_k": 2,
     "moe_intermediate_size": 32,
