@@ -27,9 +27,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "backend"))
+sys.path.insert(0, str(ROOT / "scripts"))
 
 import numpy as np  # noqa: E402
 import paddle  # noqa: E402
+from cli_args import positive_int  # noqa: E402
 from ernie_engine import EngineConfig, LLMEngine, SamplingParams  # noqa: E402
 from ernie_engine.layers.attention import AttentionMetadata  # noqa: E402
 
@@ -138,13 +140,6 @@ def bare_ratio(engine: LLMEngine, prompt_len: int, max_tokens: int) -> float:
         return prefill + (max_tokens - 1) * bare_forward(engine, context, repeats=4, batch=batch)
 
     return 16 * level_seconds(1) / level_seconds(16)
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise ValueError(text)
-    return value
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

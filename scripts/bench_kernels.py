@@ -25,7 +25,9 @@ from pathlib import Path
 import paddle
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "backend"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from cli_args import positive_int, positive_ints  # noqa: E402
 from ernie_engine.device import keep_freed_memory  # noqa: E402
 from ernie_engine.layers import cpu_kernels  # noqa: E402
 from ernie_engine.layers.attention import AttentionMetadata, paged_attention  # noqa: E402
@@ -152,17 +154,6 @@ def bench_attention(repeats: int, batch: int, context: int) -> tuple[float, floa
 def bench_prefill_attention(repeats: int, seqs: int, query: int, cached: int) -> float:
     """One prefill call's attention: `seqs` sequences of `query` new tokens after `cached` ones, seconds."""
     return median_time(attention_step(seqs, query, cached + query), repeats)
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise ValueError(text)
-    return value
-
-
-def positive_ints(text: str) -> list[int]:
-    return [positive_int(n) for n in text.split(",")]
 
 
 def prefill_cases(text: str) -> list[tuple[int, int, int]]:

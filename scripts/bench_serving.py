@@ -43,6 +43,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
 sys.path.insert(0, str(ROOT / "backend"))
 
+from cli_args import positive_int, positive_ints  # noqa: E402
+
 logger = logging.getLogger("bench_serving")
 
 SERVED_NAME = "ernie-bench"
@@ -405,23 +407,11 @@ def print_ratio(engine: list[Result], stack: list[Result]) -> None:
             print(f"stack / engine at c{r.concurrency}: {r.tok_s / base.tok_s:.2f}{mark}")
 
 
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise ValueError(text)
-    return value
-
-
 def positive_float(text: str) -> float:
     value = float(text)
     if not value > 0:
         raise ValueError(text)
     return value
-
-
-def concurrency_levels(text: str) -> list[int]:
-    """Comma-separated concurrency levels, each >= 1 (a level of 0 would wait forever)."""
-    return [positive_int(level) for level in text.split(",")]
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -444,8 +434,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                      "engine's)")
     row.add_argument("--load-timeout", type=positive_float, default=600, help="seconds for the row to load")
     load = parser.add_argument_group("load")
-    load.add_argument("--concurrency", type=concurrency_levels, default="1,4,16,32",
-                      help="comma-separated levels")
+    load.add_argument("--concurrency", type=positive_ints, default="1,4,16,32",
+                      help="comma-separated levels (a level of 0 would wait forever)")
     load.add_argument("--num-requests", type=positive_int, default=32)
     load.add_argument("--prompt-len", type=positive_int, default=128)
     load.add_argument("--max-tokens", type=positive_int, default=64)
